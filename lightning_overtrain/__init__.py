@@ -1,0 +1,39 @@
+"""lightning-overtrain: watch a pretraining run for catastrophic overtraining, live.
+
+Public API::
+
+    from lightning_overtrain import OvertrainingMonitor, NoiseProbe
+"""
+
+from lightning_overtrain.borrow import ModelBackup, borrowed
+from lightning_overtrain.cadence import Cadence
+from lightning_overtrain.callbacks.monitor import OvertrainingMonitor
+from lightning_overtrain.history import read_history, write_history
+from lightning_overtrain.init_scale import init_std_from_weights
+from lightning_overtrain.losses import transformers_loss
+from lightning_overtrain.probes import NoiseProbe, Probe, ProbeContext, ProbeFailure, perturb_
+from lightning_overtrain.reporters import FileReporter, LoggerReporter, Reporter
+from lightning_overtrain.tokens import count_tokens
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "Cadence",
+    "FileReporter",
+    "LoggerReporter",
+    "ModelBackup",
+    "NoiseProbe",
+    "OvertrainingMonitor",
+    "Probe",
+    "ProbeContext",
+    "ProbeFailure",
+    "Reporter",
+    "__version__",
+    "borrowed",
+    "count_tokens",
+    "init_std_from_weights",
+    "perturb_",
+    "read_history",
+    "transformers_loss",
+    "write_history",
+]

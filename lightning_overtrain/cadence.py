@@ -1,0 +1,109 @@
+"""When to take a snapshot: every N steps, every N tokens, or log-spaced in tokens.
+
+The paper's x-axis is log tokens, so ``points_per_decade`` is the natural choice:
+snapshot ``k`` is due at ``start_tokens * 10 ** (k / points_per_decade)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+def _positive_int(name: str, value: Any, example: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}. Pass e.g. {name}={example}.")
+    return value
+
+
+@dataclass
+class Cadence:
+    """Decides, after each optimizer step, whether a snapshot is due.
+
+    Exactly one of the three ways must be chosen.
+
+    Args:
+        every_n_steps: a snapshot every N optimizer steps.
+        every_n_tokens: a snapshot each time the run's token count passes a multiple of N.
+        points_per_decade: log-spaced snapshots, this many per factor of 10 in tokens,
+            the first at ``start_tokens``.
+        start_tokens: the first log-spaced snapshot (only with ``points_per_decade``).
+
+    Raises:
+        ValueError: if none or several ways are chosen, or a value is not a positive int.
+
+    Example::
+
+        >>> c = Cadence(points_per_decade=2, start_tokens=1000)
+        >>> [c.due(step=1, tokens=t) for t in (999, 1000, 2000, 3200)]
+        [False, True, False, True]
+    """
+
+    every_n_steps: int | None = None
+    every_n_tokens: int | None = None
+    points_per_decade: int | None = None
+    start_tokens: int | None = None
+    next_index: int = 0
+
+    def __post_init__(self) -> None:
+        chosen = {
+            k: v
+            for k, v in (
+                ("every_n_steps", self.every_n_steps),
+                ("every_n_tokens", self.every_n_tokens),
+                ("points_per_decade", self.points_per_decade),
+            )
+            if v is not None
+        }
+        if len(chosen) != 1:
+            raise ValueError(
+                f"Choose exactly one snapshot cadence, got {chosen or 'none'}. Pass one of"
+                " `every_n_steps=1000`, `every_n_tokens=100_000_000` or"
+                " `points_per_decade=4` (log-spaced tokens, with `start_tokens`)."
+            )
+        name, value = next(iter(chosen.items()))
+        _positive_int(name, value, {"every_n_steps": 1000, "every_n_tokens": 10**8}.get(name, 4))
+        if self.points_per_decade is None and self.start_tokens is not None:
+            raise ValueError(
+                f"`start_tokens={self.start_tokens!r}` only applies to `points_per_decade`."
+                " Drop it, or use points_per_decade for log-spaced snapshots."
+            )
+        if self.points_per_decade is not None:
+            if self.start_tokens is None:
+                raise ValueError(
+                    "`points_per_decade` needs `start_tokens`, the token count of the first"
+                    " snapshot. Pass e.g. start_tokens=1_000_000."
+                )
+            _positive_int("start_tokens", self.start_tokens, 10**6)
+
+    def threshold(self, index: int) -> float:
+        """The token count at which log-spaced or every-N-tokens snapshot ``index`` is due."""
+        if self.every_n_tokens is not None:
+            return float(self.every_n_tokens * (index + 1))
+        assert self.points_per_decade is not None and self.start_tokens is not None
+        # Rounded so that exact decades (1e6, 1e7, ...) are hit despite float error.
+        return float(round(self.start_tokens * 10 ** (index / self.points_per_decade), 6))
+
+    def due(self, step: int, tokens: int) -> bool:
+        """Whether a snapshot is due now; advances past every threshold already reached."""
+        if self.every_n_steps is not None:
+            return step > 0 and step % self.every_n_steps == 0
+        if tokens < self.threshold(self.next_index):
+            return False
+        while tokens >= self.threshold(self.next_index):
+            self.next_index += 1
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_index": self.next_index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_index = int(state.get("next_index", self.next_index))
+
+    def describe(self) -> str:
+        if self.every_n_steps is not None:
+            return f"every {self.every_n_steps} steps"
+        if self.every_n_tokens is not None:
+            return f"every {self.every_n_tokens:,} tokens"
+        return f"{self.points_per_decade} per decade of tokens from {self.start_tokens:,}"
+

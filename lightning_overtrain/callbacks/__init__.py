@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from lightning_overtrain.callbacks.monitor import OvertrainingMonitor
+
+__all__ = ["OvertrainingMonitor"]

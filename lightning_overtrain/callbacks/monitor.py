@@ -1,0 +1,431 @@
+"""``OvertrainingMonitor``: snapshots, probes and reports, from inside a Lightning run.
+
+Data flows one way: Trainer hooks -> cadence (when?) -> snapshot (tokens, step,
+weights) -> probes -> one record -> history -> reporters. The probes borrow the
+live LightningModule (never the DDP wrapper, so no hidden collectives) and hand it
+back exactly; the only collectives are sums the monitor makes on every rank at
+the same points, so one rank's fault never leaves the others waiting.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence, Sized
+from itertools import islice
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_overtrain import naming
+from lightning_overtrain.borrow import ModelBackup, borrowed, isolated_rng
+from lightning_overtrain.cadence import Cadence
+from lightning_overtrain.distributed import all_reduce_sum, world_size
+from lightning_overtrain.history import Record
+from lightning_overtrain.init_scale import (
+    SOURCE_CONFIG,
+    SOURCE_USER,
+    SOURCE_WEIGHTS,
+    InitStd,
+    check_init_std,
+    config_initializer_range,
+    init_std_from_value,
+    init_std_from_weights,
+)
+from lightning_overtrain.losses import LossFn, transformers_loss
+from lightning_overtrain.probes.base import Probe, ProbeContext, ProbeFailure
+from lightning_overtrain.probes.noise import NoiseProbe
+from lightning_overtrain.reporters.base import Reporter
+from lightning_overtrain.reporters.files import FileReporter
+from lightning_overtrain.reporters.loggers import LoggerReporter
+from lightning_overtrain.tokens import TokensFn, checked_token_count, count_tokens
+
+ReferenceData = Iterable[Any] | Callable[[], Iterable[Any]]
+_ON_PROBE_ERROR = ("warn", "raise")
+
+
+class OvertrainingMonitor(Callback):
+    """Watch a pretraining run for catastrophic overtraining (arXiv 2503.19206).
+
+    At each snapshot the monitor evaluates ``L(theta_T)`` on a fixed reference set
+    and runs its probes (by default the Gaussian-noise probe), then logs one record
+    against ``T``, the tokens seen by the whole run, to every Lightning logger and
+    to ``history.jsonl``/``history.csv`` in its directory. Training does not notice:
+    weights, buffers, gradients, optimizer state, RNG states and train/eval mode are
+    exactly as before each snapshot.
+
+    Args:
+        reference_data: held-out pretraining batches (a ``DataLoader``, a list of
+            batches, or a callable returning either). Taken once before training
+            (without moving any RNG) and evaluated identically at every snapshot;
+            under DDP each rank evaluates its share and the sums are added.
+        probes: the probes to run; default ``[NoiseProbe()]``.
+        every_n_steps: snapshot every N optimizer steps.
+        every_n_tokens: snapshot every N tokens.
+        points_per_decade: log-spaced snapshots, this many per decade of tokens ...
+        start_tokens: ... starting at this token count.
+        reference_batches: take at most this many batches from ``reference_data``.
+        loss_fn: ``loss_fn(module, batch) -> scalar mean loss``; default
+            ``module(**batch).loss``, the transformers convention.
+        tokens_fn: ``tokens_fn(batch) -> int``; default counts ``attention_mask`` or
+            ``input_ids``. Also weights each reference batch in the mean loss.
+        token_offset: tokens seen before this run (continued pretraining).
+        init_std: the std the weights were initialized with, which scales the noise.
+            Default: measured from the weights when training starts at step 0, else
+            ``initializer_range`` from a transformers config. A float (matrices and
+            embeddings; vectors count as constant), a ``{name: std}`` mapping or a
+            callable ``(name, param) -> std``.
+        on_probe_error: ``"warn"`` (log, count in ``probe_failures``, skip) or
+            ``"raise"`` (stop training with the probe's error).
+        dirpath: where history files go; default ``<trainer.log_dir>/<prefix>``.
+        prefix: the metric prefix and state key, e.g. ``overtrain/tokens``.
+        reporters: replace the default reporters (Lightning loggers, files).
+
+    Raises:
+        ValueError: on bad arguments (the message names the argument, the value and
+            the fix), or before training when the reference data or the loss do
+            not work with the model.
+
+    Example::
+
+        monitor = OvertrainingMonitor(
+            reference_data=held_out_batches,
+            points_per_decade=4,
+            start_tokens=1_000_000,
+            probes=[NoiseProbe(gammas=(0.25, 0.5, 1.0), pairs=4)],
+        )
+        trainer = L.Trainer(callbacks=[monitor], logger=WandbLogger(project="pretrain"))
+    """
+
+    def __init__(
+        self,
+        reference_data: ReferenceData,
+        *,
+        probes: Sequence[Probe] | None = None,
+        every_n_steps: int | None = None,
+        every_n_tokens: int | None = None,
+        points_per_decade: int | None = None,
+        start_tokens: int | None = None,
+        reference_batches: int | None = None,
+        loss_fn: LossFn | None = None,
+        tokens_fn: TokensFn | None = None,
+        token_offset: int = 0,
+        init_std: InitStd | None = None,
+        on_probe_error: Literal["warn", "raise"] = "warn",
+        dirpath: str | os.PathLike[str] | None = None,
+        prefix: str = "overtrain",
+        reporters: Sequence[Reporter] | None = None,
+    ) -> None:
+        if reference_data is None or not (
+            callable(reference_data) or isinstance(reference_data, Iterable)
+        ) or isinstance(reference_data, (str, bytes, torch.Tensor)):
+            raise ValueError(
+                f"`reference_data` must be a DataLoader, a list of batches or a callable"
+                f" returning one, got {type(reference_data).__name__}. Pass held-out"
+                " pretraining batches, e.g. reference_data=val_dataloader."
+            )
+        if isinstance(reference_data, Sized) and len(reference_data) == 0:
+            raise ValueError(
+                "`reference_data` is empty. Pass held-out pretraining batches"
+                " (a non-empty DataLoader or list)."
+            )
+        self.cadence = Cadence(every_n_steps, every_n_tokens, points_per_decade, start_tokens)
+        self.probes: list[Probe] = [NoiseProbe()] if probes is None else list(probes)
+        bad = [p for p in self.probes if not isinstance(p, Probe)]
+        names = [p.name for p in self.probes]
+        if not self.probes or bad or len(set(names)) != len(names):
+            raise ValueError(
+                f"`probes` must be a non-empty list of Probe objects with distinct names,"
+                f" got {list(probes) if probes is not None else probes!r}."
+                " Pass e.g. probes=[NoiseProbe(gammas=(0.25, 0.5, 1.0))]."
+            )
+        if reference_batches is not None and (
+            isinstance(reference_batches, bool)
+            or not isinstance(reference_batches, int)
+            or reference_batches < 1
+        ):
+            raise ValueError(
+                f"`reference_batches` must be an int >= 1 or None, got {reference_batches!r}."
+                " Pass how many held-out batches to keep, e.g. 16 (about 8k tokens is enough)."
+            )
+        for name, fn in (("loss_fn", loss_fn), ("tokens_fn", tokens_fn)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"`{name}` must be callable or None, got {fn!r}.")
+        if isinstance(token_offset, bool) or not isinstance(token_offset, int) or token_offset < 0:
+            raise ValueError(
+                f"`token_offset` must be an int >= 0, got {token_offset!r}. Pass the tokens"
+                " the model saw before this run, or 0."
+            )
+        check_init_std(init_std)
+        if on_probe_error not in _ON_PROBE_ERROR:
+            raise ValueError(
+                f"`on_probe_error` must be one of {_ON_PROBE_ERROR}, got {on_probe_error!r}."
+            )
+        if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
+            raise ValueError(f"`prefix` must be a non-empty string without spaces, got {prefix!r}.")
+        if reporters is not None and not all(isinstance(r, Reporter) for r in reporters):
+            raise ValueError(f"`reporters` must be Reporter objects, got {list(reporters)!r}.")
+
+        self.reference_data = reference_data
+        self.reference_batches = reference_batches
+        self.loss_fn: LossFn = loss_fn or transformers_loss
+        self.tokens_fn: TokensFn = tokens_fn or count_tokens
+        self.token_offset = token_offset
+        self.init_std = init_std
+        self.on_probe_error = on_probe_error
+        self.prefix = prefix
+        self._dirpath = os.fspath(dirpath) if dirpath is not None else None
+        self._user_reporters = list(reporters) if reporters is not None else None
+        self.reporters: list[Reporter] = []
+
+        # Run state: all of it goes through state_dict().
+        self.history: list[Record] = []
+        self.counted_tokens = 0
+        self.probe_failures = 0
+        self.init_stds: dict[str, float] | None = None
+        self.init_std_source: str | None = None
+
+        # Per-fit working state, rebuilt in on_fit_start.
+        self._batches: list[Any] = []
+        self._weights: list[int] = []
+        self.reference_tokens = 0
+        self._backup: ModelBackup | None = None
+        self._pending_tokens = 0
+        self._last_step = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
+
+    @property
+    def tokens(self) -> int:
+        """``T``: tokens seen by the whole run (all ranks, all accumulation steps)."""
+        return self.token_offset + self.counted_tokens
+
+    @property
+    def dirpath(self) -> str:
+        if self._dirpath is None:
+            raise RuntimeError("`dirpath` is known once the monitor is attached to a Trainer.")
+        return self._dirpath
+
+    def config(self) -> dict[str, Any]:
+        """The monitor's settings, as written to ``monitor.json`` and the run's config."""
+        return {
+            "cadence": self.cadence.describe(),
+            "probes": {p.name: p.config() for p in self.probes},
+            "reference_batches": len(self._batches) * max(world_size(), 1)
+            if self.reference_batches is None
+            else self.reference_batches,
+            "reference_tokens": self.reference_tokens,
+            "loss_fn": getattr(self.loss_fn, "__name__", repr(self.loss_fn)),
+            "token_offset": self.token_offset,
+            "init_std_source": self.init_std_source,
+            "on_probe_error": self.on_probe_error,
+            "prefix": self.prefix,
+        }
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._dirpath is None:
+            # trainer.log_dir broadcasts from rank zero, so every rank agrees.
+            self._dirpath = os.path.join(trainer.log_dir or trainer.default_root_dir, self.prefix)
+        if self._user_reporters is not None:
+            self.reporters = list(self._user_reporters)
+        else:
+            self.reporters = [LoggerReporter(), FileReporter()]
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_reference_set(trainer, pl_module)
+        self._backup = ModelBackup(pl_module)
+        self._resolve_init_std(trainer, pl_module)
+        self._check_loss(pl_module)
+        ctx = self._context(trainer, pl_module)
+        for probe in self.probes:
+            probe.validate(ctx)
+        if trainer.is_global_zero:
+            for reporter in self.reporters:
+                reporter.setup(trainer, self)
+        rank_zero_info(
+            f"OvertrainingMonitor: {len(self.probes)} probe(s), snapshots {self.cadence.describe()},"
+            f" reference set of {self.reference_tokens:,} tokens, init std from"
+            f" {self.init_std_source}; history in {self.dirpath}"
+        )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._pending_tokens += checked_token_count(self.tokens_fn, batch)
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # inside a gradient-accumulation window: no optimizer step yet
+        self._last_step = step
+        pending = self._pending_tokens
+        if trainer.world_size > 1:
+            counts = torch.tensor([float(pending)], dtype=torch.float64, device=pl_module.device)
+            pending = int(all_reduce_sum(counts).item())
+        self.counted_tokens += pending
+        self._pending_tokens = 0
+        if self.cadence.due(step, self.tokens):
+            self.snapshot(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            for reporter in self.reporters:
+                reporter.teardown(trainer, self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "history": [dict(r) for r in self.history],
+            "counted_tokens": self.counted_tokens,
+            "pending_tokens": self._pending_tokens,
+            "probe_failures": self.probe_failures,
+            "cadence": self.cadence.state_dict(),
+            "init_stds": dict(self.init_stds) if self.init_stds is not None else None,
+            "init_std_source": self.init_std_source,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(r) for r in state_dict.get("history", [])]
+        self.counted_tokens = int(state_dict.get("counted_tokens", 0))
+        self._pending_tokens = int(state_dict.get("pending_tokens", 0))
+        self.probe_failures = int(state_dict.get("probe_failures", 0))
+        self.cadence.load_state_dict(state_dict.get("cadence", {}))
+        stds = state_dict.get("init_stds")
+        self.init_stds = dict(stds) if stds is not None else None
+        self.init_std_source = state_dict.get("init_std_source", self.init_std_source)
+
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Record:
+        """Probe the live model now, append the record to :attr:`history` and report it.
+
+        Called by the cadence; call it yourself for an extra snapshot (on every rank).
+        """
+        start = time.perf_counter()
+        record: Record = {naming.TOKENS: self.tokens, naming.STEP: trainer.global_step}
+        ctx = self._context(trainer, pl_module)
+        with borrowed(pl_module, ctx.backup), torch.no_grad():
+            try:
+                sums = ctx.reduce_or_fail(ctx.local_loss_sums, (2,))
+                ctx.reference_loss = float(sums[0] / sums[1])
+                if not math.isfinite(ctx.reference_loss):
+                    raise ProbeFailure(f"the reference loss is {ctx.reference_loss}")
+                record[naming.REFERENCE_LOSS] = ctx.reference_loss
+                for probe in self.probes:
+                    try:
+                        record.update(probe.run(ctx))
+                    except Exception as exc:
+                        self._probe_failed(probe.name, exc, record)
+            except ProbeFailure as exc:
+                self._probe_failed("reference loss", exc, record)
+        record[naming.PROBE_FAILURES] = self.probe_failures
+        record[naming.PROBE_SECONDS] = time.perf_counter() - start
+        self.history.append(record)
+        if trainer.is_global_zero:
+            for reporter in self.reporters:
+                reporter.report(trainer, self, record)
+        return record
+
+    def _probe_failed(self, what: str, exc: Exception, record: Record) -> None:
+        if self.on_probe_error == "raise":
+            raise exc
+        self.probe_failures += 1
+        rank_zero_warn(
+            f"OvertrainingMonitor: the {what} probe failed at {record[naming.TOKENS]:,} tokens"
+            f" (step {record[naming.STEP]}) and was skipped ({type(exc).__name__}: {exc})."
+            f" Failures so far: {self.probe_failures}. Training goes on; pass"
+            " on_probe_error='raise' to stop instead."
+        )
+
+    def _context(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeContext:
+        assert self._backup is not None and self.init_stds is not None
+        return ProbeContext(
+            module=pl_module,
+            backup=self._backup,
+            sigmas=[self.init_stds.get(n, 0.0) for n in self._backup.names],
+            batches=self._batches,
+            weights=self._weights,
+            loss_fn=self.loss_fn,
+            reduce_sum=all_reduce_sum,
+            forward_context=trainer.precision_plugin.forward_context,
+            world_size=trainer.world_size,
+        )
+
+    # ------------------------------------------------------------------ set-up checks
+    def _take_reference_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        data = self.reference_data() if callable(self.reference_data) else self.reference_data
+        # A shuffling DataLoader draws from the global RNG when iterated: isolate it so
+        # training sees the same random numbers as without the monitor.
+        with isolated_rng():
+            batches = list(islice(iter(data), self.reference_batches))
+        if not batches:
+            raise ValueError(
+                "`reference_data` yielded no batches. Pass held-out pretraining batches"
+                " (a non-empty DataLoader or list)."
+            )
+        weights = [checked_token_count(self.tokens_fn, b) for b in batches]
+        if sum(weights) == 0:
+            raise ValueError(
+                "`reference_data` holds 0 tokens according to `tokens_fn`. Check the batches'"
+                " `input_ids`/`attention_mask`, or pass `tokens_fn`."
+            )
+        rank, size = trainer.global_rank, trainer.world_size
+        self.reference_tokens = sum(weights)
+        self._batches = [move_data_to_device(b, pl_module.device) for b in batches[rank::size]]
+        self._weights = weights[rank::size]
+
+    def _resolve_init_std(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.init_stds is not None:
+            return  # restored from a checkpoint: the same noise scale as before
+        if self.init_std is not None:
+            self.init_stds, self.init_std_source = init_std_from_value(pl_module, self.init_std), SOURCE_USER
+        elif trainer.ckpt_path is None and trainer.global_step == 0:
+            self.init_stds, self.init_std_source = init_std_from_weights(pl_module), SOURCE_WEIGHTS
+        else:
+            std = config_initializer_range(pl_module)
+            if std is None:
+                raise ValueError(
+                    f"OvertrainingMonitor joined the run after step 0 (checkpoint"
+                    f" {trainer.ckpt_path!r}) and cannot see the initial weights, and the model"
+                    " has no transformers config with `initializer_range`. Pass `init_std`, the"
+                    " std the weights were initialized with (e.g. init_std=0.02)."
+                )
+            self.init_stds = init_std_from_value(pl_module, std)
+            self.init_std_source = SOURCE_CONFIG
+            rank_zero_info(f"OvertrainingMonitor: init std {std} from the model's config.")
+
+    def _check_loss(self, pl_module: pl.LightningModule) -> None:
+        assert self._backup is not None
+        batch = self._batches[0] if self._batches else None
+        if batch is None:
+            return  # this rank holds no reference batch; the others check theirs
+        with borrowed(pl_module, self._backup), torch.no_grad():
+            try:
+                loss = self.loss_fn(pl_module, batch)
+            except Exception as exc:
+                raise ValueError(
+                    f"`loss_fn` ({getattr(self.loss_fn, '__name__', self.loss_fn)}) failed on the"
+                    f" first reference batch: {type(exc).__name__}: {exc}. The default calls"
+                    " `module(**batch).loss` (transformers convention); otherwise pass"
+                    " `loss_fn=lambda module, batch: <scalar mean next-token loss>`."
+                ) from exc
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(
+                f"`loss_fn` must return a scalar tensor, got {type(loss).__name__}"
+                f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}."
+                " Return the mean next-token loss of the batch."
+            )

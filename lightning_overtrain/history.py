@@ -1,0 +1,63 @@
+"""The monitor's history: one flat record per snapshot, and its files.
+
+A record maps relative metric keys (see :mod:`lightning_overtrain.naming`) to
+numbers. The history is written whole at every snapshot as ``history.jsonl`` and
+``history.csv``, so a resumed run's files hold the curves from the start.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+Record = dict[str, float]
+
+
+def columns(records: Sequence[Record]) -> list[str]:
+    """Every key that appears in any record, in first-seen order."""
+    seen: dict[str, None] = {}
+    for record in records:
+        seen.update(dict.fromkeys(record))
+    return list(seen)
+
+
+def _json_value(value: Any) -> Any:
+    # JSON has no NaN; null reads back as "not measured".
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_history(records: Sequence[Record], directory: str) -> tuple[str, str]:
+    """Write ``history.jsonl`` and ``history.csv`` into ``directory`` (created if needed).
+
+    Files are replaced atomically, so a reader never sees half a history.
+
+    Returns:
+        The two paths.
+    """
+    os.makedirs(directory, exist_ok=True)
+    jsonl = os.path.join(directory, "history.jsonl")
+    csv_path = os.path.join(directory, "history.csv")
+    with open(jsonl + ".tmp", "w") as f:
+        for record in records:
+            f.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
+    os.replace(jsonl + ".tmp", jsonl)
+    with open(csv_path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns(records))
+        writer.writeheader()
+        writer.writerows(records)
+    os.replace(csv_path + ".tmp", csv_path)
+    return jsonl, csv_path
+
+
+def read_history(path: str) -> list[Record]:
+    """Read a ``history.jsonl`` back (``null`` becomes NaN)."""
+    with open(path) as f:
+        return [
+            {k: (float("nan") if v is None else v) for k, v in json.loads(line).items()}
+            for line in f
+            if line.strip()
+        ]

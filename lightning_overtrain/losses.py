@@ -1,0 +1,86 @@
+"""How a batch becomes a loss, and the reference loss ``L(theta)`` over a fixed set.
+
+The reference loss is a token-weighted mean: every batch contributes its loss
+times its token count, so the number is the same however the set is split
+across ranks (the sums are all-reduced, never the means).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def transformers_loss(module: nn.Module, batch: Any) -> torch.Tensor:
+    """The default loss: the transformers convention ``module(**batch).loss``.
+
+    A batch without ``labels`` gets ``labels = input_ids`` (masked to -100 where
+    ``attention_mask`` is 0), so a plain causal-LM batch works as it is.
+
+    Args:
+        module: a model whose forward takes the batch's keys, e.g. a transformers
+            ``AutoModelForCausalLM`` or a LightningModule that forwards to one.
+        batch: a mapping with ``input_ids`` (and optionally ``attention_mask``, ``labels``).
+
+    Returns:
+        The scalar mean next-token loss.
+
+    Raises:
+        TypeError: if the batch is not a mapping or the output carries no loss.
+    """
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"The default loss calls `module(**batch).loss` and needs a dict batch, got"
+            f" {type(batch).__name__}. Pass `loss_fn=lambda module, batch: <scalar mean loss>`."
+        )
+    if "labels" not in batch and "input_ids" in batch:
+        labels = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            labels = labels.masked_fill(mask == 0, -100)
+        batch = {**batch, "labels": labels}
+    output = module(**batch)
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", output)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(
+            f"`module(**batch)` returned {type(output).__name__} without a scalar `loss`."
+            " Pass `loss_fn=lambda module, batch: <scalar mean loss>` to compute it yourself."
+        )
+    return loss.reshape(())
+
+
+def loss_sums(
+    module: nn.Module,
+    batches: Iterable[Any],
+    weights: Sequence[int],
+    loss_fn: LossFn,
+    forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> torch.Tensor:
+    """Sum ``loss * weight`` and ``weight`` over batches, without leaving the device.
+
+    Args:
+        module: the model to evaluate, in whatever mode the caller set.
+        batches: batches already on the module's device.
+        weights: tokens per batch, the weight of each batch's mean loss.
+        loss_fn: ``loss_fn(module, batch) -> scalar mean loss``.
+        forward_context: the trainer's precision context (autocast for mixed precision).
+
+    Returns:
+        A float64 tensor ``[sum of loss * weight, sum of weight]``: add these across
+        ranks, then divide, to get the token-weighted mean.
+    """
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    weight = 0
+    for batch, w in zip(batches, weights):
+        with forward_context():
+            loss = loss_fn(module, batch)
+        total += loss.detach().to(torch.float64) * w
+        weight += w
+    return torch.stack([total, torch.tensor(float(weight), dtype=torch.float64, device=device)])

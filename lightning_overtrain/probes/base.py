@@ -1,0 +1,112 @@
+"""What every probe gets from the monitor, and how a probe fails without a deadlock.
+
+A probe is a small object with a ``name``, a ``validate`` called before training
+and a ``run(ctx)`` that returns flat ``{metric: float}``. The maths lives in plain
+functions beside each probe; the :class:`ProbeContext` carries the borrowed model
+and the distributed plumbing, so the same probe code serves one process and DDP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_overtrain.borrow import ModelBackup
+from lightning_overtrain.losses import LossFn, loss_sums
+
+
+class ProbeFailure(RuntimeError):
+    """A probe could not produce finite numbers at this snapshot (on any rank)."""
+
+
+@dataclass
+class ProbeContext:
+    """The borrowed model and everything a probe needs to measure it.
+
+    Attributes:
+        module: the live model (in eval mode under ``no_grad`` unless a probe asks).
+        backup: the saved weights; ``backup.restore()`` undoes any perturbation.
+        sigmas: ``sigma_t`` per parameter, aligned with ``backup.params``.
+        batches: this rank's shard of the reference set, on the module's device.
+        weights: tokens per batch in ``batches``.
+        loss_fn: ``loss_fn(module, batch) -> scalar mean loss``.
+        reference_loss: ``L(theta_T)`` over the whole reference set (all ranks).
+        reduce_sum: adds a tensor across ranks (identity in one process).
+        forward_context: the trainer's precision context.
+        world_size: number of ranks.
+    """
+
+    module: nn.Module
+    backup: ModelBackup
+    sigmas: Sequence[float]
+    batches: Sequence[Any]
+    weights: Sequence[int]
+    loss_fn: LossFn
+    reference_loss: float = float("nan")
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext
+    world_size: int = 1
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backup.params[0].device if self.backup.params else torch.device("cpu")
+
+    def local_loss_sums(self) -> torch.Tensor:
+        """``[sum loss * tokens, sum tokens]`` of the reference shard at the current weights."""
+        return loss_sums(self.module, self.batches, self.weights, self.loss_fn, self.forward_context)
+
+    def reduce_or_fail(self, compute: Callable[[], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        """Run a rank-local computation, then add its result across ranks, safely.
+
+        Every rank reaches the one collective call even when its own computation
+        raised (it sends zeros and a failure flag), so a fault on one rank never
+        leaves the others waiting. If any rank failed, every rank raises
+        :class:`ProbeFailure`, and the monitor skips the probe on all of them alike.
+
+        Args:
+            compute: returns a float64 tensor of ``shape`` on :attr:`device`.
+            shape: the shape ``compute`` returns (known even when it fails).
+        """
+        error: BaseException | None = None
+        try:
+            local = compute().to(torch.float64).reshape(shape)
+        except Exception as exc:  # any probe fault is reported, never a hang
+            error = exc
+            local = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        finally:
+            self.backup.restore()
+        flag = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=self.device)
+        packed = self.reduce_sum(torch.cat([local.flatten(), flag]))
+        failed_ranks = int(packed[-1].item())
+        if failed_ranks:
+            where = f" on {failed_ranks} of {self.world_size} rank(s)" if self.world_size > 1 else ""
+            detail = f": {type(error).__name__}: {error}" if error is not None else ""
+            raise ProbeFailure(f"the computation failed{where}{detail}") from error
+        return packed[:-1].reshape(shape)
+
+
+class Probe:
+    """Base class of the monitor's probes.
+
+    Subclasses set :attr:`name` and implement :meth:`run`; :meth:`validate` may
+    check the model and data before training starts.
+    """
+
+    name: str = "probe"
+
+    def validate(self, ctx: ProbeContext) -> None:
+        """Raise a clear error before training if this probe cannot run on ``ctx``."""
+
+    def run(self, ctx: ProbeContext) -> dict[str, float]:
+        """Measure the borrowed model; return flat ``{metric key: value}``."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """The probe's settings, for the run's config and ``monitor.json``."""
+        return {}

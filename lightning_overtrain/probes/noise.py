@@ -1,0 +1,182 @@
+"""The Gaussian-noise probe (Springer et al. 2025, section 3.3).
+
+``theta_pert = theta + eps`` with ``eps ~ N(0, gamma^2 * Sigma)``, ``Sigma`` the
+initialization covariance: each tensor gets i.i.d. noise of std ``gamma * sigma_t``.
+Two variance reductions, both always on:
+
+* antithetic pairs: ``theta + eps`` and ``theta - eps`` are evaluated together,
+  so the odd-order terms of the loss cancel in their mean;
+* common random numbers: noise direction ``k`` comes from a seed derived from
+  ``(seed, k)`` alone, so every snapshot sees the same directions and the trend
+  over tokens is not buried in sampling noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_overtrain import naming
+from lightning_overtrain.probes.base import Probe, ProbeContext, ProbeFailure
+
+
+def noise_direction_seed(seed: int, pair: int) -> int:
+    """The seed of noise direction ``pair``: a function of ``(seed, pair)`` only."""
+    return int(np.random.SeedSequence([seed, pair]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@torch.no_grad()
+def perturb_(
+    params: Sequence[torch.Tensor],
+    saved: Sequence[torch.Tensor],
+    sigmas: Sequence[float],
+    scale: float,
+    seed: int,
+) -> None:
+    """Set ``params[i] = saved[i] + scale * sigmas[i] * z_i`` in place, ``z_i ~ N(0, I)``.
+
+    The directions ``z`` depend only on ``seed`` and the tensors' order and shapes,
+    so the same seed reproduces them on any rank and at any snapshot; ``scale=-g``
+    gives the antithetic partner of ``scale=g``. Tensors with ``sigma = 0`` are
+    left alone. Noise is drawn in float32 on each tensor's device, from a private
+    generator: the global RNG never moves.
+
+    Args:
+        params: the live parameters.
+        saved: their unperturbed values.
+        sigmas: ``sigma_t`` per tensor.
+        scale: ``+gamma`` or ``-gamma``.
+        seed: the direction's seed (see :func:`noise_direction_seed`).
+    """
+    generators: dict[torch.device, torch.Generator] = {}
+    for param, base, sigma in zip(params, saved, sigmas):
+        if sigma == 0.0:
+            continue
+        gen = generators.get(param.device)
+        if gen is None:
+            gen = generators[param.device] = torch.Generator(device=param.device)
+            gen.manual_seed(seed)
+        z = torch.randn(param.shape, generator=gen, device=param.device, dtype=torch.float32)
+        param.copy_(base).add_(z.to(param.dtype), alpha=scale * sigma)
+
+
+def summarize_noise(
+    reference_loss: float, plus: Sequence[float], minus: Sequence[float]
+) -> dict[str, float]:
+    """The paper's quantities for one gamma from antithetic pair losses.
+
+    Args:
+        reference_loss: ``L(theta_T)``.
+        plus: ``L(theta_T + eps_k)`` for each pair ``k``.
+        minus: ``L(theta_T - eps_k)`` for each pair ``k``.
+
+    Returns:
+        ``perturbed_loss`` (``E[L(theta + eps)]``), ``delta`` (minus ``L(theta)``),
+        ``relative_delta`` (``delta / L(theta)``) and the standard error of each,
+        taken across pairs (NaN with a single pair).
+    """
+    pair_means = (np.asarray(plus, dtype=np.float64) + np.asarray(minus, dtype=np.float64)) / 2
+    perturbed = float(pair_means.mean())
+    n = len(pair_means)
+    stderr = float(pair_means.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    delta = perturbed - reference_loss
+    return {
+        "perturbed_loss": perturbed,
+        "perturbed_loss_stderr": stderr,
+        "delta": delta,
+        "delta_stderr": stderr,
+        "relative_delta": delta / reference_loss,
+        "relative_delta_stderr": stderr / abs(reference_loss),
+    }
+
+
+class NoiseProbe(Probe):
+    """Sensitivity of the snapshot to init-scaled Gaussian noise, per ``gamma``.
+
+    For each gamma it logs ``noise/gamma=<g>/perturbed_loss``, ``/delta``
+    (``delta_gamma(T) = E[L(theta_T + eps)] - L(theta_T)``), ``/relative_delta`` and
+    their ``_stderr``. Cost per snapshot: ``2 * pairs * len(gammas)`` passes over
+    the reference set.
+
+    Args:
+        gammas: noise magnitudes, as multiples of the init std; each > 0.
+        pairs: antithetic pairs per gamma (the same directions for every gamma); >= 1,
+            >= 2 for a standard error.
+        seed: the seed of the noise directions, the same at every snapshot.
+
+    Raises:
+        ValueError: on an empty ``gammas``, a gamma <= 0, ``pairs`` < 1 or a bad seed.
+
+    Example::
+
+        monitor = OvertrainingMonitor(
+            reference_data=val_batches,
+            points_per_decade=4,
+            probes=[NoiseProbe(gammas=(0.25, 0.5, 1.0), pairs=4)],
+        )
+    """
+
+    name = "noise"
+
+    def __init__(self, gammas: Sequence[float] = (0.25, 0.5, 1.0), pairs: int = 4, seed: int = 0) -> None:
+        if isinstance(gammas, (int, float)):
+            gammas = (gammas,)
+        gammas = tuple(gammas)
+        if not gammas or any(
+            isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g <= 0
+            for g in gammas
+        ):
+            raise ValueError(
+                f"`gammas` must be a non-empty sequence of numbers > 0, got {gammas!r}."
+                " Pass noise magnitudes relative to the init std, e.g. gammas=(0.25, 0.5, 1.0)."
+            )
+        if len(set(gammas)) != len(gammas):
+            raise ValueError(f"`gammas` has duplicates: {gammas!r}. List each magnitude once.")
+        if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
+            raise ValueError(
+                f"`pairs` must be an int >= 1, got {pairs!r}. Use pairs=4 (the default) or more;"
+                " 2 or more give a standard error."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"`seed` must be an int >= 0, got {seed!r}. Pass e.g. seed=0.")
+        self.gammas = tuple(float(g) for g in gammas)
+        self.pairs = pairs
+        self.seed = seed
+
+    def config(self) -> dict[str, Any]:
+        return {"gammas": list(self.gammas), "pairs": self.pairs, "seed": self.seed}
+
+    def validate(self, ctx: ProbeContext) -> None:
+        if not any(s > 0 for s in ctx.sigmas):
+            raise ValueError(
+                "NoiseProbe found no parameter with a non-zero init std, so no noise would be"
+                " applied. Pass `init_std` to OvertrainingMonitor (e.g. 0.02)."
+            )
+
+    def run(self, ctx: ProbeContext) -> dict[str, float]:
+        n_gammas, pairs = len(self.gammas), self.pairs
+        saved = ctx.backup.saved_params()
+        seeds = [noise_direction_seed(self.seed, k) for k in range(pairs)]
+
+        def local() -> torch.Tensor:
+            sums = torch.zeros((n_gammas, pairs, 2, 2), dtype=torch.float64, device=ctx.device)
+            for gi, gamma in enumerate(self.gammas):
+                for k, seed in enumerate(seeds):
+                    for si, scale in enumerate((gamma, -gamma)):
+                        perturb_(ctx.backup.params, saved, ctx.sigmas, scale, seed)
+                        sums[gi, k, si] = ctx.local_loss_sums()
+            return sums
+
+        sums = ctx.reduce_or_fail(local, (n_gammas, pairs, 2, 2))
+        losses = (sums[..., 0] / sums[..., 1]).cpu().numpy()
+        if not np.isfinite(losses).all():
+            raise ProbeFailure(f"non-finite perturbed loss at gammas {self.gammas}")
+        record: dict[str, float] = {}
+        for gi, gamma in enumerate(self.gammas):
+            summary = summarize_noise(ctx.reference_loss, losses[gi, :, 0], losses[gi, :, 1])
+            record.update({naming.noise_key(gamma, q): v for q, v in summary.items()})
+        return record

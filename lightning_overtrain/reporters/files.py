@@ -1,0 +1,27 @@
+"""The history as files in the run's log directory: JSONL, CSV and the monitor's settings."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING
+
+from lightning_overtrain.history import write_history
+from lightning_overtrain.reporters.base import Reporter
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from lightning_overtrain.callbacks.monitor import OvertrainingMonitor
+
+
+class FileReporter(Reporter):
+    """Writes ``history.jsonl``, ``history.csv`` and ``monitor.json`` to ``monitor.dirpath``."""
+
+    def setup(self, trainer: pl.Trainer, monitor: OvertrainingMonitor) -> None:
+        os.makedirs(monitor.dirpath, exist_ok=True)
+        with open(os.path.join(monitor.dirpath, "monitor.json"), "w") as f:
+            json.dump(monitor.config(), f, indent=2, default=str)
+
+    def report(self, trainer: pl.Trainer, monitor: OvertrainingMonitor, record: dict[str, float]) -> None:
+        write_history(monitor.history, monitor.dirpath)

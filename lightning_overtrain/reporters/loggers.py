@@ -1,0 +1,26 @@
+"""Every snapshot's numbers through ``trainer.loggers``, each row carrying the tokens."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lightning_overtrain import naming
+from lightning_overtrain.reporters.base import Reporter
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from lightning_overtrain.callbacks.monitor import OvertrainingMonitor
+
+
+class LoggerReporter(Reporter):
+    """Logs each record to every Lightning logger under ``<prefix>/...``.
+
+    Every row includes ``<prefix>/tokens`` (so any logger can plot against tokens)
+    and is logged at the trainer's global step.
+    """
+
+    def report(self, trainer: pl.Trainer, monitor: OvertrainingMonitor, record: dict[str, float]) -> None:
+        metrics = naming.prefixed(monitor.prefix, record)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
