@@ -12,7 +12,9 @@ from typing import Any
 
 def _positive_int(name: str, value: Any, example: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}. Pass e.g. {name}={example}.")
+        raise ValueError(
+            f"`{name}` must be an int >= 1, got {value!r}. Pass e.g. {name}={example}."
+        )
     return value
 
 
@@ -106,4 +108,3 @@ class Cadence:
         if self.every_n_tokens is not None:
             return f"every {self.every_n_tokens:,} tokens"
         return f"{self.points_per_decade} per decade of tokens from {self.start_tokens:,}"
-

@@ -71,7 +71,9 @@ class ByteWindows(Dataset):
         if len(data) < context:
             raise ValueError(f"`data` has {len(data)} bytes, fewer than one window of {context}.")
         usable = len(data) // context * context
-        self.tokens = torch.frombuffer(bytearray(data[:usable]), dtype=torch.uint8).view(-1, context)
+        self.tokens = torch.frombuffer(bytearray(data[:usable]), dtype=torch.uint8).view(
+            -1, context
+        )
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -148,10 +150,15 @@ class TinyCausalLM(pl.LightningModule):
         matrices = [p for p in self.parameters() if p.dim() >= 2]
         vectors = [p for p in self.parameters() if p.dim() < 2]
         optimizer = torch.optim.AdamW(
-            [{"params": matrices, "weight_decay": hp.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
+            [
+                {"params": matrices, "weight_decay": hp.weight_decay},
+                {"params": vectors, "weight_decay": 0.0},
+            ],
             lr=hp.lr,
             betas=(0.9, 0.95),
         )
         warmup = max(hp.warmup_steps, 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Union
 
 import torch
 from torch import nn
 
-InitStd = Union[float, Mapping[str, float], Callable[[str, torch.Tensor], float]]
+InitStd = float | Mapping[str, float] | Callable[[str, torch.Tensor], float]
 
 SOURCE_WEIGHTS = "weights at step 0"
 SOURCE_USER = "init_std argument"

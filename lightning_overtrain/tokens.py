@@ -60,7 +60,8 @@ def checked_token_count(tokens_fn: TokensFn, batch: Any) -> int:
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(
             f"`tokens_fn` must return a non-negative int for every batch, got {count!r}."
-            " Return the number of tokens the batch holds, e.g. `int(batch['attention_mask'].sum())`."
+            " Return the number of tokens the batch holds,"
+            " e.g. `int(batch['attention_mask'].sum())`."
         )
     return count
 

@@ -39,7 +39,9 @@ def train_loader(text: bytes, batch_size: int = 8, **kwargs: Any) -> DataLoader:
     return DataLoader(ByteWindows(text[:100_000], CONTEXT), batch_size=batch_size, **kwargs)
 
 
-def reference_batches(text: bytes, n: int = 4, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+def reference_batches(
+    text: bytes, n: int = 4, batch_size: int = 8
+) -> list[dict[str, torch.Tensor]]:
     held_out = ByteWindows(text[-CONTEXT * batch_size * n :], CONTEXT)
     return list(DataLoader(held_out, batch_size=batch_size))
 
@@ -54,7 +56,9 @@ class LossRecorder(pl.Callback):
         self.losses.append(outputs["loss"].item())
 
 
-def make_trainer(tmp_path: Any, callbacks: list[pl.Callback], max_steps: int, **kwargs: Any) -> pl.Trainer:
+def make_trainer(
+    tmp_path: Any, callbacks: list[pl.Callback], max_steps: int, **kwargs: Any
+) -> pl.Trainer:
     settings: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,

@@ -9,7 +9,6 @@ the same points, so one rank's fault never leaves the others waiting.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence, Sized
@@ -38,11 +37,12 @@ from lightning_overtrain.init_scale import (
     init_std_from_weights,
 )
 from lightning_overtrain.losses import LossFn, transformers_loss
-from lightning_overtrain.probes.base import Probe, ProbeContext, ProbeFailure
+from lightning_overtrain.probes.base import Probe, ProbeContext
 from lightning_overtrain.probes.noise import NoiseProbe
 from lightning_overtrain.reporters.base import Reporter
 from lightning_overtrain.reporters.files import FileReporter
 from lightning_overtrain.reporters.loggers import LoggerReporter
+from lightning_overtrain.snapshot import measure_snapshot
 from lightning_overtrain.tokens import TokensFn, checked_token_count, count_tokens
 
 ReferenceData = Iterable[Any] | Callable[[], Iterable[Any]]
@@ -121,9 +121,11 @@ class OvertrainingMonitor(Callback):
         prefix: str = "overtrain",
         reporters: Sequence[Reporter] | None = None,
     ) -> None:
-        if reference_data is None or not (
-            callable(reference_data) or isinstance(reference_data, Iterable)
-        ) or isinstance(reference_data, (str, bytes, torch.Tensor)):
+        if (
+            reference_data is None
+            or not (callable(reference_data) or isinstance(reference_data, Iterable))
+            or isinstance(reference_data, (str, bytes, torch.Tensor))
+        ):
             raise ValueError(
                 f"`reference_data` must be a DataLoader, a list of batches or a callable"
                 f" returning one, got {type(reference_data).__name__}. Pass held-out"
@@ -252,7 +254,8 @@ class OvertrainingMonitor(Callback):
             for reporter in self.reporters:
                 reporter.setup(trainer, self)
         rank_zero_info(
-            f"OvertrainingMonitor: {len(self.probes)} probe(s), snapshots {self.cadence.describe()},"
+            f"OvertrainingMonitor: {len(self.probes)} probe(s),"
+            f" snapshots {self.cadence.describe()},"
             f" reference set of {self.reference_tokens:,} tokens, init std from"
             f" {self.init_std_source}; history in {self.dirpath}"
         )
@@ -317,21 +320,11 @@ class OvertrainingMonitor(Callback):
         """
         start = time.perf_counter()
         record: Record = {naming.TOKENS: self.tokens, naming.STEP: trainer.global_step}
-        ctx = self._context(trainer, pl_module)
-        with borrowed(pl_module, ctx.backup), torch.no_grad():
-            try:
-                sums = ctx.reduce_or_fail(ctx.local_loss_sums, (2,))
-                ctx.reference_loss = float(sums[0] / sums[1])
-                if not math.isfinite(ctx.reference_loss):
-                    raise ProbeFailure(f"the reference loss is {ctx.reference_loss}")
-                record[naming.REFERENCE_LOSS] = ctx.reference_loss
-                for probe in self.probes:
-                    try:
-                        record.update(probe.run(ctx))
-                    except Exception as exc:
-                        self._probe_failed(probe.name, exc, record)
-            except ProbeFailure as exc:
-                self._probe_failed("reference loss", exc, record)
+
+        def failed(what: str, exc: Exception) -> None:
+            self._probe_failed(what, exc, record)
+
+        record.update(measure_snapshot(self._context(trainer, pl_module), self.probes, failed))
         record[naming.PROBE_FAILURES] = self.probe_failures
         record[naming.PROBE_SECONDS] = time.perf_counter() - start
         self.history.append(record)
@@ -392,7 +385,10 @@ class OvertrainingMonitor(Callback):
         if self.init_stds is not None:
             return  # restored from a checkpoint: the same noise scale as before
         if self.init_std is not None:
-            self.init_stds, self.init_std_source = init_std_from_value(pl_module, self.init_std), SOURCE_USER
+            self.init_stds, self.init_std_source = (
+                init_std_from_value(pl_module, self.init_std),
+                SOURCE_USER,
+            )
         elif trainer.ckpt_path is None and trainer.global_step == 0:
             self.init_stds, self.init_std_source = init_std_from_weights(pl_module), SOURCE_WEIGHTS
         else:

@@ -59,9 +59,13 @@ class ProbeContext:
 
     def local_loss_sums(self) -> torch.Tensor:
         """``[sum loss * tokens, sum tokens]`` of the reference shard at the current weights."""
-        return loss_sums(self.module, self.batches, self.weights, self.loss_fn, self.forward_context)
+        return loss_sums(
+            self.module, self.batches, self.weights, self.loss_fn, self.forward_context
+        )
 
-    def reduce_or_fail(self, compute: Callable[[], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    def reduce_or_fail(
+        self, compute: Callable[[], torch.Tensor], shape: tuple[int, ...]
+    ) -> torch.Tensor:
         """Run a rank-local computation, then add its result across ranks, safely.
 
         Every rank reaches the one collective call even when its own computation
@@ -81,11 +85,15 @@ class ProbeContext:
             local = torch.zeros(shape, dtype=torch.float64, device=self.device)
         finally:
             self.backup.restore()
-        flag = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=self.device)
+        flag = torch.tensor(
+            [0.0 if error is None else 1.0], dtype=torch.float64, device=self.device
+        )
         packed = self.reduce_sum(torch.cat([local.flatten(), flag]))
         failed_ranks = int(packed[-1].item())
         if failed_ranks:
-            where = f" on {failed_ranks} of {self.world_size} rank(s)" if self.world_size > 1 else ""
+            where = (
+                f" on {failed_ranks} of {self.world_size} rank(s)" if self.world_size > 1 else ""
+            )
             detail = f": {type(error).__name__}: {error}" if error is not None else ""
             raise ProbeFailure(f"the computation failed{where}{detail}") from error
         return packed[:-1].reshape(shape)

@@ -122,7 +122,9 @@ class NoiseProbe(Probe):
 
     name = "noise"
 
-    def __init__(self, gammas: Sequence[float] = (0.25, 0.5, 1.0), pairs: int = 4, seed: int = 0) -> None:
+    def __init__(
+        self, gammas: Sequence[float] = (0.25, 0.5, 1.0), pairs: int = 4, seed: int = 0
+    ) -> None:
         if isinstance(gammas, (int, float)):
             gammas = (gammas,)
         gammas = tuple(gammas)

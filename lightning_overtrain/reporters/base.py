@@ -20,10 +20,14 @@ class Reporter:
     def setup(self, trainer: pl.Trainer, monitor: OvertrainingMonitor) -> None:
         """Called once before training, after the monitor has checked its inputs."""
 
-    def report(self, trainer: pl.Trainer, monitor: OvertrainingMonitor, record: dict[str, float]) -> None:
+    def report(
+        self, trainer: pl.Trainer, monitor: OvertrainingMonitor, record: dict[str, float]
+    ) -> None:
         """Called after every snapshot with the new record (relative keys)."""
 
-    def alert(self, trainer: pl.Trainer, monitor: OvertrainingMonitor, title: str, text: str, level: str) -> None:
+    def alert(
+        self, trainer: pl.Trainer, monitor: OvertrainingMonitor, title: str, text: str, level: str
+    ) -> None:
         """Called when the monitor warns or stops (``level`` is ``"warn"`` or ``"stop"``)."""
 
     def teardown(self, trainer: pl.Trainer, monitor: OvertrainingMonitor) -> None:

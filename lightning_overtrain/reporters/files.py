@@ -23,5 +23,7 @@ class FileReporter(Reporter):
         with open(os.path.join(monitor.dirpath, "monitor.json"), "w") as f:
             json.dump(monitor.config(), f, indent=2, default=str)
 
-    def report(self, trainer: pl.Trainer, monitor: OvertrainingMonitor, record: dict[str, float]) -> None:
+    def report(
+        self, trainer: pl.Trainer, monitor: OvertrainingMonitor, record: dict[str, float]
+    ) -> None:
         write_history(monitor.history, monitor.dirpath)

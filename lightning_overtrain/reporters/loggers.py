@@ -20,7 +20,9 @@ class LoggerReporter(Reporter):
     and is logged at the trainer's global step.
     """
 
-    def report(self, trainer: pl.Trainer, monitor: OvertrainingMonitor, record: dict[str, float]) -> None:
+    def report(
+        self, trainer: pl.Trainer, monitor: OvertrainingMonitor, record: dict[str, float]
+    ) -> None:
         metrics = naming.prefixed(monitor.prefix, record)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
