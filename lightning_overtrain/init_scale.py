@@ -62,7 +62,15 @@ def init_std_from_value(module: nn.Module, init_std: InitStd) -> dict[str, float
             )
         sigmas = {n: float(init_std[n]) for n, _ in named}
     elif callable(init_std):
-        sigmas = {n: float(init_std(n, p)) for n, p in named}
+        sigmas = {}
+        for n, p in named:
+            value = init_std(n, p)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(
+                    f"`init_std` returned {value!r} for {n!r}; it must return a float std"
+                    " for every parameter (0.0 for constant-initialized tensors)."
+                )
+            sigmas[n] = float(value)
     else:
         std = float(init_std)
         sigmas = {n: (std if p.dim() >= 2 else 0.0) for n, p in named}

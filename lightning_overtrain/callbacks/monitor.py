@@ -12,17 +12,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence, Sized
-from itertools import islice
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_overtrain import naming
-from lightning_overtrain.borrow import ModelBackup, borrowed, isolated_rng
+from lightning_overtrain.borrow import ModelBackup, borrowed, take_batches
 from lightning_overtrain.cadence import Cadence
 from lightning_overtrain.distributed import all_reduce_sum, world_size
 from lightning_overtrain.history import Record
@@ -39,14 +39,43 @@ from lightning_overtrain.init_scale import (
 from lightning_overtrain.losses import LossFn, transformers_loss
 from lightning_overtrain.probes.base import Probe, ProbeContext
 from lightning_overtrain.probes.noise import NoiseProbe
+from lightning_overtrain.progress import SnapshotProgress, counted
 from lightning_overtrain.reporters.base import Reporter
 from lightning_overtrain.reporters.files import FileReporter
 from lightning_overtrain.reporters.loggers import LoggerReporter
+from lightning_overtrain.reporters.plots import PlotReporter, matplotlib_available
+from lightning_overtrain.reporters.wandb import WandbReporter
 from lightning_overtrain.snapshot import measure_snapshot
 from lightning_overtrain.tokens import TokensFn, checked_token_count, count_tokens
 
 ReferenceData = Iterable[Any] | Callable[[], Iterable[Any]]
 _ON_PROBE_ERROR = ("warn", "raise")
+
+
+def take_reference_set(
+    reference_data: ReferenceData, max_batches: int | None, tokens_fn: TokensFn
+) -> tuple[list[Any], list[int]]:
+    """The reference batches (at most ``max_batches``) and their token counts.
+
+    Shared by the monitor and the ``lightning-overtrain`` CLI, so both evaluate a
+    reference set built the same way.
+
+    Raises:
+        ValueError: if the data yields no batches or no tokens.
+    """
+    batches = take_batches(
+        reference_data,
+        max_batches,
+        "reference_data",
+        "Pass held-out pretraining batches (a non-empty DataLoader or list).",
+    )
+    weights = [checked_token_count(tokens_fn, b) for b in batches]
+    if sum(weights) == 0:
+        raise ValueError(
+            "`reference_data` holds 0 tokens according to `tokens_fn`. Check the batches'"
+            " `input_ids`/`attention_mask`, or pass `tokens_fn`."
+        )
+    return batches, weights
 
 
 class OvertrainingMonitor(Callback):
@@ -139,7 +168,7 @@ class OvertrainingMonitor(Callback):
         self.cadence = Cadence(every_n_steps, every_n_tokens, points_per_decade, start_tokens)
         self.probes: list[Probe] = [NoiseProbe()] if probes is None else list(probes)
         bad = [p for p in self.probes if not isinstance(p, Probe)]
-        names = [p.name for p in self.probes]
+        names = [getattr(p, "name", None) for p in self.probes]
         if not self.probes or bad or len(set(names)) != len(names):
             raise ValueError(
                 f"`probes` must be a non-empty list of Probe objects with distinct names,"
@@ -199,6 +228,7 @@ class OvertrainingMonitor(Callback):
         self._backup: ModelBackup | None = None
         self._pending_tokens = 0
         self._last_step = 0
+        self._progress = SnapshotProgress()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -240,7 +270,14 @@ class OvertrainingMonitor(Callback):
         if self._user_reporters is not None:
             self.reporters = list(self._user_reporters)
         else:
-            self.reporters = [LoggerReporter(), FileReporter()]
+            # W&B first: it names the metrics' x-axis before the loggers log them.
+            wandb = any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
+            self.reporters = [
+                *([WandbReporter()] if wandb else []),
+                LoggerReporter(),
+                FileReporter(),
+                *([PlotReporter()] if matplotlib_available() else []),
+            ]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._take_reference_set(trainer, pl_module)
@@ -324,7 +361,10 @@ class OvertrainingMonitor(Callback):
         def failed(what: str, exc: Exception) -> None:
             self._probe_failed(what, exc, record)
 
-        record.update(measure_snapshot(self._context(trainer, pl_module), self.probes, failed))
+        ctx = self._context(trainer, pl_module)
+        with self._progress.track(trainer, f"Probing at {self.tokens:,} tokens") as tick:
+            ctx.loss_fn = counted(ctx.loss_fn, tick)
+            record.update(measure_snapshot(ctx, self.probes, failed))
         record[naming.PROBE_FAILURES] = self.probe_failures
         record[naming.PROBE_SECONDS] = time.perf_counter() - start
         self.history.append(record)
@@ -360,22 +400,9 @@ class OvertrainingMonitor(Callback):
 
     # ------------------------------------------------------------------ set-up checks
     def _take_reference_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        data = self.reference_data() if callable(self.reference_data) else self.reference_data
-        # A shuffling DataLoader draws from the global RNG when iterated: isolate it so
-        # training sees the same random numbers as without the monitor.
-        with isolated_rng():
-            batches = list(islice(iter(data), self.reference_batches))
-        if not batches:
-            raise ValueError(
-                "`reference_data` yielded no batches. Pass held-out pretraining batches"
-                " (a non-empty DataLoader or list)."
-            )
-        weights = [checked_token_count(self.tokens_fn, b) for b in batches]
-        if sum(weights) == 0:
-            raise ValueError(
-                "`reference_data` holds 0 tokens according to `tokens_fn`. Check the batches'"
-                " `input_ids`/`attention_mask`, or pass `tokens_fn`."
-            )
+        batches, weights = take_reference_set(
+            self.reference_data, self.reference_batches, self.tokens_fn
+        )
         rank, size = trainer.global_rank, trainer.world_size
         self.reference_tokens = sum(weights)
         self._batches = [move_data_to_device(b, pl_module.device) for b in batches[rank::size]]
