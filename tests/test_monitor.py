@@ -90,13 +90,13 @@ def test_history_is_written_logged_and_carries_tokens(tmp_path, code_text):
     assert [r["step"] for r in records] == [3, 6, 9]
     assert [r["tokens"] for r in records] == [3 * 8 * CONTEXT, 6 * 8 * CONTEXT, 9 * 8 * CONTEXT]
     assert records == [json.loads(json.dumps(r)) for r in mon.history]
-    header = open(f"{mon.dirpath}/history.csv").readline().strip().split(",")
+    header = (tmp_path / "csv" / "version_0" / "overtrain" / "history.csv").read_text().splitlines()[0].split(",")
     assert "noise/gamma=1/delta" in header and "reference_loss" in header
-    config = json.load(open(f"{mon.dirpath}/monitor.json"))
+    config = json.loads((tmp_path / "csv" / "version_0" / "overtrain" / "monitor.json").read_text())
     assert config["probes"]["noise"] == {"gammas": [1.0], "pairs": 2, "seed": 0}
     assert config["init_std_source"] == "weights at step 0"
     logger.save()
-    metrics = open(f"{logger.log_dir}/metrics.csv").read().splitlines()
+    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     columns = metrics[0].split(",")
     rows = [dict(zip(columns, line.split(","))) for line in metrics[1:]]
     logged = [r for r in rows if r.get("overtrain/noise/gamma=1/delta")]
@@ -205,7 +205,7 @@ def test_joining_late_without_any_init_std_says_what_to_pass(tmp_path, code_text
 def test_user_init_std_wins_and_is_reported(tmp_path, code_text):
     mon = monitor(code_text, tmp_path, init_std=lambda name, param: None)
     with pytest.raises(
-        ValueError, match="`init_std` returned None for 'model.transformer.wte.weight'"
+        ValueError, match=r"`init_std` returned None for 'model\.transformer\.wte\.weight'"
     ):
         fit(tmp_path, code_text, [mon], max_steps=1)
     mon = monitor(code_text, tmp_path, init_std=0.01)
@@ -248,7 +248,7 @@ def test_a_reference_batch_the_loss_cannot_use_fails_before_training(tmp_path, c
     mon = OvertrainingMonitor(bad, every_n_steps=2)
     recorder = LossRecorder()
     with pytest.raises(
-        ValueError, match="`loss_fn` .* failed on the first reference batch.*loss_fn=lambda"
+        ValueError, match=r"`loss_fn` .* failed on the first reference batch.*loss_fn=lambda"
     ):
         make_trainer(tmp_path, [mon, recorder], max_steps=2).fit(
             make_module(), train_loader(code_text)

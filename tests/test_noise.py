@@ -11,7 +11,7 @@ from lightning_overtrain.snapshot import measure_snapshot
 
 
 class Quadratic(nn.Module):
-    """L(theta) = 0.5 (theta - theta*)^T H (theta - theta*) + 1, theta = [a, b]: exactly quadratic."""
+    """L(theta) = 0.5 (theta - theta*)^T H (theta - theta*) + 1 with theta = [a, b]: a quadratic."""
 
     def __init__(self) -> None:
         super().__init__()
