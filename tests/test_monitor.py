@@ -90,13 +90,14 @@ def test_history_is_written_logged_and_carries_tokens(tmp_path, code_text):
     assert [r["step"] for r in records] == [3, 6, 9]
     assert [r["tokens"] for r in records] == [3 * 8 * CONTEXT, 6 * 8 * CONTEXT, 9 * 8 * CONTEXT]
     assert records == [json.loads(json.dumps(r)) for r in mon.history]
-    header = (tmp_path / "csv" / "version_0" / "overtrain" / "history.csv").read_text().splitlines()[0].split(",")
+    run_dir = tmp_path / "csv" / "version_0"
+    header = (run_dir / "overtrain" / "history.csv").read_text().splitlines()[0].split(",")
     assert "noise/gamma=1/delta" in header and "reference_loss" in header
-    config = json.loads((tmp_path / "csv" / "version_0" / "overtrain" / "monitor.json").read_text())
+    config = json.loads((run_dir / "overtrain" / "monitor.json").read_text())
     assert config["probes"]["noise"] == {"gammas": [1.0], "pairs": 2, "seed": 0}
     assert config["init_std_source"] == "weights at step 0"
     logger.save()
-    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    metrics = (run_dir / "metrics.csv").read_text().splitlines()
     columns = metrics[0].split(",")
     rows = [dict(zip(columns, line.split(","))) for line in metrics[1:]]
     logged = [r for r in rows if r.get("overtrain/noise/gamma=1/delta")]

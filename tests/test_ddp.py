@@ -1,0 +1,58 @@
+"""DDP on 2 CPU processes (gloo) gives the same curves as 1 process, without deadlock."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_run.py")
+NUMBERS = (
+    "tokens",
+    "step",
+    "reference_loss",
+    "noise/gamma=1/delta",
+    "noise/gamma=0.5/perturbed_loss",
+)
+
+
+def untimed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "probe_seconds"} for r in history]
+
+
+def run(tmp_path, devices: int, *extra: str) -> list[dict]:
+    out = tmp_path / f"devices{devices}"
+    out.mkdir()
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--devices", str(devices), "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"history_rank{r}.json").read_text()) for r in range(devices)]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_each_other(tmp_path):
+    (single,) = run(tmp_path, 1)
+    rank0, rank1 = run(tmp_path, 2)
+    assert untimed(rank0["history"]) == untimed(rank1["history"])  # every rank agrees exactly
+    assert len(single["history"]) == len(rank0["history"]) == 2
+    for one, two in zip(single["history"], rank0["history"]):
+        assert one["tokens"] == two["tokens"] and one["step"] == two["step"]
+        for key in NUMBERS[2:]:
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_probe_failing_on_one_rank_is_skipped_on_all_ranks_without_deadlock(tmp_path):
+    rank0, rank1 = run(tmp_path, 2, "--fail-on-rank", "1")
+    for rank in (rank0, rank1):
+        assert rank["failures"] == 2
+        assert all(
+            "fails_on_one_rank/ok" not in r and "noise/gamma=1/delta" in r for r in rank["history"]
+        )
