@@ -15,10 +15,10 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import CONTEXT, make_module, reference_batches  # noqa: E402
+from conftest import CONTEXT, make_module, reference_batches
 
-from lightning_overtrain import NoiseProbe, OvertrainingMonitor, Probe  # noqa: E402
-from lightning_overtrain.demo import ByteWindows, stdlib_code  # noqa: E402
+from lightning_overtrain import NoiseProbe, OvertrainingMonitor, Probe
+from lightning_overtrain.demo import ByteWindows, stdlib_code
 
 GLOBAL_BATCH = 16
 
