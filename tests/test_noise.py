@@ -163,3 +163,17 @@ def test_a_model_without_any_init_std_is_rejected_before_training():
     ctx.sigmas = [0.0 for _ in ctx.sigmas]
     with pytest.raises(ValueError, match="init_std"):
         NoiseProbe().validate(ctx)
+
+
+def test_the_default_loss_switches_the_kv_cache_off_and_back_on():
+    from conftest import make_module
+
+    from lightning_overtrain.losses import transformers_loss
+
+    model = make_module()
+    seen = []
+    model.model.register_forward_pre_hook(lambda mod, args: seen.append(mod.config.use_cache))
+    ids = torch.randint(0, 256, (2, 16))
+    loss = transformers_loss(model, {"input_ids": ids})
+    assert seen == [False] and model.model.config.use_cache is True
+    assert loss == model.model(input_ids=ids, labels=ids).loss
