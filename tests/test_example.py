@@ -1,0 +1,46 @@
+"""The README's main job runs end to end (a short version of it)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_the_example_writes_curves_and_an_offline_wandb_run(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "pretrain_tiny.py"),
+            "--out",
+            str(out),
+            "--max-steps",
+            "30",
+            "--batch-size",
+            "8",
+            "--start-tokens",
+            "8192",
+            "--points-per-decade",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tokens"] == 30 * 8 * 128 and summary["snapshots"] == 2
+    lines = (out / "overtrain" / "history.jsonl").read_text().splitlines()
+    # Log-spaced thresholds 8192 and 25905 tokens, reached at steps 8 and 26 (1024 tokens a step).
+    assert [json.loads(line)["tokens"] for line in lines] == [8192, 26624]
+    assert os.path.isdir(summary["wandb_run"]) and any(
+        name.endswith(".wandb") for name in os.listdir(summary["wandb_run"])
+    )
+    assert str(out / "overtrain" / "history.jsonl") in proc.stdout
