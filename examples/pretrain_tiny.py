@@ -123,9 +123,8 @@ def main() -> None:
         deltas = ", ".join(
             f"{r.get(f'noise/gamma={g:g}/delta', float('nan')):.4f}" for g in (0.25, 0.5, 1.0)
         )
-        print(
-            f"{r['step']:>8}  {r['tokens']:>10,}  {r.get('reference_loss', float('nan')):>14.4f}  {deltas}"
-        )
+        loss = r.get("reference_loss", float("nan"))
+        print(f"{r['step']:>8}  {r['tokens']:>10,}  {loss:>14.4f}  {deltas}")
     print("\n" + json.dumps(summary, indent=2))
 
 

@@ -1,0 +1,511 @@
+"""Catastrophic overtraining in miniature (Springer et al., arXiv 2503.19206), on 2 CPU cores.
+
+Tiny byte-level GPT-2s (125k parameters, AdamW with weight decay 0.1, constant lr
+after warm-up) are pretrained on the Python standard library's sources, one run
+per seed. At log-spaced token counts each run branches off a cooldown (20% of the
+steps so far, lr annealed linearly to 0, as if pretraining stopped there) and the
+cooled branch is probed with the project's own engine: init-scaled Gaussian noise
+at gammas 0.25, 0.5 and 1 (antithetic pairs, common random numbers) and a short
+fine-tune on English prose. The curves are averaged over seeds, with margins
+across seeds, and checked against what the paper shows:
+
+1. for fixed gamma, the sensitivity ``delta`` rises with tokens;
+2. the perturbed loss is U-shaped, and larger gammas turn up earlier;
+3. forgetting after fine-tuning rises with tokens (the paper's headline; expected
+   *not* to show at this scale, see the README).
+
+Why a cooldown branch per snapshot rather than the monitor's ``cooldown_steps``:
+the paper anneals every token budget to zero lr, and a branch proportional to the
+tokens so far (20%) keeps every snapshot equally annealed; the monitor's branch
+has a fixed length. The branch itself is the monitor's :class:`CooldownBranch`.
+
+Usage::
+
+    python examples/reproduce_paper.py                      # full: 3 seeds to 12.8M tokens
+    python examples/reproduce_paper.py --fast               # smoke run for CI, < 60 s
+    python examples/reproduce_paper.py --figure docs/reproduction.png \\
+        --summary docs/reproduction.json                    # what the README shows
+
+Each seed's history goes to ``<out>/seed<k>/history.jsonl`` (``lightning-overtrain
+report <out>`` renders them); the figure and the numbers go to ``--figure`` and
+``--summary``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_overtrain import (
+    FineTuneProbe,
+    ModelBackup,
+    NoiseProbe,
+    ProbeContext,
+    count_tokens,
+    init_std_from_weights,
+    naming,
+    read_history,
+    transformers_loss,
+    write_history,
+)
+from lightning_overtrain.cooldown import CooldownBranch
+from lightning_overtrain.demo import (
+    ByteWindows,
+    TinyCausalLM,
+    english_prose,
+    split_text,
+    stdlib_code,
+)
+from lightning_overtrain.history import Record
+from lightning_overtrain.inflection import InflectionDetector
+from lightning_overtrain.snapshot import measure_snapshot
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One reproduction's settings (DESIGN.md section 4's prototype, scaled to fit)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 2
+    context: int = 128
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.1  # without it the norm grows and there is no clean U
+    warmup_steps: int = 64
+    start_tokens: int = 400_000  # first snapshot, past warm-up
+    final_tokens: int = 12_800_000  # ~100 tokens per parameter
+    snapshot_ratio: float = math.sqrt(2)  # log-spaced snapshots
+    cooldown_fraction: float = 0.2  # branch length, as a fraction of the steps so far
+    gammas: tuple[float, ...] = (0.25, 0.5, 1.0)
+    pairs: int = 4
+    reference_batches: int = 8  # of 8 x context tokens: ~8k tokens
+    finetune_steps: int = 50
+    finetune_batch: int = 8
+    finetune_lrs: tuple[float, ...] = (3e-4, 1e-3)
+    text_bytes: int = 32_000_000
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.context
+
+    def snapshot_steps(self) -> list[int]:
+        """Optimizer steps of the snapshots: log-spaced, ending at ``final_tokens``."""
+        n = math.floor(math.log(self.final_tokens / self.start_tokens, self.snapshot_ratio))
+        tokens = [self.start_tokens * self.snapshot_ratio**k for k in range(n + 1)]
+        steps = {max(1, round(t / self.tokens_per_step)) for t in tokens}
+        steps.add(round(self.final_tokens / self.tokens_per_step))
+        return sorted(steps)
+
+
+FULL = Settings()
+FAST = replace(
+    FULL,
+    seeds=(0, 1),
+    n_embd=32,
+    context=64,
+    batch_size=8,
+    warmup_steps=8,
+    start_tokens=4_096,
+    final_tokens=32_768,
+    snapshot_ratio=2.0,
+    pairs=2,
+    reference_batches=2,
+    finetune_steps=4,
+    finetune_lrs=(1e-3,),
+    text_bytes=1_000_000,
+)
+
+
+class CooledSnapshots(pl.Callback):
+    """At each snapshot step: anneal a branch, probe it, put the live run back.
+
+    Args:
+        steps: the optimizer steps to probe at.
+        settings: the run's settings (tokens per step, cooldown fraction).
+        reference: held-out pretraining batches, the same at every snapshot.
+        cooldown_batches: pretraining batches the branches train on, the same each time.
+        probes: run on the cooled branch.
+        out: where this run's ``history.jsonl`` goes.
+        seed: seeds the branch's dropout.
+    """
+
+    def __init__(
+        self,
+        steps: Sequence[int],
+        settings: Settings,
+        reference: list[Any],
+        cooldown_batches: list[Any],
+        probes: list[Any],
+        out: str,
+        seed: int,
+    ) -> None:
+        self.steps, self.settings, self.seed = set(steps), settings, seed
+        self.reference, self.cooldown_batches = reference, cooldown_batches
+        self.probes, self.out = probes, out
+        self.history: list[Record] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The monitor's defaults: init std measured from the weights at step 0.
+        self.backup = ModelBackup(pl_module)
+        stds = init_std_from_weights(pl_module)
+        self.sigmas = [stds[name] for name in self.backup.names]
+        self.weights = [count_tokens(b) for b in self.reference]
+        for probe in self.probes:
+            probe.validate(self._context(pl_module))
+
+    def _context(self, pl_module: pl.LightningModule) -> ProbeContext:
+        return ProbeContext(
+            module=pl_module,
+            backup=self.backup,
+            sigmas=self.sigmas,
+            batches=self.reference,
+            weights=self.weights,
+            loss_fn=transformers_loss,
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step not in self.steps:
+            return
+        start = time.perf_counter()
+        length = max(1, round(self.settings.cooldown_fraction * step))
+        branch = CooldownBranch(pl_module, self.cooldown_batches, steps=length, seed=self.seed)
+        optimizer = trainer.optimizers[0]
+
+        def failed(what: str, exc: Exception) -> None:
+            raise RuntimeError(f"the {what} probe failed at step {step}") from exc
+
+        record: Record = {naming.TOKENS: step * self.settings.tokens_per_step, naming.STEP: step}
+        record.update(
+            measure_snapshot(
+                self._context(pl_module),
+                self.probes,
+                failed,
+                cooldown=lambda ctx: branch.branch(ctx, optimizer),
+            )
+        )
+        record[naming.PROBE_SECONDS] = time.perf_counter() - start
+        self.history.append(record)
+        write_history(self.history, self.out)
+        gamma1 = record.get(naming.noise_key(max(self.settings.gammas), "perturbed_loss"))
+        print(
+            f"  seed {self.seed}  {record[naming.TOKENS]:>11,} tokens  cooled loss"
+            f" {record[naming.REFERENCE_LOSS]:.4f}  perturbed (gamma={max(self.settings.gammas):g})"
+            f" {gamma1:.4f}  [{record[naming.PROBE_SECONDS]:.0f}s]",
+            flush=True,
+        )
+
+
+# ---------------------------------------------------------------------- data and runs
+def windows(text: bytes, context: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    return list(DataLoader(ByteWindows(text, context), batch_size=batch_size))
+
+
+def prepare_data(s: Settings) -> dict[str, Any]:
+    """Split the text: training, cooldown branches, held-out reference; prose to fine-tune on."""
+    train_text, held_out = split_text(stdlib_code(s.text_bytes), held_out=0.02)
+    # The branches train on text the run never sees, the same at every snapshot.
+    cooldown_steps = math.ceil(s.cooldown_fraction * s.snapshot_steps()[-1])
+    cut = len(train_text) - cooldown_steps * s.tokens_per_step
+    prose_train, prose_eval = split_text(english_prose(), held_out=0.1)
+    return {
+        "train": ByteWindows(train_text[:cut], s.context),
+        "cooldown": windows(train_text[cut:], s.context, s.batch_size),
+        "reference": windows(held_out, s.context, 8)[: s.reference_batches],
+        "finetune_train": windows(prose_train, s.context, s.finetune_batch)[: s.finetune_steps],
+        "finetune_eval": windows(prose_eval, s.context, 8)[:8],
+    }
+
+
+def run_seed(seed: int, s: Settings, out: str, threads: int | None) -> tuple[list[Record], float]:
+    """One seed's run (in this process or a worker); returns its history and CPU seconds."""
+    if threads:
+        torch.set_num_threads(threads)
+    print(f"seed {seed}: pretraining to {s.final_tokens:,} tokens", flush=True)
+    cpu = time.process_time()
+    history = pretrain(seed, s, prepare_data(s), out)
+    return history, time.process_time() - cpu
+
+
+def pretrain(seed: int, s: Settings, data: dict[str, Any], out: str) -> list[Record]:
+    """One constant-lr run with cooled snapshots; returns its history."""
+    pl.seed_everything(seed, verbose=False)
+    model = TinyCausalLM(
+        **_model_kwargs(s), lr=s.lr, weight_decay=s.weight_decay, warmup_steps=s.warmup_steps
+    )
+    probes = [
+        NoiseProbe(gammas=s.gammas, pairs=s.pairs, seed=seed),
+        FineTuneProbe(
+            data["finetune_train"],
+            data["finetune_eval"],
+            steps=s.finetune_steps,
+            lrs=s.finetune_lrs,
+            seed=seed,
+        ),
+    ]
+    steps = s.snapshot_steps()
+    snapshots = CooledSnapshots(
+        steps,
+        s,
+        data["reference"],
+        data["cooldown"],
+        probes,
+        os.path.join(out, f"seed{seed}"),
+        seed,
+    )
+    loader = DataLoader(
+        data["train"],
+        batch_size=s.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps[-1],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[snapshots],
+    )
+    trainer.fit(model, loader)
+    return snapshots.history
+
+
+# ---------------------------------------------------------------------- analysis
+def curves(histories: list[list[Record]]) -> dict[str, dict[str, list[float]]]:
+    """Per metric: the mean over seeds, its standard error across seeds, each seed's values."""
+    keys = [k for k in histories[0][0] if k not in (naming.TOKENS, naming.STEP)]
+    out = {}
+    for key in keys:
+        if key.endswith("_stderr") or key == naming.PROBE_SECONDS:
+            continue
+        values = np.array([[r[key] for r in h] for h in histories], dtype=float)
+        se = values.std(axis=0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else None
+        out[key] = {
+            "mean": values.mean(axis=0).tolist(),
+            "se": se.tolist() if se is not None else [math.nan] * values.shape[1],
+            "per_seed": values.tolist(),
+        }
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def turn_up(tokens: list[int], values: list[float], stderrs: list[float] | None) -> dict:
+    """The project's detector on one curve, plus the plain bottom and the rise after it."""
+    detector = InflectionDetector()
+    for i, (t, v) in enumerate(zip(tokens, values)):
+        se = stderrs[i] if stderrs is not None and math.isfinite(stderrs[i]) else None
+        state = detector.update(t, v, se)
+    bottom = int(np.argmin(values))
+    return {
+        "crossed": state.crossed,
+        "crossed_at_tokens": state.crossed_at_tokens,
+        "detector_bottom_tokens": state.bottom_tokens,
+        "forecast_tokens": state.forecast_tokens,
+        "bottom_tokens": tokens[bottom],
+        "rise_after_bottom": values[-1] - values[bottom],
+    }
+
+
+def checks(tokens: list[int], c: dict, s: Settings) -> dict[str, Any]:
+    """What reproduced, as numbers: one entry per claim of the paper."""
+    n_seeds = len(s.seeds)
+    result: dict[str, Any] = {"delta_rises": {}, "perturbed_loss_turns_up": {}, "forgetting": {}}
+    for gamma in s.gammas:
+        per_seed = np.array(c[naming.noise_key(gamma, "delta")]["per_seed"])
+        rising = np.diff(per_seed, axis=1) > 0
+        result["delta_rises"][f"{gamma:g}"] = {
+            "rising_neighbour_pairs": f"{int(rising.sum())}/{rising.size}",
+            "spearman_per_seed": [round(spearman(tokens, d), 3) for d in per_seed],
+            "last_over_first": float(np.mean(per_seed[:, -1] / per_seed[:, 0])),
+        }
+        loss = c[naming.noise_key(gamma, "perturbed_loss")]
+        seeds = [turn_up(tokens, v, None) for v in loss["per_seed"]]
+        rises = np.array([x["rise_after_bottom"] for x in seeds])
+        mean = turn_up(tokens, loss["mean"], loss["se"] if n_seeds > 1 else None)
+        mean["rise_after_bottom_across_seeds"] = {
+            "mean": float(rises.mean()),
+            "se": float(rises.std(ddof=1) / math.sqrt(n_seeds)) if n_seeds > 1 else None,
+        }
+        mean["seeds_with_interior_bottom"] = sum(x["bottom_tokens"] < tokens[-1] for x in seeds)
+        mean["seeds_crossed"] = sum(x["crossed"] for x in seeds)
+        result["perturbed_loss_turns_up"][f"{gamma:g}"] = mean
+    for lr in s.finetune_lrs:
+        per_seed = np.array(c[naming.finetune_key(lr, "forgetting")]["per_seed"])
+        result["forgetting"][f"{lr:g}"] = {
+            "spearman_per_seed": [round(spearman(tokens, f), 3) for f in per_seed],
+            "first": float(per_seed[:, 0].mean()),
+            "min": float(per_seed.mean(axis=0).min()),
+            "last": float(per_seed[:, -1].mean()),
+        }
+    return result
+
+
+# ---------------------------------------------------------------------- figure
+def figure(tokens: list[int], c: dict, result: dict, s: Settings, params: int, path: str) -> None:
+    from matplotlib.figure import Figure
+
+    from lightning_overtrain.plots import plot_signal
+
+    records: list[dict[str, float]] = [{naming.TOKENS: t} for t in tokens]
+    for key, curve in c.items():
+        for record, mean, se in zip(records, curve["mean"], curve["se"]):
+            record[key], record[key + "_stderr"] = mean, se
+    for gamma, found in result["perturbed_loss_turns_up"].items():
+        prefix = f"inflection/{naming.noise_key(float(gamma), 'perturbed_loss')}/"
+        records[-1][prefix + "crossed"] = float(found["crossed"])
+        records[-1][prefix + "bottom_tokens"] = found["detector_bottom_tokens"] or math.nan
+
+    fig = Figure(figsize=(13, 9.5), layout="constrained")
+    axes = fig.subplots(2, 2)
+    colors = {g: c_ for g, c_ in zip(s.gammas, ("#1b9e77", "#d95f02", "#7570b3"))}
+    n = len(s.seeds)
+    band = f"mean ± s.e. over {n} seeds" if n > 1 else "one seed"
+    ax = axes[0, 0]
+    for g in s.gammas:
+        plot_signal(ax, records, naming.noise_key(g, "delta"), label=f"γ={g:g}", color=colors[g])
+    ax.set_yscale("log")
+    _finish(ax, "δ = E[L(θ+ε)] − L(θ)", f"1. Sensitivity rises with tokens ({band})", params)
+    ax = axes[0, 1]
+    plot_signal(ax, records, naming.REFERENCE_LOSS, label="no noise", color="black")
+    for g in s.gammas:
+        key = naming.noise_key(g, "perturbed_loss")
+        plot_signal(ax, records, key, label=f"γ={g:g}", color=colors[g])
+    _finish(
+        ax, "loss (cooled branch)", "2. Perturbed loss: U-shaped, larger γ turns earlier", params
+    )
+    ax = axes[1, 0]
+    g = max(s.gammas)
+    key = naming.noise_key(g, "perturbed_loss")
+    for k, values in enumerate(c[key]["per_seed"]):
+        ax.plot(tokens, values, marker="o", markersize=3, alpha=0.8, label=f"seed {s.seeds[k]}")
+    _finish(
+        ax, f"perturbed loss, γ={g:g}", "Each seed on its own: the U is not one seed's luck", params
+    )
+    ax = axes[1, 1]
+    lr_colors = ("#e7298a", "#66a61e", "#e6ab02")
+    for lr, color in zip(s.finetune_lrs, lr_colors):
+        key = naming.finetune_key(lr, "forgetting")
+        plot_signal(ax, records, key, label=f"lr={lr:g}", color=color)
+    _finish(
+        ax,
+        "L(θ_ft) − L(θ) on pretraining text",
+        f"3. Forgetting after {s.finetune_steps} fine-tune steps on prose",
+        params,
+    )
+    fig.suptitle(
+        f"Catastrophic overtraining in miniature: {params / 1e3:.0f}k-parameter byte-level GPT-2,"
+        f" {n} seed(s), cooldown branch of {s.cooldown_fraction:.0%} at each snapshot",
+        fontsize=12,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
+def _finish(ax: Any, ylabel: str, title: str, params: int) -> None:
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens of the constant-lr run at the branch point")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    top = ax.secondary_xaxis("top", functions=(lambda t: t / params, lambda r: r * params))
+    top.set_xlabel("tokens per parameter", fontsize=8)
+
+
+# ---------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--fast", action="store_true", help="a tiny smoke run (CI)")
+    parser.add_argument("--out", default="runs/reproduce_paper", help="per-seed histories")
+    parser.add_argument("--figure", help="the figure (default: <out>/reproduction.png)")
+    parser.add_argument("--summary", help="the numbers (default: <out>/reproduction.json)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no training: rebuild the numbers and the figure from <out>/seed<k>/history.jsonl",
+    )
+    args = parser.parse_args(argv)
+    s = FAST if args.fast else FULL
+    if args.seeds:
+        s = replace(s, seeds=tuple(args.seeds))
+    figure_path = args.figure or os.path.join(args.out, "reproduction.png")
+    summary_path = args.summary or os.path.join(args.out, "reproduction.json")
+
+    start = time.perf_counter()
+    if args.report_only:
+        runs = [
+            (read_history(os.path.join(args.out, f"seed{k}", "history.jsonl")), None)
+            for k in s.seeds
+        ]
+    elif args.jobs > 1:
+        # One process per seed: tiny matmuls use a core better alone than split in threads.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            work = [(seed, s, args.out, args.threads) for seed in s.seeds]
+            runs = list(pool.map(run_seed, *zip(*work)))
+    else:
+        runs = [run_seed(seed, s, args.out, args.threads) for seed in s.seeds]
+    histories = [history for history, _ in runs]
+    cpu = [round(c, 1) for _, c in runs if c is not None]
+    seconds = time.perf_counter() - start
+
+    tokens = [int(r[naming.TOKENS]) for r in histories[0]]
+    params = sum(p.numel() for p in TinyCausalLM(**_model_kwargs(s)).parameters())
+    c = curves(histories)
+    result = checks(tokens, c, s)
+    summary = {
+        "settings": asdict(s),
+        "mode": "fast" if args.fast else "full",
+        "parameters": params,
+        "seconds": None if args.report_only else round(seconds, 1),
+        "jobs": args.jobs,
+        "cpu_seconds_per_seed": cpu or None,
+        "torch_threads": torch.get_num_threads(),
+        "tokens": tokens,
+        "tokens_per_parameter": [round(t / params, 2) for t in tokens],
+        "checks": result,
+        "curves": c,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(summary_path)), exist_ok=True)
+    with open(summary_path, "w") as f:
+        json.dump(summary, f, indent=1)
+    figure(tokens, c, result, s, params, figure_path)
+    print(json.dumps({"seconds": summary["seconds"], "checks": result}, indent=1))
+    print(f"figure: {figure_path}\nnumbers: {summary_path}")
+    return summary
+
+
+def _model_kwargs(s: Settings) -> dict[str, Any]:
+    return dict(n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head, context=s.context)
+
+
+if __name__ == "__main__":
+    main()
