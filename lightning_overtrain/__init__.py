@@ -10,9 +10,24 @@ from lightning_overtrain.cadence import Cadence
 from lightning_overtrain.callbacks.monitor import OvertrainingMonitor
 from lightning_overtrain.history import read_history, write_history
 from lightning_overtrain.init_scale import init_std_from_weights
+from lightning_overtrain.layers import infer_layer_groups
 from lightning_overtrain.losses import transformers_loss
-from lightning_overtrain.probes import NoiseProbe, Probe, ProbeContext, ProbeFailure, perturb_
-from lightning_overtrain.reporters import FileReporter, LoggerReporter, Reporter
+from lightning_overtrain.plots import render_figures, write_figures
+from lightning_overtrain.probes import (
+    FineTuneProbe,
+    NoiseProbe,
+    Probe,
+    ProbeContext,
+    ProbeFailure,
+    perturb_,
+)
+from lightning_overtrain.reporters import (
+    FileReporter,
+    LoggerReporter,
+    PlotReporter,
+    Reporter,
+    WandbReporter,
+)
 from lightning_overtrain.tokens import count_tokens
 
 __version__ = "0.1.0.dev0"
@@ -20,20 +35,26 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "Cadence",
     "FileReporter",
+    "FineTuneProbe",
     "LoggerReporter",
     "ModelBackup",
     "NoiseProbe",
     "OvertrainingMonitor",
+    "PlotReporter",
     "Probe",
     "ProbeContext",
     "ProbeFailure",
     "Reporter",
+    "WandbReporter",
     "__version__",
     "borrowed",
     "count_tokens",
+    "infer_layer_groups",
     "init_std_from_weights",
     "perturb_",
     "read_history",
+    "render_figures",
     "transformers_loss",
+    "write_figures",
     "write_history",
 ]

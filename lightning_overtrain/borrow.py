@@ -10,9 +10,10 @@ RNG states, each submodule's train/eval mode, grad mode, and ``.grad`` tensors.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -95,13 +96,67 @@ def isolated_rng() -> Iterator[None]:
 
 
 @contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed python, numpy and torch (and CUDA once in use) inside; restore them all on exit.
+
+    A fine-tune in train mode draws dropout masks from the global RNG: seeding it
+    from the probe's seed gives the same masks at every snapshot, and the training
+    run never sees the difference.
+    """
+    with isolated_rng():
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)
+        # Only once CUDA is up: seeding it earlier would be queued and land on training.
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.manual_seed_all(seed)
+        yield
+
+
+def take_batches(
+    data: Iterable[Any] | Callable[[], Iterable[Any]],
+    limit: int | None,
+    argument: str,
+    hint: str = "Pass a non-empty DataLoader or list of batches.",
+    seed: int | None = None,
+) -> list[Any]:
+    """The first ``limit`` batches of ``data`` (all if None), taken without moving any RNG.
+
+    A shuffling DataLoader draws from the global RNG when iterated: isolating it
+    keeps training's random numbers those of a run without the monitor. Data the
+    monitor takes once this way is evaluated identically at every snapshot.
+
+    Args:
+        data: a DataLoader, a list of batches, or a callable returning either.
+        limit: the most batches to take.
+        argument: the user's argument name, for the error.
+        hint: what to pass instead, for the error.
+        seed: seed the RNG while iterating, so a shuffling DataLoader yields the same
+            batches on every rank and in every fit (a resumed run too).
+
+    Raises:
+        ValueError: if ``data`` yields no batches.
+    """
+    iterable = data() if callable(data) else data
+    with isolated_rng() if seed is None else seeded_rng(seed):
+        batches = list(islice(iter(iterable), limit))
+    if not batches:
+        raise ValueError(f"`{argument}` yielded no batches. {hint}")
+    return batches
+
+
+@contextmanager
 def borrowed(module: nn.Module, backup: ModelBackup, train: bool = False) -> Iterator[nn.Module]:
     """Lend ``module`` to a probe; on exit, everything training could see is restored.
 
     Restored exactly: parameter and buffer values (from ``backup``), ``.grad``
-    tensors when ``train`` (the objects and their values), each submodule's ``training`` flag,
+    tensors (the objects and their values), each submodule's ``training`` flag,
     grad mode, and the python, numpy, torch and cuda RNG states. Optimizers are
     never touched: a probe that needs one brings its own.
+
+    The ``.grad`` tensors are set aside, not copied: inside the block every
+    parameter's ``.grad`` is ``None`` (a fine-tune allocates its own, as a training
+    step would), and on exit the very same tensors are put back, never written to.
 
     Args:
         module: the live model.
@@ -109,10 +164,11 @@ def borrowed(module: nn.Module, backup: ModelBackup, train: bool = False) -> Ite
         train: lend the module in train mode (fine-tuning) instead of eval mode.
     """
     modes = [(m, m.training) for m in module.modules()]
-    # Eval-mode probes run under no_grad and cannot touch `.grad`; only a
-    # fine-tune does, so only then is a gradient-sized copy worth its memory.
-    grads = [(p, p.grad) for p in backup.params] if train else []
-    grad_values = [g.clone() if g is not None else None for _, g in grads]
+    # Setting the training grads aside (rather than cloning them) costs no memory,
+    # and nothing the probe does can reach them: it sees `.grad is None`.
+    grads = [(p, p.grad) for p in backup.params]
+    for param in backup.params:
+        param.grad = None
     rng = _RngState.capture()
     grad_enabled = torch.is_grad_enabled()
     backup.save()
@@ -121,10 +177,8 @@ def borrowed(module: nn.Module, backup: ModelBackup, train: bool = False) -> Ite
         yield module
     finally:
         backup.restore()
-        for (param, grad), value in zip(grads, grad_values):
+        for param, grad in grads:
             param.grad = grad
-            if grad is not None and value is not None:
-                grad.copy_(value)
         for m, mode in modes:
             m.training = mode
         torch.set_grad_enabled(grad_enabled)

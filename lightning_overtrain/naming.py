@@ -12,11 +12,44 @@ STEP = "step"
 REFERENCE_LOSS = "reference_loss"
 PROBE_FAILURES = "probe_failures"
 PROBE_SECONDS = "probe_seconds"
+COOLDOWN_RAW_REFERENCE_LOSS = "cooldown/raw_reference_loss"
+COOLDOWN_TRAIN_LOSS = "cooldown/train_loss"
 
 
 def noise_key(gamma: float, quantity: str) -> str:
     """``noise/gamma=<gamma>/<quantity>``, e.g. ``noise/gamma=0.5/delta``."""
     return f"noise/gamma={gamma:g}/{quantity}"
+
+
+def layer_noise_key(gamma: float, group: str, quantity: str) -> str:
+    """``noise/gamma=<gamma>/layer=<group>/<quantity>``, e.g. ``noise/gamma=0.5/layer=h.0/delta``.
+
+    One key per (gamma, group): a logger draws tokens x layers from them (see
+    :func:`parse_layer_noise_key`).
+    """
+    return f"noise/gamma={gamma:g}/layer={group}/{quantity}"
+
+
+def parse_layer_noise_key(key: str) -> tuple[float, str, str] | None:
+    """``(gamma, group, quantity)`` of a :func:`layer_noise_key`, or None for any other key."""
+    parts = key.split("/")
+    if (
+        len(parts) != 4
+        or parts[0] != "noise"
+        or not parts[1].startswith("gamma=")
+        or not parts[2].startswith("layer=")
+    ):
+        return None
+    return float(parts[1][len("gamma=") :]), parts[2][len("layer=") :], parts[3]
+
+
+def finetune_key(lr: float | None, quantity: str, probe: str = "finetune") -> str:
+    """``<probe>/lr=<lr>/<quantity>``, e.g. ``finetune/lr=0.001/forgetting``.
+
+    With ``lr=None``, a quantity measured before any fine-tune:
+    ``finetune/downstream_loss_before``.
+    """
+    return f"{probe}/{quantity}" if lr is None else f"{probe}/lr={lr:g}/{quantity}"
 
 
 def prefixed(prefix: str, record: dict[str, float]) -> dict[str, float]:

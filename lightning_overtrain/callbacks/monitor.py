@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence, Sized
+from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -24,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_overtrain import naming
 from lightning_overtrain.borrow import ModelBackup, borrowed, take_batches
 from lightning_overtrain.cadence import Cadence
+from lightning_overtrain.cooldown import CooldownBranch
 from lightning_overtrain.distributed import all_reduce_sum, world_size
 from lightning_overtrain.history import Record
 from lightning_overtrain.init_scale import (
@@ -68,6 +70,7 @@ def take_reference_set(
         max_batches,
         "reference_data",
         "Pass held-out pretraining batches (a non-empty DataLoader or list).",
+        seed=0,  # a shuffling DataLoader: the same reference set on every rank and every fit
     )
     weights = [checked_token_count(tokens_fn, b) for b in batches]
     if sum(weights) == 0:
@@ -113,7 +116,18 @@ class OvertrainingMonitor(Callback):
             ``"raise"`` (stop training with the probe's error).
         dirpath: where history files go; default ``<trainer.log_dir>/<prefix>``.
         prefix: the metric prefix and state key, e.g. ``overtrain/tokens``.
-        reporters: replace the default reporters (Lightning loggers, files).
+        reporters: replace the default reporters: ``WandbReporter`` (with a
+            ``WandbLogger``; list it first), ``LoggerReporter``, ``FileReporter`` and
+            ``PlotReporter`` (with matplotlib).
+        cooldown_steps: before probing, anneal a branch of the model for this many
+            steps of ``cooldown_data`` (the training optimizer's state and lr, decayed
+            linearly to 0), so every probe measures "what if pretraining stopped
+            here?"; the live run is restored after. 0 (default): no cooldown. The raw
+            reference loss is logged as ``cooldown/raw_reference_loss``. Costs one more
+            parameter copy, plus a copy of the optimizer state while the branch runs.
+        cooldown_data: pretraining batches for the branch (a DataLoader, a list or a
+            callable); the first ``cooldown_steps`` are taken once, the same at every
+            snapshot, and under DDP each batch is split across ranks.
 
     Raises:
         ValueError: on bad arguments (the message names the argument, the value and
@@ -149,6 +163,8 @@ class OvertrainingMonitor(Callback):
         dirpath: str | os.PathLike[str] | None = None,
         prefix: str = "overtrain",
         reporters: Sequence[Reporter] | None = None,
+        cooldown_steps: int = 0,
+        cooldown_data: ReferenceData | None = None,
     ) -> None:
         if (
             reference_data is None
@@ -160,7 +176,11 @@ class OvertrainingMonitor(Callback):
                 f" returning one, got {type(reference_data).__name__}. Pass held-out"
                 " pretraining batches, e.g. reference_data=val_dataloader."
             )
-        if isinstance(reference_data, Sized) and len(reference_data) == 0:
+        try:
+            empty = isinstance(reference_data, Sized) and len(reference_data) == 0
+        except TypeError:  # a DataLoader over an IterableDataset has no length
+            empty = False
+        if empty:
             raise ValueError(
                 "`reference_data` is empty. Pass held-out pretraining batches"
                 " (a non-empty DataLoader or list)."
@@ -201,6 +221,21 @@ class OvertrainingMonitor(Callback):
             raise ValueError(f"`prefix` must be a non-empty string without spaces, got {prefix!r}.")
         if reporters is not None and not all(isinstance(r, Reporter) for r in reporters):
             raise ValueError(f"`reporters` must be Reporter objects, got {list(reporters)!r}.")
+        if (
+            isinstance(cooldown_steps, bool)
+            or not isinstance(cooldown_steps, int)
+            or cooldown_steps < 0
+        ):
+            raise ValueError(
+                f"`cooldown_steps` must be an int >= 0, got {cooldown_steps!r}. Pass 0 for no"
+                " cooldown, or the branch's length, e.g. 20% of the steps between snapshots."
+            )
+        if bool(cooldown_steps) != (cooldown_data is not None):
+            raise ValueError(
+                f"`cooldown_steps={cooldown_steps}` and `cooldown_data` go together, got"
+                f" cooldown_data={type(cooldown_data).__name__}. Pass both (pretraining batches"
+                " for the branch and its length) or neither."
+            )
 
         self.reference_data = reference_data
         self.reference_batches = reference_batches
@@ -212,6 +247,8 @@ class OvertrainingMonitor(Callback):
         self.prefix = prefix
         self._dirpath = os.fspath(dirpath) if dirpath is not None else None
         self._user_reporters = list(reporters) if reporters is not None else None
+        self.cooldown_steps = cooldown_steps
+        self.cooldown_data = cooldown_data
         self.reporters: list[Reporter] = []
 
         # Run state: all of it goes through state_dict().
@@ -226,6 +263,7 @@ class OvertrainingMonitor(Callback):
         self._weights: list[int] = []
         self.reference_tokens = 0
         self._backup: ModelBackup | None = None
+        self._cooldown: CooldownBranch | None = None
         self._pending_tokens = 0
         self._last_step = 0
         self._progress = SnapshotProgress()
@@ -260,6 +298,7 @@ class OvertrainingMonitor(Callback):
             "init_std_source": self.init_std_source,
             "on_probe_error": self.on_probe_error,
             "prefix": self.prefix,
+            "cooldown_steps": self.cooldown_steps,
         }
 
     # ------------------------------------------------------------------ hooks
@@ -285,6 +324,8 @@ class OvertrainingMonitor(Callback):
         self._resolve_init_std(trainer, pl_module)
         self._check_loss(pl_module)
         ctx = self._context(trainer, pl_module)
+        if self.cooldown_steps:
+            self._cooldown = self._make_cooldown(trainer, pl_module, ctx)
         for probe in self.probes:
             probe.validate(ctx)
         if trainer.is_global_zero:
@@ -332,6 +373,8 @@ class OvertrainingMonitor(Callback):
             "version": 1,
             "history": [dict(r) for r in self.history],
             "counted_tokens": self.counted_tokens,
+            # T with the token_offset: what `lightning-overtrain probe` reads from a checkpoint.
+            "tokens": self.tokens,
             "pending_tokens": self._pending_tokens,
             "probe_failures": self.probe_failures,
             "cadence": self.cadence.state_dict(),
@@ -364,7 +407,15 @@ class OvertrainingMonitor(Callback):
         ctx = self._context(trainer, pl_module)
         with self._progress.track(trainer, f"Probing at {self.tokens:,} tokens") as tick:
             ctx.loss_fn = counted(ctx.loss_fn, tick)
-            record.update(measure_snapshot(ctx, self.probes, failed))
+            cooldown = None
+            if self._cooldown is not None:
+                cooldown = partial(
+                    self._cooldown.branch,
+                    optimizer=trainer.optimizers[0],
+                    gradient_clip_val=trainer.gradient_clip_val,
+                    gradient_clip_algorithm=trainer.gradient_clip_algorithm,
+                )
+            record.update(measure_snapshot(ctx, self.probes, failed, cooldown))
         record[naming.PROBE_FAILURES] = self.probe_failures
         record[naming.PROBE_SECONDS] = time.perf_counter() - start
         self.history.append(record)
@@ -407,6 +458,33 @@ class OvertrainingMonitor(Callback):
         self.reference_tokens = sum(weights)
         self._batches = [move_data_to_device(b, pl_module.device) for b in batches[rank::size]]
         self._weights = weights[rank::size]
+
+    def _make_cooldown(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ProbeContext
+    ) -> CooldownBranch:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"`cooldown_steps` needs exactly one training optimizer to copy, found"
+                f" {len(trainer.optimizers)}. Set cooldown_steps=0 for this model."
+            )
+        assert self.cooldown_data is not None
+        batches = take_batches(
+            self.cooldown_data,
+            self.cooldown_steps,
+            "cooldown_data",
+            "Pass pretraining batches for the cooldown branch (a non-empty DataLoader or list).",
+            seed=0,  # a shuffling DataLoader: the same batches on every rank
+        )
+        branch = CooldownBranch(
+            pl_module,
+            batches,
+            self.cooldown_steps,
+            tokens_fn=self.tokens_fn,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )
+        branch.validate(ctx, trainer.optimizers[0])
+        return branch
 
     def _resolve_init_std(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.init_stds is not None:

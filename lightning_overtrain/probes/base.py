@@ -8,7 +8,7 @@ and the distributed plumbing, so the same probe code serves one process and DDP.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +21,18 @@ from lightning_overtrain.losses import LossFn, loss_sums
 
 
 class ProbeFailure(RuntimeError):
-    """A probe could not produce finite numbers at this snapshot (on any rank)."""
+    """A probe could not produce finite numbers at this snapshot (on any rank).
+
+    Args:
+        message: what failed, and where.
+        partial: the metrics the probe did measure before failing (e.g. the other
+            learning rates of a fine-tune); the monitor records them and still
+            counts the failure.
+    """
+
+    def __init__(self, message: str, partial: Mapping[str, float] | None = None) -> None:
+        super().__init__(message)
+        self.partial: dict[str, float] = dict(partial or {})
 
 
 @dataclass

@@ -14,13 +14,14 @@ Two variance reductions, both always on:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from lightning_overtrain import naming
+from lightning_overtrain.layers import LayerGroups, group_parameters
 from lightning_overtrain.probes.base import Probe, ProbeContext, ProbeFailure
 
 
@@ -102,14 +103,26 @@ class NoiseProbe(Probe):
     their ``_stderr``. Cost per snapshot: ``2 * pairs * len(gammas)`` passes over
     the reference set.
 
+    With ``per_layer``, it also perturbs one group of parameters at a time (the
+    embeddings, each transformer block, the head) and logs the same quantities per
+    group as ``noise/gamma=<g>/layer=<group>/delta`` etc., so a logger can draw
+    tokens x layers. Cost: ``2 * pairs * len(layer_gammas) * groups`` more passes.
+
     Args:
         gammas: noise magnitudes, as multiples of the init std; each > 0.
         pairs: antithetic pairs per gamma (the same directions for every gamma); >= 1,
             >= 2 for a standard error.
         seed: the seed of the noise directions, the same at every snapshot.
+        per_layer: False; True to infer groups (transformer blocks, see
+            :func:`~lightning_overtrain.layers.infer_layer_groups`; groups that hold
+            only constant-initialized tensors are left out); a mapping
+            ``{group: [parameter-name prefixes]}``; or a callable ``name -> group``.
+        layer_gammas: the gammas to probe per layer (default: all of ``gammas``);
+            one or two bound the cost.
 
     Raises:
-        ValueError: on an empty ``gammas``, a gamma <= 0, ``pairs`` < 1 or a bad seed.
+        ValueError: on an empty ``gammas``, a gamma <= 0, ``pairs`` < 1, a bad seed or
+            bad ``layer_gammas``; before training, on a group with no noise to apply.
 
     Example::
 
@@ -123,21 +136,15 @@ class NoiseProbe(Probe):
     name = "noise"
 
     def __init__(
-        self, gammas: Sequence[float] = (0.25, 0.5, 1.0), pairs: int = 4, seed: int = 0
+        self,
+        gammas: Sequence[float] = (0.25, 0.5, 1.0),
+        pairs: int = 4,
+        seed: int = 0,
+        *,
+        per_layer: bool | LayerGroups = False,
+        layer_gammas: Sequence[float] | None = None,
     ) -> None:
-        if isinstance(gammas, (int, float)):
-            gammas = (gammas,)
-        gammas = tuple(gammas)
-        if not gammas or any(
-            isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g <= 0
-            for g in gammas
-        ):
-            raise ValueError(
-                f"`gammas` must be a non-empty sequence of numbers > 0, got {gammas!r}."
-                " Pass noise magnitudes relative to the init std, e.g. gammas=(0.25, 0.5, 1.0)."
-            )
-        if len(set(gammas)) != len(gammas):
-            raise ValueError(f"`gammas` has duplicates: {gammas!r}. List each magnitude once.")
+        gammas = _checked_gammas(gammas, "gammas")
         if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
             raise ValueError(
                 f"`pairs` must be an int >= 1, got {pairs!r}. Use pairs=4 (the default) or more;"
@@ -145,12 +152,37 @@ class NoiseProbe(Probe):
             )
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"`seed` must be an int >= 0, got {seed!r}. Pass e.g. seed=0.")
+        if not (isinstance(per_layer, (bool, Mapping)) or callable(per_layer)):
+            raise ValueError(
+                f"`per_layer` must be a bool, a mapping {{group: [name prefixes]}} or a callable"
+                f" name -> group, got {type(per_layer).__name__}."
+            )
+        if layer_gammas is not None and per_layer is False:
+            raise ValueError(
+                "`layer_gammas` is set but `per_layer` is False. Pass per_layer=True to probe"
+                " each layer, or drop `layer_gammas`."
+            )
         self.gammas = tuple(float(g) for g in gammas)
         self.pairs = pairs
         self.seed = seed
+        self.per_layer = per_layer
+        self.layer_gammas = (
+            self.gammas
+            if layer_gammas is None
+            else tuple(float(g) for g in _checked_gammas(layer_gammas, "layer_gammas"))
+        )
+        self.layer_groups: dict[str, list[int]] = {}
 
     def config(self) -> dict[str, Any]:
-        return {"gammas": list(self.gammas), "pairs": self.pairs, "seed": self.seed}
+        config: dict[str, Any] = {
+            "gammas": list(self.gammas),
+            "pairs": self.pairs,
+            "seed": self.seed,
+        }
+        if self.per_layer is not False:
+            config["layer_groups"] = list(self.layer_groups)
+            config["layer_gammas"] = list(self.layer_gammas)
+        return config
 
     def validate(self, ctx: ProbeContext) -> None:
         if not any(s > 0 for s in ctx.sigmas):
@@ -158,6 +190,22 @@ class NoiseProbe(Probe):
                 "NoiseProbe found no parameter with a non-zero init std, so no noise would be"
                 " applied. Pass `init_std` to OvertrainingMonitor (e.g. 0.02)."
             )
+        if self.per_layer is not False:
+            self.layer_groups = self._noisy_groups(ctx)
+
+    def _noisy_groups(self, ctx: ProbeContext) -> dict[str, list[int]]:
+        inferred = self.per_layer is True
+        groups = group_parameters(ctx.backup.names, None if inferred else self.per_layer)
+        noisy = {g: [i for i in members if ctx.sigmas[i] > 0] for g, members in groups.items()}
+        silent = [g for g, members in noisy.items() if not members]
+        if silent and not inferred:
+            raise ValueError(
+                f"`per_layer` group(s) {silent} hold only constant-initialized tensors (init std"
+                " 0: norm gains, biases), so noise would not change them. Drop those groups or"
+                " give `init_std` for their tensors."
+            )
+        # An inferred head of only a final norm (GPT-2 ties its output to the embeddings).
+        return {g: members for g, members in noisy.items() if members}
 
     def run(self, ctx: ProbeContext) -> dict[str, float]:
         n_gammas, pairs = len(self.gammas), self.pairs
@@ -181,4 +229,65 @@ class NoiseProbe(Probe):
         for gi, gamma in enumerate(self.gammas):
             summary = summarize_noise(ctx.reference_loss, losses[gi, :, 0], losses[gi, :, 1])
             record.update({naming.noise_key(gamma, q): v for q, v in summary.items()})
+        if self.layer_groups:
+            try:
+                record.update(self._run_per_layer(ctx, saved, seeds))
+            except ProbeFailure as exc:
+                raise ProbeFailure(f"per layer: {exc}", partial=record) from exc
         return record
+
+    def _run_per_layer(
+        self, ctx: ProbeContext, saved: Sequence[torch.Tensor], seeds: Sequence[int]
+    ) -> dict[str, float]:
+        groups = list(self.layer_groups.items())
+        shape = (len(self.layer_gammas), len(groups), self.pairs, 2, 2)
+        params, sigmas = ctx.backup.params, ctx.sigmas
+
+        def local() -> torch.Tensor:
+            sums = torch.zeros(shape, dtype=torch.float64, device=ctx.device)
+            for gr, (_, members) in enumerate(groups):
+                group_params = [params[i] for i in members]
+                group_saved = [saved[i] for i in members]
+                group_sigmas = [sigmas[i] for i in members]
+                for gi, gamma in enumerate(self.layer_gammas):
+                    for k, seed in enumerate(seeds):
+                        for si, scale in enumerate((gamma, -gamma)):
+                            perturb_(group_params, group_saved, group_sigmas, scale, seed)
+                            sums[gi, gr, k, si] = ctx.local_loss_sums()
+                # Only this group moved: put it back before perturbing the next one.
+                with torch.no_grad():
+                    for param, base in zip(group_params, group_saved):
+                        param.copy_(base)
+            return sums
+
+        sums = ctx.reduce_or_fail(local, shape)
+        losses = (sums[..., 0] / sums[..., 1]).cpu().numpy()
+        if not np.isfinite(losses).all():
+            raise ProbeFailure(f"non-finite perturbed loss at layer gammas {self.layer_gammas}")
+        record: dict[str, float] = {}
+        for gi, gamma in enumerate(self.layer_gammas):
+            for gr, (group, _) in enumerate(groups):
+                summary = summarize_noise(
+                    ctx.reference_loss, losses[gi, gr, :, 0], losses[gi, gr, :, 1]
+                )
+                record.update(
+                    {naming.layer_noise_key(gamma, group, q): v for q, v in summary.items()}
+                )
+        return record
+
+
+def _checked_gammas(gammas: float | Sequence[float], argument: str) -> tuple[float, ...]:
+    if isinstance(gammas, (int, float)):
+        gammas = (gammas,)
+    gammas = tuple(gammas)
+    if not gammas or any(
+        isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g <= 0
+        for g in gammas
+    ):
+        raise ValueError(
+            f"`{argument}` must be a non-empty sequence of numbers > 0, got {gammas!r}."
+            " Pass noise magnitudes relative to the init std, e.g. gammas=(0.25, 0.5, 1.0)."
+        )
+    if len(set(gammas)) != len(gammas):
+        raise ValueError(f"`{argument}` has duplicates: {gammas!r}. List each magnitude once.")
+    return gammas

@@ -1,0 +1,606 @@
+"""The fine-tune probe (Springer et al. 2025, section 3.4), and data-parallel training steps.
+
+At each snapshot the probe fine-tunes the borrowed model for a fixed budget (the
+same batches in the same order, the same steps, lr and optimizer settings every
+time) on a downstream dataset unlike the pretraining text, then measures:
+
+* **forgetting** ``L(theta_ft) - L(theta_T)`` on the monitor's reference set
+  (the paper: at a fixed lr it rises with the tokens ``T``);
+* the post-fine-tune reference loss ``L(theta_ft)`` (U-shaped in ``T``);
+* **adaptation**: the held-out downstream loss before and after, and optionally
+  a user metric.
+
+:func:`train_steps` is the training loop shared with the cooldown branch: under
+DDP every global batch is split across ranks by rows and the gradients are
+summed token-weighted, so 2 processes follow 1 process on the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import nn
+
+from lightning_overtrain import naming
+from lightning_overtrain.borrow import borrowed, seeded_rng, take_batches
+from lightning_overtrain.losses import LossFn, loss_sums
+from lightning_overtrain.probes.base import Probe, ProbeContext, ProbeFailure
+from lightning_overtrain.tokens import TokensFn, checked_token_count, count_tokens
+
+OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
+MetricInputs = Callable[[nn.Module, Any], tuple[Any, ...]]
+Data = Iterable[Any] | Callable[[], Iterable[Any]]
+
+
+def adamw(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The default fine-tune optimizer: ``torch.optim.AdamW(params, lr=lr)``."""
+    return torch.optim.AdamW(params, lr=lr)
+
+
+def next_token_inputs(module: nn.Module, batch: Mapping[str, Any]) -> tuple[Any, Any]:
+    """``(logits[:, :-1], labels[:, 1:])``: what a torchmetrics metric of next tokens takes.
+
+    Fits e.g. ``torchmetrics.text.Perplexity(ignore_index=-100)``. Labels default to
+    ``input_ids``, masked to -100 where ``attention_mask`` is 0.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = module(**inputs).logits
+    labels = batch.get("labels")
+    if labels is None:
+        labels = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            labels = labels.masked_fill(mask == 0, -100)
+    return logits[:, :-1], labels[:, 1:]
+
+
+@dataclass
+class ShardedBatches:
+    """Global batches split across ranks by rows: this rank's share of each.
+
+    Attributes:
+        local: this rank's rows of each global batch (on the model's device; maybe empty).
+        weights: tokens in each local share.
+        totals: tokens in each global batch (the same on every rank).
+    """
+
+    local: list[Any]
+    weights: list[int]
+    totals: list[int]
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+
+def shard_batches(
+    batches: Sequence[Any],
+    rank: int,
+    world_size: int,
+    tokens_fn: TokensFn,
+    device: torch.device,
+    argument: str,
+) -> ShardedBatches:
+    """Split every global batch by rows (``tensor_split`` on dim 0): rank ``r`` keeps part ``r``.
+
+    Args:
+        batches: the same global batches on every rank.
+        rank: this rank.
+        world_size: number of ranks.
+        tokens_fn: tokens in a batch (the weight of its loss).
+        device: where this rank's shares go.
+        argument: the user's argument name, for errors.
+
+    Raises:
+        ValueError: on a batch with no tokens, or whose tensors disagree on the batch size.
+    """
+    local, weights, totals = [], [], []
+    for i, batch in enumerate(batches):
+        rows = _batch_rows(batch, f"{argument}[{i}]")
+        total = checked_token_count(tokens_fn, batch)
+        if total == 0:
+            raise ValueError(
+                f"`{argument}` batch {i} holds 0 tokens according to `tokens_fn`. Check its"
+                " `input_ids`/`attention_mask`, or pass `tokens_fn`."
+            )
+        if world_size > 1:
+            batch = apply_to_collection(
+                batch,
+                torch.Tensor,
+                lambda t: t.tensor_split(world_size)[rank].clone() if t.dim() else t,
+            )
+            rows = _batch_rows(batch, f"{argument}[{i}]")
+        local.append(move_data_to_device(batch, device))
+        weights.append(checked_token_count(tokens_fn, batch) if rows else 0)
+        totals.append(total)
+    return ShardedBatches(local, weights, totals)
+
+
+def _batch_rows(batch: Any, what: str) -> int:
+    sizes: set[int] = set()
+    apply_to_collection(batch, torch.Tensor, lambda t: sizes.add(t.shape[0]) if t.dim() else None)
+    if len(sizes) != 1:
+        raise ValueError(
+            f"`{what}` must hold tensors that share their first dimension (the batch size), so"
+            f" each batch can be split across ranks; got first dimensions {sorted(sizes)}."
+        )
+    return sizes.pop()
+
+
+def train_steps(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: ShardedBatches,
+    steps: int,
+    loss_fn: LossFn,
+    *,
+    forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    world_size: int = 1,
+    lr_scale: Callable[[int], float] | None = None,
+    clip_val: float | None = None,
+    clip_algorithm: str = "norm",
+    label: str = "training",
+) -> list[float]:
+    """Take ``steps`` optimizer steps on ``data`` (cycled), data-parallel across ranks.
+
+    Each step: every rank backpropagates ``loss * (its tokens / the batch's tokens)``
+    on its rows, the gradients are summed across ranks (so they are the gradient
+    of the global batch's token-weighted mean loss), then the optimizer steps.
+    Every rank reaches the same collectives even when its own step raised or
+    produced a non-finite loss: a failure flag travels with each step's sums, and
+    then every rank raises :class:`ProbeFailure` alike.
+
+    Args:
+        module: the model, in the mode the caller set, with grad enabled.
+        optimizer: steps the parameters; its param groups' ``lr`` are scaled by
+            ``lr_scale(step)`` (their values at the start times the factor).
+        data: the global batches, sharded by :func:`shard_batches`.
+        steps: optimizer steps.
+        loss_fn: ``loss_fn(module, batch) -> scalar mean loss``.
+        forward_context: the trainer's precision context.
+        reduce_sum: adds a tensor across ranks in place.
+        world_size: number of ranks.
+        lr_scale: factor of the lr at each step (e.g. a linear decay); None: constant.
+        clip_val: clip the summed gradients at this norm (or value); None: no clipping.
+        clip_algorithm: ``"norm"`` or ``"value"``.
+        label: what is being trained, for the failure message.
+
+    Returns:
+        The global batch's mean loss at each step.
+
+    Raises:
+        ProbeFailure: on every rank, if any rank failed or the loss was not finite.
+    """
+    groups = optimizer.param_groups
+    params = [p for group in groups for p in group["params"]]
+    base_lrs = [group["lr"] for group in groups]
+    device = params[0].device if params else torch.device("cpu")
+    losses: list[float] = []
+    error: BaseException | None = None
+    failed_at = steps  # the step whose work raised, for the message
+    for step in range(steps + 1):
+        i = step % len(data)
+        local = torch.zeros(2 + len(params), dtype=torch.float64, device=device)
+        if step < steps and error is None:
+            try:
+                optimizer.zero_grad(set_to_none=True)
+                if data.weights[i]:
+                    with forward_context():
+                        loss = loss_fn(module, data.local[i])
+                    share = data.weights[i] / data.totals[i]
+                    (loss * share).backward()
+                    local[0] = loss.detach().to(torch.float64) * share
+                local[2:] = torch.tensor([p.grad is not None for p in params], dtype=torch.float64)
+            except Exception as exc:  # any fault becomes a flag every rank sees
+                error, failed_at = exc, step
+        local[1] = float(error is not None)
+        # The last pass only reports a failure of the last optimizer step.
+        packed = reduce_sum(local).tolist()
+        if packed[1] or not math.isfinite(packed[0]):
+            failed = int(packed[1])
+            where = f" on {failed} of {world_size} rank(s)" if world_size > 1 and failed else ""
+            detail = (
+                f"{type(error).__name__}: {error}"
+                if error is not None
+                else f"non-finite loss ({packed[0]})"
+            )
+            at = min(step, failed_at, steps - 1) + 1
+            raise ProbeFailure(
+                f"{label} failed at step {at} of {steps}{where}: {detail}"
+            ) from error
+        if step == steps:
+            break
+        losses.append(packed[0])
+        if world_size > 1:
+            for param, used in zip(params, packed[2:]):
+                if used:  # a parameter unused on every rank keeps `.grad is None`, as in 1 process
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                    reduce_sum(param.grad)
+        try:
+            if clip_val is not None:
+                if clip_algorithm == "value":
+                    torch.nn.utils.clip_grad_value_(params, clip_val)
+                else:
+                    torch.nn.utils.clip_grad_norm_(params, clip_val)
+            if lr_scale is not None:
+                for group, lr in zip(groups, base_lrs):
+                    group["lr"] = lr * lr_scale(step)
+            optimizer.step()
+        except Exception as exc:
+            error, failed_at = exc, step
+    return losses
+
+
+def check_loss(module: nn.Module, backup: Any, batch: Any, loss_fn: LossFn, argument: str) -> None:
+    """Raise a clear error, before training, if ``loss_fn`` fails on a batch of ``argument``."""
+    with borrowed(module, backup), torch.no_grad():
+        try:
+            loss = loss_fn(module, batch)
+        except Exception as exc:
+            raise ValueError(
+                f"The loss failed on the first batch of `{argument}`: {type(exc).__name__}: {exc}."
+                " Check that its batches fit the model (keys, token ids < vocabulary size), or"
+                " pass `loss_fn=lambda module, batch: <scalar mean loss>`."
+            ) from exc
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(
+            f"The loss of a `{argument}` batch must be a scalar tensor, got"
+            f" {type(loss).__name__}. Return the mean next-token loss of the batch."
+        )
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _is_torchmetric(metric: Any) -> bool:
+    return all(callable(getattr(metric, a, None)) for a in ("update", "compute", "reset"))
+
+
+def _structure(batch: Any) -> Any:
+    return sorted(map(str, batch)) if isinstance(batch, Mapping) else type(batch).__name__
+
+
+def _check_data(data: Any, argument: str) -> None:
+    if (
+        data is None
+        or not (callable(data) or isinstance(data, Iterable))
+        or isinstance(data, (str, bytes, torch.Tensor))
+    ):
+        raise ValueError(
+            f"`{argument}` must be a DataLoader, a list of batches or a callable returning one,"
+            f" got {type(data).__name__}. Pass downstream batches, e.g. {argument}=prose_loader."
+        )
+    try:
+        empty = len(data) == 0  # type: ignore[arg-type]
+    except TypeError:  # a callable, a generator or an iterable-style DataLoader: known later
+        empty = False
+    if empty:
+        raise ValueError(f"`{argument}` is empty. Pass a non-empty DataLoader or list of batches.")
+
+
+class FineTuneProbe(Probe):
+    """Forgetting and adaptation after a short, fixed fine-tune, per learning rate.
+
+    At every snapshot, for each lr: fine-tune the borrowed model for ``steps``
+    optimizer steps on ``train_data`` (the same batches, in the same order, with a
+    fresh optimizer from ``optimizer``), measure, and put the weights back. Logged,
+    with ``finetune`` the probe's ``name``:
+
+    * ``finetune/downstream_loss_before`` (and ``finetune/metric_before``): the
+      held-out downstream loss of the snapshot itself;
+    * ``finetune/lr=<lr>/forgetting``: ``L(theta_ft) - L(theta_T)`` on the reference set;
+    * ``finetune/lr=<lr>/reference_loss_after``: ``L(theta_ft)``;
+    * ``finetune/lr=<lr>/downstream_loss_after`` (and ``/metric_after``), and
+      ``/adaptation``: ``downstream_loss_before - downstream_loss_after``.
+
+    Memory beyond training's: the monitor's one parameter backup, the fine-tune's
+    gradients and the probe optimizer's state (freed after each lr); the training
+    gradients are set aside, not copied. Under DDP it fine-tunes data-parallel:
+    pass the same global batches on every rank (a list, or a DataLoader without a
+    DistributedSampler); each batch is split across ranks by rows and gradients
+    are summed token-weighted, so 2 processes match 1 (dropout aside).
+
+    Args:
+        train_data: downstream training batches (a DataLoader, a list, or a callable
+            returning either); the first ``steps`` are taken once, before training,
+            and cycled if fewer.
+        eval_data: held-out downstream batches, taken once.
+        steps: optimizer steps per fine-tune; >= 1.
+        lrs: one or more learning rates; each > 0.
+        optimizer: ``optimizer(params, lr) -> torch.optim.Optimizer``, called afresh for
+            every lr at every snapshot; default AdamW with torch's defaults.
+        metric: optional, on ``eval_data``: a torchmetrics ``Metric`` (updated with
+            ``metric_inputs(module, batch)``, reset before use) or a callable
+            ``metric(module, batch) -> float`` averaged token-weighted over batches.
+        metric_inputs: the arguments of ``metric.update``; default
+            :func:`next_token_inputs` (``logits[:, :-1], labels[:, 1:]``).
+        eval_batches: take at most this many held-out batches.
+        loss_fn: ``loss_fn(module, batch) -> scalar mean loss`` for downstream batches;
+            default the monitor's.
+        tokens_fn: ``tokens_fn(batch) -> int``, the weight of each batch; default
+            counts ``attention_mask`` or ``input_ids``.
+        seed: seeds dropout (and any global-RNG draw) during each fine-tune, the
+            same at every snapshot; the training RNG is left untouched.
+        name: the metric prefix, so two fine-tune probes (e.g. two datasets) coexist.
+
+    Raises:
+        ValueError: on bad arguments; before training, on empty downstream data,
+            batches the loss or the metric cannot take, train and held-out batches
+            of different shapes, or an optimizer factory that does not return one.
+
+    Example::
+
+        probe = FineTuneProbe(
+            train_data=prose_batches[:100],
+            eval_data=prose_batches[100:108],
+            steps=100,
+            lrs=(1e-4, 1e-3),
+        )
+        monitor = OvertrainingMonitor(val_batches, points_per_decade=4, probes=[probe])
+    """
+
+    def __init__(
+        self,
+        train_data: Data,
+        eval_data: Data,
+        *,
+        steps: int = 100,
+        lrs: float | Sequence[float] = (1e-4, 1e-3),
+        optimizer: OptimizerFactory | None = None,
+        metric: Any = None,
+        metric_inputs: MetricInputs | None = None,
+        eval_batches: int | None = None,
+        loss_fn: LossFn | None = None,
+        tokens_fn: TokensFn | None = None,
+        seed: int = 0,
+        name: str = "finetune",
+    ) -> None:
+        _check_data(train_data, "train_data")
+        _check_data(eval_data, "eval_data")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(
+                f"`steps` must be an int >= 1, got {steps!r}. Pass the fine-tune budget in"
+                " optimizer steps, e.g. steps=100."
+            )
+        lrs = (lrs,) if isinstance(lrs, (int, float)) else tuple(lrs)
+        if not lrs or any(
+            isinstance(lr, bool)
+            or not isinstance(lr, (int, float))
+            or not math.isfinite(lr)
+            or lr <= 0
+            for lr in lrs
+        ):
+            raise ValueError(
+                f"`lrs` must be one or more learning rates > 0, got {lrs!r}."
+                " Pass e.g. lrs=(1e-4, 1e-3)."
+            )
+        if len(set(lrs)) != len(lrs):
+            raise ValueError(f"`lrs` has duplicates: {lrs!r}. List each learning rate once.")
+        for argument, fn in (
+            ("optimizer", optimizer),
+            ("metric_inputs", metric_inputs),
+            ("loss_fn", loss_fn),
+            ("tokens_fn", tokens_fn),
+        ):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"`{argument}` must be callable or None, got {fn!r}.")
+        if metric is not None and not (_is_torchmetric(metric) or callable(metric)):
+            raise ValueError(
+                f"`metric` must be a torchmetrics Metric or a callable (module, batch) -> float,"
+                f" got {type(metric).__name__}."
+            )
+        if eval_batches is not None and (
+            isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or eval_batches < 1
+        ):
+            raise ValueError(f"`eval_batches` must be an int >= 1 or None, got {eval_batches!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"`seed` must be an int >= 0, got {seed!r}. Pass e.g. seed=0.")
+        if not isinstance(name, str) or not name or "/" in name or any(c.isspace() for c in name):
+            raise ValueError(
+                f"`name` must be a non-empty string without '/' or spaces, got {name!r}."
+            )
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.steps = steps
+        self.lrs = tuple(float(lr) for lr in lrs)
+        self.optimizer: OptimizerFactory = optimizer or adamw
+        self.metric = metric
+        self.metric_inputs: MetricInputs = metric_inputs or next_token_inputs
+        self.eval_batches = eval_batches
+        self.loss_fn = loss_fn
+        self.tokens_fn: TokensFn = tokens_fn or count_tokens
+        self.seed = seed
+        self.name = name
+        # Taken in validate(), once per fit: the same data at every snapshot.
+        self._train: ShardedBatches | None = None
+        self._eval: list[Any] = []
+        self._eval_weights: list[int] = []
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "lrs": list(self.lrs),
+            "optimizer": getattr(self.optimizer, "__name__", repr(self.optimizer)),
+            "metric": None if self.metric is None else type(self.metric).__name__,
+            "train_batches": len(self._train) if self._train is not None else None,
+            "eval_batches": self.eval_batches,
+            "seed": self.seed,
+        }
+
+    def validate(self, ctx: ProbeContext) -> None:
+        rank, size, loss_fn = _rank(), ctx.world_size, self._loss_fn(ctx)
+        # Seeded: a shuffling DataLoader gives the same batches on every rank and every fit.
+        train = take_batches(self.train_data, self.steps, "train_data", seed=self.seed)
+        held_out = take_batches(self.eval_data, self.eval_batches, "eval_data", seed=self.seed)
+        if _structure(train[0]) != _structure(held_out[0]):
+            raise ValueError(
+                f"`train_data` and `eval_data` batches differ: {_structure(train[0])} vs"
+                f" {_structure(held_out[0])}. Pass the same kind of batches for both splits."
+            )
+        self._train = shard_batches(train, rank, size, self.tokens_fn, ctx.device, "train_data")
+        weights = [checked_token_count(self.tokens_fn, b) for b in held_out]
+        if sum(weights) == 0:
+            raise ValueError(
+                "`eval_data` holds 0 tokens according to `tokens_fn`. Check its batches'"
+                " `input_ids`/`attention_mask`, or pass `tokens_fn`."
+            )
+        self._eval = [move_data_to_device(b, ctx.device) for b in held_out[rank::size]]
+        self._eval_weights = weights[rank::size]
+        first_train = move_data_to_device(train[0], ctx.device)
+        first_eval = move_data_to_device(held_out[0], ctx.device)
+        check_loss(ctx.module, ctx.backup, first_train, loss_fn, "train_data")
+        check_loss(ctx.module, ctx.backup, first_eval, loss_fn, "eval_data")
+        self._check_optimizer(ctx)
+        if self.metric is not None:
+            self._check_metric(ctx, first_eval)
+
+    def run(self, ctx: ProbeContext) -> dict[str, float]:
+        if self._train is None:
+            raise RuntimeError("FineTuneProbe.run before validate(): call probe.validate(ctx).")
+        key = partial(naming.finetune_key, probe=self.name)
+        before = self._evaluate(ctx, reference=False)
+        record = {key(None, f"{q}_before"): v for q, v in before.items()}
+        failures = []
+        for lr in self.lrs:
+            try:
+                self._fine_tune(ctx, lr)
+                after = self._evaluate(ctx, reference=True)
+            except ProbeFailure as exc:
+                failures.append(f"lr={lr:g}: {exc}")
+                continue
+            ref_after = after.pop("reference_loss")
+            record[key(lr, "forgetting")] = ref_after - ctx.reference_loss
+            record[key(lr, "reference_loss_after")] = ref_after
+            record.update({key(lr, f"{q}_after"): v for q, v in after.items()})
+            record[key(lr, "adaptation")] = before["downstream_loss"] - after["downstream_loss"]
+        if failures:
+            raise ProbeFailure("; ".join(failures), partial=record)
+        return record
+
+    # ------------------------------------------------------------------ steps
+    def _loss_fn(self, ctx: ProbeContext) -> LossFn:
+        return self.loss_fn or ctx.loss_fn
+
+    def _fine_tune(self, ctx: ProbeContext, lr: float) -> None:
+        assert self._train is not None
+        params = [p for p in ctx.backup.params if p.requires_grad]
+        try:
+            optimizer = self.optimizer(params, lr)
+            ctx.module.train()
+            with torch.enable_grad(), seeded_rng(self.seed):
+                train_steps(
+                    ctx.module,
+                    optimizer,
+                    self._train,
+                    self.steps,
+                    self._loss_fn(ctx),
+                    forward_context=ctx.forward_context,
+                    reduce_sum=ctx.reduce_sum,
+                    world_size=ctx.world_size,
+                    label=f"the fine-tune at lr={lr:g}",
+                )
+        except BaseException:
+            ctx.backup.restore()
+            raise
+        finally:
+            # Free the fine-tune's gradients before measuring (its optimizer goes on return).
+            for param in params:
+                param.grad = None
+            ctx.module.eval()
+
+    def _evaluate(self, ctx: ProbeContext, reference: bool) -> dict[str, float]:
+        """Losses (and the metric) of the current weights; the backup is restored after."""
+        callable_metric = self.metric is not None and not _is_torchmetric(self.metric)
+        size = 2 * (reference + 1 + callable_metric)
+
+        def local() -> torch.Tensor:
+            loss_fn = self._loss_fn(ctx)
+            parts = [ctx.local_loss_sums()] if reference else []
+            parts.append(
+                loss_sums(ctx.module, self._eval, self._eval_weights, loss_fn, ctx.forward_context)
+            )
+            if callable_metric:
+                parts.append(self._metric_sums(ctx))
+            elif self.metric is not None:
+                self.metric.reset()
+                for batch in self._eval:
+                    with ctx.forward_context():
+                        self.metric.update(*self.metric_inputs(ctx.module, batch))
+            return torch.cat(parts)
+
+        sums = ctx.reduce_or_fail(local, (size,)).tolist()
+        values = [sums[i] / sums[i + 1] for i in range(0, size, 2)]
+        names = ["reference_loss"] * reference + ["downstream_loss"] + ["metric"] * callable_metric
+        out = dict(zip(names, values))
+        if self.metric is not None and not callable_metric:
+            try:  # every rank got here: the metric's own cross-rank sync cannot hang
+                out["metric"] = float(self.metric.compute())
+            except Exception as exc:
+                raise ProbeFailure(
+                    f"`metric.compute()` failed: {type(exc).__name__}: {exc}"
+                ) from exc
+        bad = {k: v for k, v in out.items() if not math.isfinite(v)}
+        if bad:
+            raise ProbeFailure(f"non-finite {bad}")
+        return out
+
+    def _metric_sums(self, ctx: ProbeContext) -> torch.Tensor:
+        total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+        for batch, weight in zip(self._eval, self._eval_weights):
+            with ctx.forward_context():
+                value = self.metric(ctx.module, batch)
+            total[0] += torch.as_tensor(value, dtype=torch.float64).to(ctx.device) * weight
+            total[1] += weight
+        return total
+
+    # ------------------------------------------------------------------ set-up checks
+    def _check_optimizer(self, ctx: ProbeContext) -> None:
+        params = [p for p in ctx.backup.params if p.requires_grad]
+        try:
+            optimizer = self.optimizer(params, self.lrs[0])
+        except Exception as exc:
+            raise ValueError(
+                f"`optimizer` failed as optimizer(params, lr={self.lrs[0]:g}):"
+                f" {type(exc).__name__}: {exc}. Pass a factory such as"
+                " `lambda params, lr: torch.optim.SGD(params, lr)`."
+            ) from exc
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"`optimizer(params, lr)` must return a torch.optim.Optimizer, got"
+                f" {type(optimizer).__name__}."
+            )
+
+    def _check_metric(self, ctx: ProbeContext, batch: Any) -> None:
+        metric = self.metric
+        try:
+            with borrowed(ctx.module, ctx.backup), torch.no_grad(), ctx.forward_context():
+                if _is_torchmetric(metric):
+                    metric.to(ctx.device)
+                    metric.reset()
+                    metric.update(*self.metric_inputs(ctx.module, batch))
+                    # compute() syncs across ranks: only a single process may call it here.
+                    value = metric.compute() if ctx.world_size == 1 else 0.0
+                    metric.reset()
+                else:
+                    value = metric(ctx.module, batch)
+            value = float(value)
+        except Exception as exc:
+            raise ValueError(
+                f"`metric` failed on the first `eval_data` batch: {type(exc).__name__}: {exc}."
+                " A torchmetrics Metric is updated with `metric_inputs(module, batch)` (default"
+                " next-token logits and labels); a callable is called as metric(module, batch)"
+                " and must return a number."
+            ) from exc
+        if not math.isfinite(value):
+            raise ValueError(f"`metric` returned {value} on the first `eval_data` batch.")

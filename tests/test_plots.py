@@ -1,0 +1,300 @@
+"""Plots: every probe curve against log tokens, inflection marks, heatmaps, PNGs for any logger."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+from conftest import make_module, make_trainer, reference_batches, train_loader
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from matplotlib.collections import QuadMesh
+from matplotlib.patches import Rectangle
+
+from lightning_overtrain import NoiseProbe, OvertrainingMonitor, plots
+from lightning_overtrain.history import read_history, write_history
+from lightning_overtrain.reporters.plots import PlotReporter
+
+PERTURBED = "noise/gamma=1/perturbed_loss"
+FT_LOSS = "finetune/lr=0.001/reference_loss_after"
+LAYERS = ("wte", "h.0", "h.1")
+
+
+def history(n=8, noise=True, finetune=False, layers=False, marks=False):
+    """A run's records shaped like the paper's curves, with the keys each engineer emits."""
+    records = []
+    for i in range(n):
+        tokens = 1e5 * 10 ** (i / 4)
+        ref = 2.0 + 3 * (tokens / 1e5) ** -0.4
+        r = {"tokens": int(tokens), "step": 10 * i, "reference_loss": ref}
+        if noise:
+            for g in (0.5, 1.0):
+                delta = 0.05 * g * (tokens / 1e5) ** 0.35
+                r[f"noise/gamma={g:g}/perturbed_loss"] = ref + delta
+                r[f"noise/gamma={g:g}/perturbed_loss_stderr"] = 0.1 * delta
+                r[f"noise/gamma={g:g}/delta"] = delta
+                r[f"noise/gamma={g:g}/delta_stderr"] = 0.1 * delta
+        if layers:
+            for g in (0.5, 1.0):
+                for k, layer in enumerate(LAYERS):
+                    r[f"noise/gamma={g:g}/layer={layer}/delta"] = (k + 1) * g * i
+        if finetune:
+            for lr in (1e-4, 1e-3):
+                r[f"finetune/lr={lr:g}/forgetting"] = 0.3 + i * lr
+                r[f"finetune/lr={lr:g}/reference_loss_after"] = ref + 0.3
+                r[f"finetune/lr={lr:g}/downstream_loss_after"] = 3 - 0.1 * i
+        if marks and i >= n // 2:
+            r[f"inflection/{PERTURBED}/crossed"] = float(i == n - 1)
+            r[f"inflection/{PERTURBED}/bottom_tokens"] = 1e6
+            r[f"inflection/{PERTURBED}/forecast_tokens"] = 2e6
+            r[f"inflection/{PERTURBED}/forecast_low"] = 8e5
+            r[f"inflection/{PERTURBED}/forecast_high"] = math.inf
+        records.append(r)
+    return records
+
+
+def vertical_lines(ax):
+    return [
+        line.get_xdata()[0]
+        for line in ax.lines
+        if len(set(line.get_xdata())) == 1 and len(line.get_xdata()) == 2
+    ]
+
+
+def spans(ax):
+    return [p for p in ax.patches if isinstance(p, Rectangle) and p.get_height() == 1]
+
+
+def test_draws_only_the_figures_the_records_have_data_for():
+    assert plots.render_figures([]) == {}
+    assert set(plots.render_figures(history(noise=False))) == {"noise"}  # the reference loss alone
+    assert set(plots.render_figures(history())) == {"noise"}
+    both = plots.render_figures(history(finetune=True, layers=True))
+    assert set(both) == {"noise", "finetune", "layers"}
+    only_finetune = [
+        {k: v for k, v in r.items() if not k.startswith("noise")} for r in history(finetune=True)
+    ]
+    assert set(plots.render_figures(only_finetune)) == {"noise", "finetune"}
+
+
+def test_every_curve_is_against_log_tokens():
+    figures = plots.render_figures(history(finetune=True, layers=True))
+    for name, fig in figures.items():
+        for ax in fig.axes:
+            if ax.get_label() != "<colorbar>":
+                assert ax.get_xscale() == "log", name
+
+
+def test_noise_figure_plots_each_gamma_and_the_reference():
+    fig = plots.noise_figure(history())
+    loss_ax, delta_ax = fig.axes
+    labels = [line.get_label() for line in loss_ax.lines]
+    assert labels == ["reference", "γ=0.5", "γ=1"]
+    assert [line.get_label() for line in delta_ax.lines] == ["γ=0.5", "γ=1"]
+    tokens, values, _ = plots.series(history(), "noise/gamma=1/delta")
+    assert list(delta_ax.lines[1].get_xdata()) == tokens
+    assert list(delta_ax.lines[1].get_ydata()) == values
+
+
+def test_finetune_figure_draws_the_panels_present_in_any_subset():
+    records = [
+        {k: v for k, v in r.items() if "downstream" not in k} for r in history(finetune=True)
+    ]
+    fig = plots.finetune_figure(records)
+    assert [ax.get_title() for ax in fig.axes] == [
+        "forgetting (pretraining loss rise)",
+        "pretraining loss after fine-tuning",
+    ]
+    assert [line.get_label() for line in fig.axes[0].lines] == ["lr=0.0001", "lr=0.001"]
+
+
+def test_inflection_bottom_and_forecast_interval_are_marked():
+    fig = plots.noise_figure(history(marks=True))
+    loss_ax = fig.axes[0]
+    assert vertical_lines(loss_ax) == [2e6]  # the forecast T*
+    (span,) = spans(loss_ax)
+    assert span.get_x() == pytest.approx(8e5)  # the interval starts at its low end ...
+    right = span.get_x() + span.get_width()
+    assert right > 2e6  # ... and, unbounded above, runs past T*
+    bottoms = [line for line in loss_ax.lines if line.get_markersize() == 10]
+    assert len(bottoms) == 1 and bottoms[0].get_xdata()[0] == 1e6
+    assert bottoms[0].get_markerfacecolor() != "none"  # filled: crossed at the last snapshot
+    assert "γ=1 (crossed)" in [line.get_label() for line in loss_ax.lines]
+
+
+def test_no_marks_without_inflection_keys():
+    loss_ax = plots.noise_figure(history())
+    assert vertical_lines(loss_ax.axes[0]) == [] and spans(loss_ax.axes[0]) == []
+
+
+def test_inflection_reads_the_latest_values_and_an_open_interval():
+    records = history(marks=True)
+    mark = plots.inflection(records, PERTURBED)
+    assert mark == plots.Inflection(True, 1e6, 2e6, 8e5, None)
+    assert plots.inflection(records[:-1], PERTURBED).crossed is False
+    assert plots.inflection(records, "noise/gamma=0.5/perturbed_loss") is None
+    # Through history.jsonl an infinite bound becomes null, then NaN: still open.
+    records[-1][f"inflection/{PERTURBED}/forecast_high"] = float("nan")
+    assert plots.inflection(records, PERTURBED).forecast_high is None
+
+
+def test_series_skips_missing_non_finite_and_zero_tokens():
+    records = [
+        {"tokens": 0, "x": 1.0},
+        {"tokens": 10, "x": float("nan")},
+        {"tokens": 20},
+        {"tokens": 30, "x": 2.0, "x_stderr": 0.1},
+        {"tokens": 40, "x": 3.0},
+    ]
+    assert plots.series(records, "x") == ([30.0, 40.0], [2.0, 3.0], [0.1, None])
+
+
+def test_layer_heatmap_is_tokens_by_layer():
+    records = history(n=5, layers=True)
+    fig = plots.layers_figure(records)
+    heatmaps = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    meshes = [c for ax in heatmaps for c in ax.collections if isinstance(c, QuadMesh)]
+    assert len(meshes) == 2  # one per gamma
+    values = meshes[1].get_array()
+    assert values.shape == (len(LAYERS), 5)
+    assert values[2, 4] == records[4]["noise/gamma=1/layer=h.1/delta"]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(LAYERS)
+    edges = meshes[0].get_coordinates()[0, :, 0]
+    tokens = [r["tokens"] for r in records]
+    assert all(a < t < b for a, t, b in zip(edges, tokens, edges[1:]))  # each column on its T
+
+
+def test_write_figures_writes_pngs_atomically(tmp_path):
+    paths = plots.write_figures(history(finetune=True), str(tmp_path / "plots"))
+    assert set(paths) == {"noise", "finetune"}
+    for path in paths.values():
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path / "plots")) == ["finetune.png", "noise.png"]
+
+
+def test_render_pngs_reuses_a_render_of_the_same_history_only():
+    records = history(n=4)
+    first = plots.render_pngs(records)
+    assert plots.render_pngs(records) is first
+    records.append(history(n=5)[-1])
+    assert plots.render_pngs(records) is not first
+
+
+def test_plots_read_a_history_file_back(tmp_path):
+    records = history(marks=True)
+    records[2]["noise/gamma=1/delta"] = float("nan")
+    write_history(records, str(tmp_path))
+    back = read_history(str(tmp_path / "history.jsonl"))
+    assert set(plots.render_figures(back)) == {"noise"}
+    assert plots.inflection(back, PERTURBED).forecast_high is None
+
+
+def test_plot_reporter_draws_when_due_and_at_the_end(tmp_path, monkeypatch):
+    import lightning_overtrain.reporters.plots as module
+
+    clock = [0.0]
+    monkeypatch.setattr(module, "monotonic", lambda: clock[0])
+
+    reporter, monitor = PlotReporter(every_s=60), SimpleNamespace(dirpath=str(tmp_path), history=[])
+    reporter.setup(None, monitor)
+    png = tmp_path / "plots" / "noise.png"
+    for i, record in enumerate(history(n=3)):
+        clock[0] = [10.0, 70.0, 80.0][i]
+        monitor.history = [*monitor.history, record]
+        reporter.report(None, monitor, record)
+        assert png.exists() == (i >= 1)
+    assert reporter.paths == {"noise": str(png)}
+    stamp = png.stat().st_mtime_ns
+    reporter.teardown(None, monitor)  # the third snapshot was not drawn yet
+    assert png.stat().st_mtime_ns != stamp
+
+
+def test_plot_reporter_failure_is_a_warning(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(plots, "write_figures", broken)
+
+    class Monitor:
+        dirpath = str(tmp_path)
+        history = history(n=2)
+
+    reporter = PlotReporter(every_s=0)
+    reporter.setup(None, Monitor())
+    with pytest.warns(UserWarning, match="rendering the plots .* failed .*no fonts"):
+        reporter.report(None, Monitor(), Monitor.history[-1])
+    reporter.report(None, Monitor(), Monitor.history[-1])  # silent once disabled
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [(dict(dpi=0), "`dpi`"), (dict(every_s=-1), "`every_s`"), (dict(subdir=""), "`subdir`")],
+)
+def test_plot_reporter_rejects_bad_arguments(bad, match):
+    with pytest.raises(ValueError, match=match):
+        PlotReporter(**bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logger", ["none", "csv", "tensorboard"])
+def test_history_and_pngs_are_written_for_any_logger(tmp_path, code_text, logger):
+    loggers = {
+        "none": False,
+        "csv": CSVLogger(tmp_path, name="csv"),
+        "tensorboard": TensorBoardLogger(tmp_path, name="tb"),
+    }
+    monitor = OvertrainingMonitor(
+        reference_batches(code_text, n=2),
+        every_n_steps=2,
+        probes=[NoiseProbe(gammas=(1.0,), pairs=1)],
+    )
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4, logger=loggers[logger])
+    trainer.fit(make_module(), train_loader(code_text))
+    assert [type(r).__name__ for r in monitor.reporters] == [
+        "LoggerReporter",
+        "FileReporter",
+        "PlotReporter",
+    ]
+    expected_root = str(tmp_path) if logger == "none" else trainer.log_dir
+    assert monitor.dirpath == os.path.join(expected_root, "overtrain")
+    assert len(read_history(os.path.join(monitor.dirpath, "history.jsonl"))) == 2
+    assert os.listdir(os.path.join(monitor.dirpath, "plots")) == ["noise.png"]
+
+
+@pytest.mark.slow
+def test_matplotlib_stays_optional(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+
+        import lightning.pytorch  # imports matplotlib itself (through torchmetrics) when present
+
+        class Hide(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("matplotlib", "wandb"):
+                    raise ModuleNotFoundError(name)
+
+        for name in [m for m in sys.modules if m.split(".")[0] in ("matplotlib", "wandb")]:
+            del sys.modules[name]
+        sys.meta_path.insert(0, Hide())
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from conftest import make_module, make_trainer, reference_batches, train_loader
+        from lightning_overtrain import OvertrainingMonitor, plots
+        from lightning_overtrain.demo import stdlib_code
+
+        text = stdlib_code(max_bytes=50_000)
+        monitor = OvertrainingMonitor(reference_batches(text, n=1), every_n_steps=1)
+        trainer = make_trainer({str(tmp_path)!r}, [monitor], max_steps=1)
+        trainer.fit(make_module(), train_loader(text))
+        print([type(r).__name__ for r in monitor.reporters], len(monitor.history))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "['LoggerReporter', 'FileReporter'] 1"
+    assert (tmp_path / "overtrain" / "history.jsonl").exists()
