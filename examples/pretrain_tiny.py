@@ -25,10 +25,11 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader
 
-from lightning_overtrain import NoiseProbe, OvertrainingMonitor
+from lightning_overtrain import FineTuneProbe, NoiseProbe, OvertrainingMonitor
 from lightning_overtrain.demo import (
     ByteWindows,
     TinyCausalLM,
+    english_prose,
     read_text_files,
     split_text,
     stdlib_code,
@@ -52,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--points-per-decade", type=int, default=4)
     parser.add_argument("--start-tokens", type=int, default=100_000)
+    parser.add_argument("--finetune-steps", type=int, default=50, help="steps per fine-tune probe")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-wandb", action="store_true", help="skip the offline W&B run")
     return parser.parse_args()
@@ -75,13 +77,23 @@ def main() -> None:
     # ~8k held-out tokens: enough for a stable reference loss (DESIGN.md section 4).
     reference = DataLoader(ByteWindows(held_out, args.context), batch_size=8)
 
+    # The downstream task is unlike the pretraining text: English prose for a code model.
+    prose_train, prose_eval = split_text(english_prose(), held_out=0.05)
+    finetune = FineTuneProbe(
+        train_data=DataLoader(ByteWindows(prose_train, args.context), batch_size=8, shuffle=True),
+        eval_data=DataLoader(ByteWindows(prose_eval, args.context), batch_size=8),
+        eval_batches=8,
+        steps=args.finetune_steps,
+        lrs=(3e-4, 1e-3),
+    )
+
     model = TinyCausalLM(n_layer=2, n_embd=64, n_head=2, context=args.context)
     monitor = OvertrainingMonitor(
         reference_data=reference,
         reference_batches=8,
         points_per_decade=args.points_per_decade,
         start_tokens=args.start_tokens,
-        probes=[NoiseProbe(gammas=(0.25, 0.5, 1.0), pairs=4)],
+        probes=[NoiseProbe(gammas=(0.25, 0.5, 1.0), pairs=4), finetune],
         dirpath=os.path.join(args.out, "overtrain"),
     )
     loggers: list = [CSVLogger(args.out, name="csv")]
@@ -118,13 +130,15 @@ def main() -> None:
         loggers[1].experiment.finish()
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print("\nsnapshot  tokens      reference_loss  delta(gamma=0.25, 0.5, 1)")
+    print("\n    step      tokens  reference_loss  delta(gamma=0.25, 0.5, 1)  forgetting(lr=1e-3)")
     for r in monitor.history:
         deltas = ", ".join(
             f"{r.get(f'noise/gamma={g:g}/delta', float('nan')):.4f}" for g in (0.25, 0.5, 1.0)
         )
         loss = r.get("reference_loss", float("nan"))
-        print(f"{r['step']:>8}  {r['tokens']:>10,}  {loss:>14.4f}  {deltas}")
+        forgetting = r.get("finetune/lr=0.001/forgetting", float("nan"))
+        line = f"{r['step']:>8}  {r['tokens']:>10,}  {loss:>14.4f}  {deltas:>25}"
+        print(f"{line}  {forgetting:>19.4f}")
     print("\n" + json.dumps(summary, indent=2))
 
 

@@ -43,4 +43,9 @@ def test_the_example_writes_curves_and_an_offline_wandb_run(tmp_path):
     assert os.path.isdir(summary["wandb_run"]) and any(
         name.endswith(".wandb") for name in os.listdir(summary["wandb_run"])
     )
+    last = json.loads(lines[-1])
+    assert last["finetune/lr=0.001/forgetting"] == pytest.approx(
+        last["finetune/lr=0.001/reference_loss_after"] - last["reference_loss"]
+    )
+    assert (out / "overtrain" / "plots" / "noise.png").is_file()
     assert str(out / "overtrain" / "history.jsonl") in proc.stdout

@@ -1,0 +1,612 @@
+"""The inflection point of a probe signal: has the curve turned upward, and where will it?
+
+A probe signal ``y(T)`` (the perturbed loss at one gamma, the post-fine-tune loss
+at one lr) is measured at log-spaced token counts ``T`` with a standard error.
+Catastrophic overtraining makes it U-shaped: a falling base loss plus a rising
+sensitivity. Two questions, answered by two plain functions:
+
+- :func:`detect_crossing`: is the bottom in the past, with the latest values above
+  it by more than the noise and ``min_rise``, for ``patience`` snapshots in a row?
+- :func:`fit_forecast`: fitting ``y = a + b * T**-alpha + c * T**beta``, where is the
+  bottom ``T* = (alpha * b / (beta * c)) ** (1 / (alpha + beta))``, and how sure are we?
+
+:class:`InflectionDetector` holds the snapshots and the latch (once crossed, it
+stays crossed) and goes through ``state_dict`` / ``load_state_dict``.
+
+The defaults (3 standard errors, patience 2, 6 points, an 80% interval) were tuned
+on synthetic curves (:mod:`lightning_overtrain.synthetic`) with seeds apart from the
+reported ones; ``benchmarks/detector_validation.py`` measures them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+DEFAULT_PATIENCE = 2
+DEFAULT_NOISE_SIGMAS = 3.0
+DEFAULT_MIN_POINTS = 6
+DEFAULT_FORECAST_LEVEL = 0.8
+
+_ALPHAS = np.geomspace(0.05, 2.0, 32)  # exponents of the falling base, on a log grid
+_BETAS = np.geomspace(0.05, 2.0, 32)  # exponents of the rising sensitivity
+_REFINE_STEPS = 20  # Levenberg-Marquardt steps; converges in ~5-15 on U-shaped data
+_FIT_PARAMS = 5  # a, b, c, alpha, beta
+_HERMITE_NODES = np.array([-math.sqrt(3.0), 0.0, math.sqrt(3.0)])  # 3-point rule for N(0, 1)
+_HERMITE_WEIGHTS = np.array([1 / 6, 2 / 3, 1 / 6])
+_MEDIAN_OF_3_SD = 0.670  # std of the median of three iid N(0, 1) draws
+_MAD_TO_SD = 1.4826
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """What :func:`detect_crossing` found (None where there are no points yet)."""
+
+    crossed: bool
+    bottom_index: int | None
+    bottom_value: float | None
+    bottom_stderr: float | None
+    rise: float | None
+    rise_threshold: float | None
+    consecutive_above: int
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Where the fitted curve bottoms out: ``tokens``, within ``[low, high]``.
+
+    ``low``/``high`` bound a central credible interval at the fit's ``level``
+    (default 80%); ``high`` is ``inf`` when "never turns up" is still plausible.
+    """
+
+    tokens: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class InflectionState:
+    """The detector's view after the latest snapshot."""
+
+    crossed: bool
+    crossed_at_tokens: float | None
+    bottom_tokens: float | None
+    bottom_value: float | None
+    bottom_stderr: float | None
+    rise: float | None
+    rise_threshold: float | None
+    consecutive_above: int
+    forecast_tokens: float | None
+    forecast_low: float | None
+    forecast_high: float | None
+    n_points: int
+
+    def to_dict(self) -> dict[str, float]:
+        """Every field as a float for loggers: booleans as 0/1, None as NaN."""
+        return {k: math.nan if v is None else float(v) for k, v in asdict(self).items()}
+
+
+def _as_arrays(
+    tokens: Sequence[float], values: Sequence[float], stderrs: Sequence[float | None] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # Missing stderrs become NaN.
+    t = np.asarray(tokens, dtype=float)
+    y = np.asarray(values, dtype=float)
+    s = np.full_like(y, np.nan)
+    if stderrs is not None:
+        s = np.array([np.nan if v is None else v for v in stderrs], dtype=float)
+    if t.ndim != 1 or not t.shape == y.shape == s.shape:
+        raise ValueError(
+            f"`tokens`, `values` and `stderrs` must be 1-D and of one length, got shapes"
+            f" {t.shape}, {y.shape}, {s.shape}."
+        )
+    if not (np.all(np.isfinite(t)) and np.all(t > 0) and np.all(np.diff(t) > 0)):
+        raise ValueError(f"`tokens` must be finite, > 0 and strictly increasing, got {t}.")
+    if not np.all(np.isfinite(y)) or np.any(s < 0) or np.any(np.isinf(s)):
+        raise ValueError("`values` must be finite and `stderrs` finite and >= 0 (or None).")
+    return t, y, s
+
+
+def estimate_noise(tokens: Sequence[float], values: Sequence[float]) -> float:
+    """Noise std of a smooth curve, from how far each point sits off its neighbours' cubic.
+
+    Each point with two neighbours on each side is compared with the cubic (in log
+    tokens) through those four, so smooth curvature is not counted as noise. Residuals
+    beyond 4 robust standard deviations (outliers) are dropped, the rest give an RMS,
+    multiplied by ``1 + 1/sqrt(m)`` for the uncertainty of an estimate from ``m``
+    residuals: the estimate errs high, toward no alarm.
+
+    Returns:
+        The estimated std, or NaN with fewer than 5 points.
+    """
+    x, y = np.log(np.asarray(tokens, dtype=float)), np.asarray(values, dtype=float)
+    if len(y) < 5:
+        return math.nan
+    centre = np.arange(2, len(y) - 2)
+    nodes = centre[:, None] + np.array([-2, -1, 1, 2])
+    lagrange = np.ones(nodes.shape)
+    for k in range(4):
+        for j in range(4):
+            if j != k:
+                lagrange[:, k] *= (x[centre] - x[nodes[:, j]]) / (x[nodes[:, k]] - x[nodes[:, j]])
+    resid = (y[centre] - np.sum(lagrange * y[nodes], axis=1)) / np.sqrt(
+        1 + np.sum(lagrange**2, axis=1)
+    )
+    resid = resid[np.abs(resid) <= 4 * _MAD_TO_SD * np.median(np.abs(resid))]
+    return float(np.sqrt(np.mean(resid**2)) * (1 + 1 / math.sqrt(len(resid))))
+
+
+def _robust_bottom(y: np.ndarray, s: np.ndarray) -> tuple[int, float, float]:
+    # The lowest median of three neighbours, the lowest snapshot of that window, and the
+    # median's stderr.
+    if len(y) < 3:
+        i = int(np.argmin(y))
+        return i, float(y[i]), float(s[i])
+    windows = np.stack([y[:-2], y[1:-1], y[2:]], axis=1)
+    medians = np.sort(windows, axis=1)[:, 1]
+    k = int(np.argmin(medians))
+    index = k + int(np.argmin(windows[k]))
+    stderr = _MEDIAN_OF_3_SD * math.sqrt(float(np.mean(s[k : k + 3] ** 2)))
+    return index, float(medians[k]), stderr
+
+
+def detect_crossing(
+    tokens: Sequence[float],
+    values: Sequence[float],
+    stderrs: Sequence[float | None] | None = None,
+    *,
+    patience: int = DEFAULT_PATIENCE,
+    min_rise: float = 0.0,
+    noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
+    min_points: int = DEFAULT_MIN_POINTS,
+) -> Crossing:
+    """Whether the curve has turned upward, from its snapshots so far.
+
+    The bottom is the lowest median of three neighbouring snapshots: one outlier
+    cannot become the bottom, and it is biased low much less than the raw minimum of
+    many noisy points (on a noiseless curve it can cost one snapshot of delay). Its
+    stderr is that of a median of three, ``0.67 * se``. Each snapshot's ``se`` is the
+    larger of its reported stderr and :func:`estimate_noise` of the curve. Counting back
+    from the latest snapshot, each one after the bottom that exceeds it by more than
+    ``max(noise_sigmas * sqrt(se**2 + se_bottom**2), min_rise)`` adds one to
+    ``consecutive_above``; the curve has crossed once that reaches ``patience``.
+
+    Args:
+        tokens: Strictly increasing token counts.
+        values: The signal at each token count.
+        stderrs: Standard error of each value; None (all or some): :func:`estimate_noise`.
+        patience: Snapshots in a row that must sit above the bottom.
+        min_rise: Smallest rise, in the signal's units, that counts.
+        noise_sigmas: How many standard errors of the difference the rise must exceed.
+        min_points: No crossing is declared with fewer snapshots.
+
+    Returns:
+        A :class:`Crossing`.
+
+    Raises:
+        ValueError: On non-increasing tokens, non-finite values, or negative stderrs.
+
+    Example::
+
+        detect_crossing([1e6, 2e6, 4e6, 8e6, 16e6], [3.0, 2.5, 2.4, 2.6, 2.9], [0.01] * 5,
+                        min_points=5).crossed  # True
+    """
+    t, y, s = _as_arrays(tokens, values, stderrs)
+    if len(y) == 0:
+        return Crossing(False, None, None, None, None, None, 0)
+    # A reported stderr can be too small (it comes from a handful of noise draws): the
+    # curve's own scatter is a floor for it, and the whole answer where none is reported.
+    # With neither (fewer than 5 points, no stderr) the thresholds are NaN: no crossing.
+    s = np.fmax(s, estimate_noise(t, y))
+    index, bottom, bottom_se = _robust_bottom(y, s)
+    thresholds = np.maximum(noise_sigmas * np.sqrt(s**2 + bottom_se**2), min_rise)
+    above = y - bottom > thresholds
+    consecutive = 0
+    for i in range(len(y) - 1, index, -1):
+        if not above[i]:
+            break
+        consecutive += 1
+    crossed = len(y) >= min_points and consecutive >= patience
+    rise = float(y[-1] - bottom)
+    return Crossing(crossed, index, bottom, bottom_se, rise, float(thresholds[-1]), consecutive)
+
+
+def _least_squares(y: np.ndarray, w: np.ndarray, *terms: np.ndarray):
+    # Weighted least squares of y on [1, *terms], each term a stack (..., n) broadcasting
+    # against the others: coefficients (..., k), chi2 (...), residuals, Gram matrices.
+    cols = [np.ones_like(y), *terms]
+    k = len(cols)
+    shape = np.broadcast_shapes(*(c.shape for c in cols))[:-1]
+    gram = np.empty((*shape, k, k))
+    for i in range(k):
+        for j in range(i, k):
+            gram[..., i, j] = gram[..., j, i] = np.sum(w * cols[i] * cols[j], axis=-1)
+    gram += 1e-13 * np.trace(gram, axis1=-2, axis2=-1)[..., None, None] * np.eye(k)
+    rhs = np.stack(np.broadcast_arrays(*(np.sum(w * y * c, axis=-1) for c in cols)), axis=-1)
+    coef = np.linalg.solve(gram, rhs[..., None])[..., 0]
+    resid = y - sum(coef[..., i, None] * c for i, c in enumerate(cols))
+    return coef, np.sum(w * resid**2, axis=-1), resid, gram
+
+
+def _profile_fit(x, y, w, alphas, betas):
+    # Variable projection: at every (alpha, beta), the best a + b*t^-alpha + c*t^beta with
+    # b, c >= 0. The constrained optimum is the best feasible fit among the subsets
+    # {a,b,c}, {a,b}, {a,c}, {a}: a convex problem with two bounds.
+    fall = np.exp(-alphas[:, None] * x)[:, None]  # (A, 1, n)
+    rise = np.exp(betas[:, None] * (x - x[-1]))[None]  # (1, B, n), 1 at the latest point
+    coef, chi2, _, gram = _least_squares(y, w, fall, rise)
+    coef_b, chi2_b, _, _ = _least_squares(y, w, fall)
+    coef_c, chi2_c, _, _ = _least_squares(y, w, rise)
+    options = np.stack(
+        np.broadcast_arrays(
+            np.where((coef[..., 1] >= 0) & (coef[..., 2] >= 0), chi2, np.inf),
+            np.where(coef_b[..., 1] >= 0, chi2_b, np.inf),
+            np.where(coef_c[..., 1] >= 0, chi2_c, np.inf),
+            np.sum(w * (y - np.average(y, weights=w)) ** 2),
+        )
+    )
+    pick = np.argmin(options, axis=0)
+    b = np.select([pick == 0, pick == 1], np.broadcast_arrays(coef[..., 1], coef_b[..., 1]))
+    c = np.select([pick == 0, pick == 2], np.broadcast_arrays(coef[..., 2], coef_c[..., 1]))
+    alpha, beta = np.meshgrid(alphas, betas, indexing="ij")
+    log_t, var = _log_t_star(alpha, beta, b, c, x[-1], gram)
+    falling_only = np.where(coef_b[:, 0, 1] >= 0, chi2_b[:, 0], np.inf)  # per alpha
+    return np.min(options, axis=0), log_t, np.where(pick == 0, var, 0.0), falling_only
+
+
+def _log_t_star(alpha, beta, b, c, x_last, gram):
+    # Bottom of a + b*t^-alpha + c'*exp(beta*(x - x_last)), in log(T / T_first): +inf
+    # without a rising term, -inf without a falling one (rising from the start). With its
+    # variance from the linear coefficients' covariance (inverse Gram, unit scale).
+    cov = np.linalg.inv(gram)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_t = (np.log(alpha * b) - np.log(beta * c) + beta * x_last) / (alpha + beta)
+        var = cov[..., 1, 1] / b**2 + cov[..., 2, 2] / c**2 - 2 * cov[..., 1, 2] / (b * c)
+    log_t = np.where(c > 0, np.where(b > 0, log_t, -np.inf), np.inf)
+    return log_t, np.where(np.isfinite(log_t), var / (alpha + beta) ** 2, 0.0)
+
+
+def _exponent_fit(x, y, w, log_exponents):
+    # Unconstrained fits at rows of (log alpha[, log beta]): chi2 (K,), weighted residuals
+    # (K, n), b, c (0 without a rising term), Gram matrices.
+    fall = np.exp(-np.exp(log_exponents[:, :1]) * x)
+    if log_exponents.shape[1] == 1:
+        coef, chi2, resid, gram = _least_squares(y, w, fall)
+        return chi2, np.sqrt(w) * resid, coef[:, 1], np.zeros(len(coef)), gram
+    rise = np.exp(np.exp(log_exponents[:, 1:]) * (x - x[-1]))
+    coef, chi2, resid, gram = _least_squares(y, w, fall, rise)
+    return chi2, np.sqrt(w) * resid, coef[:, 1], coef[:, 2], gram
+
+
+def _refine(x, y, w, start):
+    # Levenberg-Marquardt on the log exponents (alpha, beta; or alpha alone for the falling
+    # term only) from a grid cell: the grid is coarse, the exponents sit in a long narrow
+    # valley, and T* extrapolated from a falling curve is sensitive to them. Each step tries
+    # three dampings at once (fewer numpy calls). Returns (chi2, log T*, its variance) at the
+    # best point found with b, c >= 0 (log T* = inf with alpha alone), or None.
+    p = np.array(start, dtype=float)
+    d = len(p)
+    bounds = np.log([_ALPHAS[0], _ALPHAS[-1]])
+    best, damping = None, 1e-2
+    for _ in range(_REFINE_STEPS):
+        chi2, r, *_ = _exponent_fit(x, y, w, p + np.vstack([np.zeros(d), 1e-6 * np.eye(d)]))
+        jac = (r[1:] - r[0]).T / 1e-6  # (n, d)
+        jtj, grad = jac.T @ jac, jac.T @ r[0]
+        dampings = damping * np.array([0.1, 1.0, 10.0])
+        lhs = jtj + dampings[:, None, None] * np.diag(np.diag(jtj) + 1e-30)
+        steps = np.linalg.solve(lhs, -np.broadcast_to(grad, (3, d))[..., None])[..., 0]
+        trials = np.clip(p + steps, *bounds)
+        trial_chi2, _, b, c, gram = _exponent_fit(x, y, w, trials)
+        k = int(np.argmin(trial_chi2))
+        if not trial_chi2[k] < chi2[0]:
+            damping *= 100
+            if damping > 1e6:
+                break
+            continue
+        p, damping = trials[k], dampings[k]
+        if d == 1 and b[k] >= 0:
+            best = (float(trial_chi2[k]), math.inf, 0.0)
+        elif b[k] >= 0 and c[k] >= 0:
+            log_t, var = _log_t_star(*np.exp(p), b[k], c[k], x[-1], gram[k])
+            best = (float(trial_chi2[k]), float(log_t), float(var))
+        if chi2[0] - trial_chi2[k] <= 1e-9 * chi2[0]:
+            break
+    return best
+
+
+def _weighted_quantiles(values: np.ndarray, weights: np.ndarray, probs: Sequence[float]):
+    order = np.argsort(values, kind="stable")
+    cdf = np.cumsum(weights[order]) / np.sum(weights)
+    picks = np.minimum(np.searchsorted(cdf, probs), len(cdf) - 1)
+    return values[order][picks]
+
+
+def fit_forecast(
+    tokens: Sequence[float],
+    values: Sequence[float],
+    stderrs: Sequence[float | None] | None = None,
+    *,
+    level: float = DEFAULT_FORECAST_LEVEL,
+    min_points: int = DEFAULT_MIN_POINTS,
+) -> Forecast | None:
+    """Forecast the token count ``T*`` where the curve bottoms out.
+
+    Fits ``y = a + b * T**-alpha + c * T**beta`` (``b, c >= 0``) by variable
+    projection: on a 32 x 32 log grid of exponents in [0.05, 2], ``a, b, c`` by
+    weighted least squares; the best cell is then polished off the grid. Two models
+    share the prior evenly: "turns up" (both terms, over the grid) and "never turns up"
+    (``c = 0``, over alpha). Cells are weighted by their likelihood ``exp(-chi2 / 2)``,
+    with the errors scaled up by ``sqrt(chi2_min / dof)`` when the fit is worse than the
+    stderrs say (or set by it when no stderrs are given); each cell's ``T*`` is spread
+    by the uncertainty of ``b, c``. ``T*`` is the weighted median, the interval the
+    central ``level`` quantiles (a credible interval, 80% by default; ``high = inf``
+    when "never" keeps more than ``(1 - level) / 2`` of the weight). Deterministic: no
+    random draws. About 5-10 ms at 40 points.
+
+    The two power laws are an assumption: a curve that flattens abruptly (a plateau)
+    is read as a shallow U and can get a confident, wrong forecast. Decide on
+    :func:`detect_crossing`; the forecast is an early hint.
+
+    Args:
+        tokens: Strictly increasing token counts.
+        values: The signal at each token count.
+        stderrs: Standard error of each value; None (all or some) fits unweighted.
+        level: Probability mass of the reported interval, in (0, 1).
+        min_points: Fewer snapshots (or fewer than 6) give None.
+
+    Returns:
+        A :class:`Forecast`, or None with too few points or when "never turns up" (or
+        "rising from the first point") is the likelier reading.
+
+    Raises:
+        ValueError: On non-increasing tokens, non-finite values, or negative stderrs.
+
+    Example::
+
+        t = np.geomspace(1e6, 1e10, 20)
+        fit_forecast(t, 2 + (t / 1e6) ** -0.5 + 1e-3 * (t / 1e6) ** 0.5).tokens  # ~1e9
+    """
+    t, y, s = _as_arrays(tokens, values, stderrs)
+    n = len(y)
+    if n < max(min_points, _FIT_PARAMS + 1):
+        return None
+    known = not np.isnan(s).any()
+    floor = 1e-12 * max(float(np.max(np.abs(y))), 1e-300)  # a stderr of 0 means "exact"
+    w = 1.0 / np.maximum(s, floor) ** 2 if known else np.ones(n)
+    x = np.log(t / t[0])
+    y = y - np.average(y, weights=w)
+    chi2, log_t, var, falling = _profile_fit(x, y, w, _ALPHAS, _BETAS)
+    rising = [chi2.ravel(), log_t.ravel(), var.ravel()]
+    # Polish the best cell of each model off the grid (with little noise the grid steps
+    # would decide the answer) and add it to that model's cells.
+    i, j = np.unravel_index(np.argmin(chi2), chi2.shape)
+    if np.isfinite(log_t[i, j]):
+        polished = _refine(x, y, w, np.log([_ALPHAS[i], _BETAS[j]]))
+        if polished is not None:
+            rising = [np.append(cells, v) for cells, v in zip(rising, polished)]
+    if np.isfinite(falling).any():
+        polished = _refine(x, y, w, np.log([_ALPHAS[np.argmin(falling)]]))
+        falling = np.append(falling, np.inf if polished is None else polished[0])
+    falling = falling[np.isfinite(falling)]
+    best = min(float(np.min(rising[0])), float(np.min(falling, initial=np.inf)))
+    scale = best / (n - _FIT_PARAMS)
+    scale = max(scale, 1.0) if known else max(scale, np.finfo(float).tiny)
+    # "Never turns up" (the falling term alone) and "turns up" (both terms) get half the
+    # prior each, spread evenly over their cells; the likelihood does the rest.
+    weight_rising = np.exp(-0.5 * (rising[0] - best) / scale) / len(rising[0])
+    weight_never = np.exp(-0.5 * (falling - best) / scale) / max(len(falling), 1)
+    # Three Gauss-Hermite nodes per cell carry the uncertainty of b and c into T*.
+    spread = np.sqrt(scale * np.maximum(rising[2], 0.0))[:, None] * _HERMITE_NODES
+    nodes = rising[1][:, None] + np.nan_to_num(spread, posinf=np.inf, neginf=-np.inf)
+    nodes = np.append(nodes.ravel(), np.full(len(falling), np.inf))
+    weights = np.append((weight_rising[:, None] * _HERMITE_WEIGHTS).ravel(), weight_never)
+    probs = [0.5, (1 - level) / 2, (1 + level) / 2]
+    median, low, high = _weighted_quantiles(nodes, weights, probs)
+    if not math.isfinite(median):
+        return None
+    with np.errstate(over="ignore"):
+        return Forecast(*(float(t[0] * np.exp(v)) for v in (median, low, high)))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    fix = f"Pass {name}={minimum} or more."
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an int >= {minimum}, got {value!r}. {fix}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}. {fix}")
+    return int(value)
+
+
+def _check_number(name: str, value: Any, requirement: str, fix: str, ok: Any) -> float:
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"`{name}` must be a number, got {value!r}. {fix}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a number, got {value!r}. {fix}") from None
+    if not (math.isfinite(number) and ok(number)):
+        raise ValueError(f"`{name}` must be {requirement}, got {number!r}. {fix}")
+    return number
+
+
+class InflectionDetector:
+    """Watches one probe signal over tokens: has it crossed its inflection, and when will it?
+
+    Feed it one snapshot at a time with :meth:`update`. Crossing latches: once
+    declared it stays, with the token count where it was first declared, until
+    :meth:`reset`. The maths is in :func:`detect_crossing` and :func:`fit_forecast`.
+
+    Args:
+        patience: Snapshots in a row that must sit above the bottom to declare a crossing.
+        min_rise: Smallest rise above the bottom that counts, in the signal's units.
+        noise_sigmas: How many standard errors (of latest minus bottom) the rise must exceed.
+        min_points: Snapshots needed before crossing is declared or ``T*`` forecast (the
+            forecast needs 6 at least, and without stderrs the noise estimate needs 5).
+        forecast: Fit and forecast ``T*`` at every update (about 5-10 ms at 40 points).
+        forecast_level: Probability mass of the forecast interval.
+
+    Raises:
+        ValueError: On an out-of-range argument, naming it and the fix.
+        TypeError: On an argument of the wrong type.
+
+    Example::
+
+        det = InflectionDetector(patience=2)
+        for tokens, loss, stderr in snapshots:
+            state = det.update(tokens, loss, stderr)
+            if state.crossed:
+                print(f"turned up at {state.crossed_at_tokens:.3g} tokens")
+    """
+
+    def __init__(
+        self,
+        patience: int = DEFAULT_PATIENCE,
+        min_rise: float = 0.0,
+        noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
+        min_points: int = DEFAULT_MIN_POINTS,
+        forecast: bool = True,
+        forecast_level: float = DEFAULT_FORECAST_LEVEL,
+    ) -> None:
+        self.patience = _check_int("patience", patience, 1)
+        self.min_rise = _check_number(
+            "min_rise",
+            min_rise,
+            "a finite number >= 0",
+            "Pass min_rise=0.0 to rely on the noise alone.",
+            lambda v: v >= 0,
+        )
+        self.noise_sigmas = _check_number(
+            "noise_sigmas",
+            noise_sigmas,
+            "a finite number >= 0",
+            f"Pass e.g. noise_sigmas={DEFAULT_NOISE_SIGMAS} (the default).",
+            lambda v: v >= 0,
+        )
+        self.min_points = _check_int("min_points", min_points, 3)
+        if not isinstance(forecast, bool):
+            raise TypeError(f"`forecast` must be a bool, got {forecast!r}.")
+        self.forecast = forecast
+        self.forecast_level = _check_number(
+            "forecast_level",
+            forecast_level,
+            "strictly between 0 and 1",
+            "Pass e.g. forecast_level=0.8 for an 80% interval.",
+            lambda v: 0 < v < 1,
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every snapshot and the latch."""
+        self._points: list[tuple[float, float, float | None]] = []
+        self._crossed_at: float | None = None
+        self._state = self._compute()
+
+    @property
+    def points(self) -> list[tuple[float, float, float | None]]:
+        """The snapshots so far, as ``(tokens, value, stderr)``."""
+        return list(self._points)
+
+    @property
+    def state(self) -> InflectionState:
+        """The state after the latest :meth:`update`."""
+        return self._state
+
+    def update(self, tokens: float, value: float, stderr: float | None = None) -> InflectionState:
+        """Add one snapshot and return the new state.
+
+        Args:
+            tokens: Tokens seen by the run at this snapshot; strictly more than the last.
+            value: The probe signal at ``tokens``.
+            stderr: Its standard error; None estimates the noise from the curve.
+
+        Raises:
+            ValueError: On non-increasing or non-positive ``tokens``, a non-finite ``value``,
+                or a negative or non-finite ``stderr``.
+        """
+        tokens = _check_number(
+            "tokens",
+            tokens,
+            "a finite number > 0",
+            "Pass the run's cumulative token count.",
+            lambda v: v > 0,
+        )
+        if self._points and tokens <= self._points[-1][0]:
+            raise ValueError(
+                f"`tokens` must strictly increase, got {tokens!r} after {self._points[-1][0]!r}."
+                " Pass the run's cumulative token count at each snapshot."
+            )
+        value = _check_number(
+            "value",
+            value,
+            "a finite number",
+            "Skip a snapshot whose probe failed instead.",
+            lambda v: True,
+        )
+        if stderr is not None:
+            stderr = _check_number(
+                "stderr",
+                stderr,
+                "None or a finite number >= 0",
+                "Pass the standard error of `value`, or None to estimate it from the curve.",
+                lambda v: v >= 0,
+            )
+        self._points.append((tokens, value, stderr))
+        self._state = self._compute()
+        return self._state
+
+    def _compute(self) -> InflectionState:
+        tokens = [p[0] for p in self._points]
+        values = [p[1] for p in self._points]
+        stderrs = [p[2] for p in self._points]
+        found = detect_crossing(
+            tokens,
+            values,
+            stderrs,
+            patience=self.patience,
+            min_rise=self.min_rise,
+            noise_sigmas=self.noise_sigmas,
+            min_points=self.min_points,
+        )
+        if found.crossed and self._crossed_at is None:
+            self._crossed_at = tokens[-1]
+        forecast = None
+        if self.forecast:
+            forecast = fit_forecast(
+                tokens, values, stderrs, level=self.forecast_level, min_points=self.min_points
+            )
+        return InflectionState(
+            crossed=self._crossed_at is not None,
+            crossed_at_tokens=self._crossed_at,
+            bottom_tokens=None if found.bottom_index is None else tokens[found.bottom_index],
+            bottom_value=found.bottom_value,
+            bottom_stderr=found.bottom_stderr,
+            rise=found.rise,
+            rise_threshold=found.rise_threshold,
+            consecutive_above=found.consecutive_above,
+            forecast_tokens=None if forecast is None else forecast.tokens,
+            forecast_low=None if forecast is None else forecast.low,
+            forecast_high=None if forecast is None else forecast.high,
+            n_points=len(self._points),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The snapshots and the latch, as plain Python values."""
+        return {
+            "tokens": [p[0] for p in self._points],
+            "values": [p[1] for p in self._points],
+            "stderrs": [p[2] for p in self._points],
+            "crossed_at_tokens": self._crossed_at,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; later updates then behave exactly as before saving."""
+        tokens = state_dict.get("tokens", [])
+        values = state_dict.get("values", [])
+        stderrs = state_dict.get("stderrs", [None] * len(tokens))
+        self._points = [(float(t), float(v), s) for t, v, s in zip(tokens, values, stderrs)]
+        self._crossed_at = state_dict.get("crossed_at_tokens")
+        self._state = self._compute()

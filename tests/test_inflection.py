@@ -1,0 +1,275 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lightning_overtrain.inflection import (
+    InflectionDetector,
+    InflectionState,
+    detect_crossing,
+    estimate_noise,
+    fit_forecast,
+)
+from lightning_overtrain.synthetic import KINDS, make_curve
+
+TOKENS = np.geomspace(1e6, 1e10, 32)
+
+
+def u_curve(alpha=0.37, beta=0.53, t_star=1e3, tokens=TOKENS):
+    """Exact a + b t^-alpha + c t^beta with its bottom at t = t_star (t = T / T_first)."""
+    t = tokens / tokens[0]
+    c = alpha / (beta * t_star ** (alpha + beta))
+    return 2.0 + t**-alpha + c * t**beta, tokens[0] * t_star
+
+
+def first_crossing(tokens, values, stderrs=None, **kwargs):
+    """Index of the snapshot at which the detector first declares a crossing, or None."""
+    det = InflectionDetector(forecast=False, **kwargs)
+    stderrs = [None] * len(values) if stderrs is None else stderrs
+    for i, (t, v, s) in enumerate(zip(tokens, values, stderrs)):
+        if det.update(t, v, s).crossed:
+            return i
+    return None
+
+
+@pytest.mark.parametrize("patience", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(0.37, 0.53, 1e3), (0.5, 0.5, 300), (0.3, 0.8, 2e3)])
+@pytest.mark.parametrize("stderr", [0.0, None])
+def test_exact_u_crosses_patience_points_past_the_bottom_and_not_before(patience, shape, stderr):
+    values, _ = u_curve(*shape)
+    bottom = int(np.argmin(values))
+    crossed = first_crossing(TOKENS, values, [stderr] * len(values), patience=patience)
+    # The robust bottom (a median of three) may cost one snapshot on a noiseless curve.
+    assert crossed in (bottom + patience, bottom + patience + 1)
+
+
+def test_exact_u_crosses_exactly_patience_points_past_a_bottom_that_rises_faster():
+    values, _ = u_curve(0.3, 0.8, 2e3)
+    bottom = int(np.argmin(values))
+    assert values[bottom + 1] > values[bottom - 1]
+    assert first_crossing(TOKENS, values, [0.0] * 32, patience=2) == bottom + 2
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.3, 1.0, 2.5])
+@pytest.mark.parametrize("stderr", [0.0, None])
+def test_noiseless_monotone_curve_never_crosses(alpha, stderr):
+    values = 2.0 + (TOKENS / TOKENS[0]) ** -alpha
+    assert first_crossing(TOKENS, values, [stderr] * 32, patience=1) is None
+
+
+@pytest.mark.parametrize("kind", ["monotone", "plateau", "spikes"])
+@pytest.mark.parametrize("noise", [0.02, 0.05])
+@pytest.mark.parametrize("known_stderr", [True, False])
+def test_noisy_falling_curves_never_cross_at_defaults(kind, noise, known_stderr):
+    for seed in range(15):
+        curve = make_curve(kind, 32, seed=seed, noise=noise)
+        stderrs = curve.stderrs if known_stderr else None
+        assert first_crossing(curve.tokens, curve.values, stderrs) is None, seed
+
+
+@pytest.mark.parametrize("at", [10, 20, 31])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_single_spike_does_not_cross_with_patience_2(at, sign):
+    values = 2.0 + (TOKENS / TOKENS[0]) ** -0.3
+    values[at] += sign * 0.5  # half the curve's whole range, in one snapshot
+    assert first_crossing(TOKENS, values, [0.001] * 32, patience=2) is None
+
+
+def test_min_rise_is_respected():
+    values, _ = u_curve()
+    bottom_value = values.min()
+    rise_at_end = values[-1] - bottom_value
+    assert first_crossing(TOKENS, values, [0.0] * 32, min_rise=1.01 * rise_at_end) is None
+    early = first_crossing(TOKENS, values, [0.0] * 32, min_rise=0.0)
+    late = first_crossing(TOKENS, values, [0.0] * 32, min_rise=0.5 * rise_at_end)
+    assert early < late
+    assert np.all(values[late - 1 : late + 1] - bottom_value > 0.5 * rise_at_end)
+
+
+def test_crossing_latches_until_reset():
+    values, _ = u_curve()
+    det = InflectionDetector(forecast=False)
+    for t, v in zip(TOKENS, values):
+        det.update(t, v, 0.0)
+    crossed_at = det.state.crossed_at_tokens
+    assert det.state.crossed and crossed_at is not None
+    state = det.update(TOKENS[-1] * 1.1, values.min())  # back at the bottom
+    assert state.crossed and state.crossed_at_tokens == crossed_at
+    assert state.consecutive_above == 0
+    det.reset()
+    assert not det.state.crossed and det.state.n_points == 0 and det.points == []
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    curve = make_curve("u_shape", 32, seed=3, noise=0.02)
+    stderrs = [None if i % 5 == 0 else s for i, s in enumerate(curve.stderrs.tolist())]
+    snapshots = list(zip(curve.tokens.tolist(), curve.values.tolist(), stderrs))
+    original = InflectionDetector()
+    for snapshot in snapshots[:20]:
+        original.update(*snapshot)
+    resumed = InflectionDetector()
+    resumed.load_state_dict(json.loads(json.dumps(original.state_dict())))
+    assert resumed.state == original.state
+    for snapshot in snapshots[20:]:
+        assert resumed.update(*snapshot) == original.update(*snapshot)
+    assert original.state.crossed
+
+
+def test_load_state_dict_accepts_an_empty_dict():
+    det = InflectionDetector()
+    det.load_state_dict({})
+    assert det.state.n_points == 0 and not det.state.crossed
+
+
+@pytest.mark.parametrize("shape", [(0.37, 0.53, 1e3), (0.5, 0.5, 300), (0.25, 1.2, 3e3)])
+def test_forecast_recovers_analytic_t_star_from_points_up_to_60_percent(shape):
+    values, t_star = u_curve(*shape)
+    x = np.log(TOKENS)
+    seen = x <= x[0] + 0.6 * (math.log(t_star) - x[0])
+    forecast = fit_forecast(TOKENS[seen], values[seen])
+    assert forecast is not None
+    assert forecast.tokens == pytest.approx(t_star, rel=0.1)
+    assert forecast.low <= forecast.tokens <= forecast.high
+
+
+def test_forecast_interval_covers_t_star_about_as_often_as_its_level():
+    covered = 0
+    for seed in range(20):
+        curve = make_curve("u_shape", 32, seed=seed, noise=0.02)
+        forecast = fit_forecast(curve.tokens[:24], curve.values[:24], curve.stderrs[:24])
+        covered += (
+            forecast is not None and forecast.low <= curve.true_bottom_tokens <= forecast.high
+        )
+    assert covered >= 13  # 80% intervals: 16 of 20 expected
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.42, 1.3])
+def test_forecast_is_none_on_a_monotone_curve(alpha):
+    values = 2.0 + (TOKENS / TOKENS[0]) ** -alpha
+    assert fit_forecast(TOKENS, values) is None
+    assert fit_forecast(TOKENS, values, [0.0] * 32) is None
+
+
+@pytest.mark.parametrize("kind", ["monotone", "spikes"])
+def test_forecast_on_noisy_falling_curves_rarely_rules_out_never(kind):
+    bounded = 0
+    for seed in range(20):
+        curve = make_curve(kind, 32, seed=seed, noise=0.02)
+        forecast = fit_forecast(curve.tokens, curve.values, curve.stderrs)
+        bounded += forecast is not None and forecast.high < math.inf
+    assert bounded <= 2
+
+
+def test_forecast_is_none_with_too_few_points():
+    values, _ = u_curve()
+    assert fit_forecast(TOKENS[:5], values[:5]) is None
+    assert fit_forecast(TOKENS[:8], values[:8], min_points=9) is None
+
+
+def test_detector_reports_forecast_and_bottom():
+    values, t_star = u_curve()
+    det = InflectionDetector()
+    for t, v in zip(TOKENS, values):
+        state = det.update(t, v, 0.0)
+    assert state.forecast_tokens == pytest.approx(t_star, rel=0.01)
+    assert state.bottom_tokens == TOKENS[np.argmin(values)]
+    assert state.bottom_value >= values.min()
+    assert state.rise == pytest.approx(values[-1] - state.bottom_value)
+    assert state.n_points == 32 and len(det.points) == 32
+
+
+def test_to_dict_gives_floats_with_nan_for_missing():
+    det = InflectionDetector()
+    logged = det.update(1e6, 3.0).to_dict()
+    assert set(logged) == set(InflectionState.__dataclass_fields__)
+    assert all(isinstance(v, float) for v in logged.values())
+    assert logged["crossed"] == 0.0 and math.isnan(logged["forecast_tokens"])
+
+
+def test_estimate_noise_recovers_the_noise_level_and_ignores_curvature():
+    rng = np.random.default_rng(0)
+    values, _ = u_curve()
+    assert estimate_noise(TOKENS, values) < 1e-3 * np.ptp(values)
+    noisy = values + 0.01 * rng.standard_normal(32)
+    assert 0.007 < estimate_noise(TOKENS, noisy) < 0.016
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"patience": 0}, "`patience` must be an int >= 1, got 0. Pass patience=1"),
+        ({"min_rise": -0.1}, "`min_rise` must be a finite number >= 0, got -0.1"),
+        ({"noise_sigmas": -1.0}, "`noise_sigmas` must be a finite number >= 0"),
+        ({"noise_sigmas": math.inf}, "`noise_sigmas`"),
+        ({"min_points": 2}, "`min_points` must be an int >= 3, got 2"),
+        ({"forecast_level": 1.0}, "`forecast_level` must be strictly between 0 and 1"),
+    ],
+)
+def test_bad_constructor_arguments_raise_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        InflectionDetector(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"patience": 1.5}, "`patience` must be an int >= 1, got 1.5"),
+        ({"patience": True}, "`patience` must be an int"),
+        ({"min_rise": "a"}, "`min_rise` must be a number, got 'a'"),
+        ({"forecast": 1}, "`forecast` must be a bool"),
+    ],
+)
+def test_wrongly_typed_arguments_raise_type_error(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        InflectionDetector(**kwargs)
+
+
+def test_tokens_must_strictly_increase():
+    det = InflectionDetector()
+    det.update(1e6, 3.0)
+    with pytest.raises(ValueError, match=r"`tokens` must strictly increase, got 1000000\.0 after"):
+        det.update(1e6, 2.9)
+    with pytest.raises(ValueError, match="`tokens` must strictly increase"):
+        det.update(5e5, 2.9)
+    assert det.state.n_points == 1
+
+
+@pytest.mark.parametrize(
+    ("tokens", "value", "stderr", "match"),
+    [
+        (2e6, math.nan, None, "`value` must be a finite number, got nan"),
+        (2e6, math.inf, None, "`value`"),
+        (2e6, 2.9, -0.1, "`stderr` must be None or a finite number >= 0, got -0.1"),
+        (2e6, 2.9, math.nan, "`stderr`"),
+        (-1.0, 2.9, None, "`tokens` must be a finite number > 0"),
+    ],
+)
+def test_bad_snapshot_raises_naming_the_argument(tokens, value, stderr, match):
+    det = InflectionDetector()
+    det.update(1e5, 3.0)
+    with pytest.raises(ValueError, match=match):
+        det.update(tokens, value, stderr)
+    assert det.state.n_points == 1
+
+
+def test_pure_functions_validate_their_inputs():
+    with pytest.raises(ValueError, match="`tokens` must be finite, > 0 and strictly increasing"):
+        detect_crossing([1.0, 1.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="`values` must be finite"):
+        fit_forecast([1.0, 2.0], [1.0, math.nan])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_synthetic_curves_are_reproducible_and_log_spaced(kind):
+    a, b = make_curve(kind, 20, seed=7, noise=0.02), make_curve(kind, 20, seed=7, noise=0.02)
+    np.testing.assert_array_equal(a.values, b.values)
+    assert np.allclose(np.diff(np.log(a.tokens)), np.log(a.tokens[1] / a.tokens[0]))
+    assert np.ptp(a.clean) == pytest.approx(1.0)
+    assert np.all(a.stderrs == pytest.approx(0.02))
+    if kind in ("u_shape", "late_bend"):
+        assert a.tokens[0] < a.true_bottom_tokens < a.tokens[-1]
+        nearest = np.argmin(np.abs(np.log(a.tokens / a.true_bottom_tokens)))
+        assert abs(int(np.argmin(a.clean)) - int(nearest)) <= 1
+    else:
+        assert a.true_bottom_tokens is None
