@@ -9,10 +9,12 @@ from lightning_overtrain.borrow import ModelBackup, borrowed
 from lightning_overtrain.cadence import Cadence
 from lightning_overtrain.callbacks.monitor import OvertrainingMonitor
 from lightning_overtrain.history import read_history, write_history
+from lightning_overtrain.inflection import InflectionDetector, InflectionState
 from lightning_overtrain.init_scale import init_std_from_weights
 from lightning_overtrain.layers import infer_layer_groups
 from lightning_overtrain.losses import transformers_loss
 from lightning_overtrain.plots import render_figures, write_figures
+from lightning_overtrain.policy import Decision, InflectionPolicy
 from lightning_overtrain.probes import (
     FineTuneProbe,
     NoiseProbe,
@@ -34,8 +36,12 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Cadence",
+    "Decision",
     "FileReporter",
     "FineTuneProbe",
+    "InflectionDetector",
+    "InflectionPolicy",
+    "InflectionState",
     "LoggerReporter",
     "ModelBackup",
     "NoiseProbe",

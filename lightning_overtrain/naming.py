@@ -12,6 +12,8 @@ STEP = "step"
 REFERENCE_LOSS = "reference_loss"
 PROBE_FAILURES = "probe_failures"
 PROBE_SECONDS = "probe_seconds"
+BEST_TOKENS = "best/tokens"
+BEST_VALUE = "best/value"
 COOLDOWN_RAW_REFERENCE_LOSS = "cooldown/raw_reference_loss"
 COOLDOWN_TRAIN_LOSS = "cooldown/train_loss"
 
@@ -50,6 +52,11 @@ def finetune_key(lr: float | None, quantity: str, probe: str = "finetune") -> st
     ``finetune/downstream_loss_before``.
     """
     return f"{probe}/{quantity}" if lr is None else f"{probe}/lr={lr:g}/{quantity}"
+
+
+def inflection_key(signal: str, quantity: str) -> str:
+    """``inflection/<signal>/<quantity>``: what the detector says about one signal."""
+    return f"inflection/{signal}/{quantity}"
 
 
 def prefixed(prefix: str, record: dict[str, float]) -> dict[str, float]:

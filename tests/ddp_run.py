@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import CONTEXT, make_module, reference_batches
 
-from lightning_overtrain import NoiseProbe, OvertrainingMonitor, Probe
+from lightning_overtrain import InflectionPolicy, NoiseProbe, OvertrainingMonitor, Probe
 from lightning_overtrain.demo import ByteWindows, stdlib_code
 
 GLOBAL_BATCH = 16
@@ -41,6 +41,18 @@ class FailsOnOneRank(Probe):
         return {"fails_on_one_rank/ok": 1.0}
 
 
+class RankFlag(Probe):
+    """Reports 1.0 on one rank only, so only that rank's policy wants to stop."""
+
+    name = "rankflag"
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def run(self, ctx):
+        return {"rankflag/value": float(int(os.environ.get("LOCAL_RANK", 0)) == self.rank)}
+
+
 class WriteHistory(pl.Callback):
     def __init__(self, monitor: OvertrainingMonitor, out: str) -> None:
         self.monitor, self.out = monitor, out
@@ -48,7 +60,15 @@ class WriteHistory(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         path = os.path.join(self.out, f"history_rank{trainer.global_rank}.json")
         with open(path, "w") as f:
-            json.dump({"history": self.monitor.history, "failures": self.monitor.probe_failures}, f)
+            json.dump(
+                {
+                    "history": self.monitor.history,
+                    "failures": self.monitor.probe_failures,
+                    "stop_reason": self.monitor.stop_reason,
+                    "global_step": trainer.global_step,
+                },
+                f,
+            )
 
 
 def main() -> None:
@@ -57,6 +77,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--fail-on-rank", type=int, default=None)
+    parser.add_argument("--stop-on-rank", type=int, default=None)
     args = parser.parse_args()
 
     text = stdlib_code(max_bytes=200_000)
@@ -68,9 +89,17 @@ def main() -> None:
     probes: list[Probe] = [NoiseProbe(gammas=(0.5, 1.0), pairs=2)]
     if args.fail_on_rank is not None:
         probes.insert(0, FailsOnOneRank(args.fail_on_rank))
+    policy = None
+    if args.stop_on_rank is not None:
+        probes.append(RankFlag(args.stop_on_rank))
+        policy = InflectionPolicy(action="stop", thresholds={"rankflag/value": 0.5})
     # 5 reference batches: an uneven split across 2 ranks, on purpose.
     monitor = OvertrainingMonitor(
-        reference_batches(text, n=5), every_n_steps=3, probes=probes, dirpath=args.out
+        reference_batches(text, n=5),
+        every_n_steps=3,
+        probes=probes,
+        dirpath=args.out,
+        policy=policy,
     )
     trainer = pl.Trainer(
         accelerator="cpu",

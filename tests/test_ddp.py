@@ -56,3 +56,11 @@ def test_a_probe_failing_on_one_rank_is_skipped_on_all_ranks_without_deadlock(tm
         assert all(
             "fails_on_one_rank/ok" not in r and "noise/gamma=1/delta" in r for r in rank["history"]
         )
+
+
+@pytest.mark.slow
+def test_all_ranks_stop_together_when_only_one_rank_would(tmp_path):
+    rank0, rank1 = run(tmp_path, 2, "--stop-on-rank", "1")
+    assert rank0["global_step"] == rank1["global_step"] == 3
+    assert "rankflag/value = 1 exceeds its threshold" in rank1["stop_reason"]
+    assert rank0["stop_reason"] == "Another rank's policy decided to stop."

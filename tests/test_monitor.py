@@ -89,7 +89,12 @@ def test_history_is_written_logged_and_carries_tokens(tmp_path, code_text):
     records = read_history(f"{mon.dirpath}/history.jsonl")
     assert [r["step"] for r in records] == [3, 6, 9]
     assert [r["tokens"] for r in records] == [3 * 8 * CONTEXT, 6 * 8 * CONTEXT, 9 * 8 * CONTEXT]
-    assert records == [json.loads(json.dumps(r)) for r in mon.history]
+
+    # JSON has no NaN or inf: the file writes null, read back as NaN.
+    def finite(history):
+        return [{k: v if math.isfinite(v) else None for k, v in r.items()} for r in history]
+
+    assert finite(records) == finite(mon.history)
     run_dir = tmp_path / "csv" / "version_0"
     header = (run_dir / "overtrain" / "history.csv").read_text().splitlines()[0].split(",")
     assert "noise/gamma=1/delta" in header and "reference_loss" in header
@@ -158,7 +163,8 @@ def test_a_resumed_run_continues_the_same_history(tmp_path, code_text):
     trainer = make_trainer(tmp_path / "resumed", [resumed, recorder], max_steps=-1, max_epochs=2)
     trainer.fit(model, loader(), ckpt_path=ckpt)
     assert first_losses + recorder.losses == full_losses
-    assert without_timing(resumed.history) == without_timing(full.history)
+    # The same numbers exactly (JSON text also compares the detector's NaN "no forecast yet").
+    assert json.dumps(without_timing(resumed.history)) == json.dumps(without_timing(full.history))
     assert resumed.init_std_source == "weights at step 0"
     assert resumed.init_stds == full.init_stds
     assert read_history(f"{resumed.dirpath}/history.jsonl")[0]["step"] == 2
@@ -316,4 +322,5 @@ def test_no_nan_or_warning_on_a_clean_run(tmp_path, code_text):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="OvertrainingMonitor")
         fit(tmp_path, code_text, [mon], max_steps=6)
-    assert all(math.isfinite(v) for r in mon.history for v in r.values())
+    measured = [v for r in mon.history for k, v in r.items() if not k.startswith("inflection/")]
+    assert all(math.isfinite(v) for v in measured)

@@ -39,6 +39,7 @@ from lightning_overtrain.init_scale import (
     init_std_from_weights,
 )
 from lightning_overtrain.losses import LossFn, transformers_loss
+from lightning_overtrain.policy import Decision, InflectionPolicy
 from lightning_overtrain.probes.base import Probe, ProbeContext
 from lightning_overtrain.probes.noise import NoiseProbe
 from lightning_overtrain.progress import SnapshotProgress, counted
@@ -128,6 +129,11 @@ class OvertrainingMonitor(Callback):
         cooldown_data: pretraining batches for the branch (a DataLoader, a list or a
             callable); the first ``cooldown_steps`` are taken once, the same at every
             snapshot, and under DDP each batch is split across ranks.
+        policy: when to warn or stop, and which snapshot to keep (an
+            :class:`~lightning_overtrain.policy.InflectionPolicy`). Default: watch the
+            perturbed and post-fine-tune losses, warn (never stop) once one turns
+            upward, and keep the snapshot at the bottom of the curve as
+            ``<dirpath>/best.ckpt``. Stopping is opt-in: ``InflectionPolicy(action="stop")``.
 
     Raises:
         ValueError: on bad arguments (the message names the argument, the value and
@@ -165,6 +171,7 @@ class OvertrainingMonitor(Callback):
         reporters: Sequence[Reporter] | None = None,
         cooldown_steps: int = 0,
         cooldown_data: ReferenceData | None = None,
+        policy: InflectionPolicy | None = None,
     ) -> None:
         if (
             reference_data is None
@@ -237,6 +244,12 @@ class OvertrainingMonitor(Callback):
                 " for the branch and its length) or neither."
             )
 
+        if policy is not None and not isinstance(policy, InflectionPolicy):
+            raise ValueError(
+                f"`policy` must be an InflectionPolicy or None, got {policy!r}."
+                " Pass e.g. policy=InflectionPolicy(action='stop')."
+            )
+
         self.reference_data = reference_data
         self.reference_batches = reference_batches
         self.loss_fn: LossFn = loss_fn or transformers_loss
@@ -257,6 +270,8 @@ class OvertrainingMonitor(Callback):
         self.probe_failures = 0
         self.init_stds: dict[str, float] | None = None
         self.init_std_source: str | None = None
+        self.policy = policy if policy is not None else InflectionPolicy()
+        self.stop_reason: str | None = None
 
         # Per-fit working state, rebuilt in on_fit_start.
         self._batches: list[Any] = []
@@ -299,6 +314,7 @@ class OvertrainingMonitor(Callback):
             "on_probe_error": self.on_probe_error,
             "prefix": self.prefix,
             "cooldown_steps": self.cooldown_steps,
+            "policy": self.policy.config(),
         }
 
     # ------------------------------------------------------------------ hooks
@@ -380,6 +396,8 @@ class OvertrainingMonitor(Callback):
             "cadence": self.cadence.state_dict(),
             "init_stds": dict(self.init_stds) if self.init_stds is not None else None,
             "init_std_source": self.init_std_source,
+            "policy": self.policy.state_dict(),
+            "stop_reason": self.stop_reason,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -391,6 +409,8 @@ class OvertrainingMonitor(Callback):
         stds = state_dict.get("init_stds")
         self.init_stds = dict(stds) if stds is not None else None
         self.init_std_source = state_dict.get("init_std_source", self.init_std_source)
+        self.policy.load_state_dict(state_dict.get("policy", {}))
+        self.stop_reason = state_dict.get("stop_reason")
 
     # ------------------------------------------------------------------ snapshot
     def snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Record:
@@ -417,12 +437,63 @@ class OvertrainingMonitor(Callback):
                 )
             record.update(measure_snapshot(ctx, self.probes, failed, cooldown))
         record[naming.PROBE_FAILURES] = self.probe_failures
+        decisions = self._judge(trainer, record)
         record[naming.PROBE_SECONDS] = time.perf_counter() - start
         self.history.append(record)
         if trainer.is_global_zero:
             for reporter in self.reporters:
                 reporter.report(trainer, self, record)
+        self._act(trainer, decisions)
         return record
+
+    # ------------------------------------------------------------------ policy
+    @property
+    def best_path(self) -> str | None:
+        """The kept snapshot at the bottom of the best signal's curve (a Lightning checkpoint)."""
+        return self.policy.best["path"] if self.policy.best else None
+
+    @property
+    def best_tokens(self) -> float | None:
+        return self.policy.best["tokens"] if self.policy.best else None
+
+    def _judge(self, trainer: pl.Trainer, record: Record) -> list[Decision]:
+        """Feed the record to the policy; add its verdicts; keep the best snapshot."""
+        additions, decisions = self.policy.update(record)
+        record.update(additions)
+        candidate = self.policy.best_candidate(record)
+        if candidate is not None:
+            path = os.path.join(self.dirpath, "best.ckpt")
+            # Every rank calls it (a collective under sharded strategies); rank 0 writes.
+            trainer.save_checkpoint(path, weights_only=True)
+            signal, value = candidate
+            self.policy.best = {
+                "signal": signal,
+                "value": value,
+                "tokens": record[naming.TOKENS],
+                "step": record[naming.STEP],
+                "path": path,
+            }
+        if self.policy.best is not None:
+            record[naming.BEST_TOKENS] = self.policy.best["tokens"]
+            record[naming.BEST_VALUE] = self.policy.best["value"]
+        return decisions
+
+    def _act(self, trainer: pl.Trainer, decisions: list[Decision]) -> None:
+        """Warn and alert on rank zero; stop only if every rank agrees someone must."""
+        for decision in decisions:
+            title = f"Overtraining {decision.trigger}: {decision.signal}"
+            rank_zero_warn(f"OvertrainingMonitor ({decision.action}): {decision.message}")
+            if trainer.is_global_zero:
+                for reporter in self.reporters:
+                    reporter.alert(trainer, self, title, decision.message, decision.action)
+        stops = [d for d in decisions if d.action == "stop"]
+        # Called at every snapshot on every rank, so the collective always pairs up.
+        if trainer.strategy.reduce_boolean_decision(bool(stops), all=False):
+            self.stop_reason = (
+                " ".join(d.message for d in stops) or "Another rank's policy decided to stop."
+            )
+            trainer.should_stop = True
+            rank_zero_info(f"OvertrainingMonitor stopped training: {self.stop_reason}")
 
     def _probe_failed(self, what: str, exc: Exception, record: Record) -> None:
         if self.on_probe_error == "raise":

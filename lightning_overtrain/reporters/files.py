@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 
 
 class FileReporter(Reporter):
-    """Writes ``history.jsonl``, ``history.csv`` and ``monitor.json`` to ``monitor.dirpath``."""
+    """Writes ``history.jsonl``, ``history.csv``, ``monitor.json`` and ``alerts.jsonl``.
+
+    All go to ``monitor.dirpath``; ``alerts.jsonl`` gets one line per warning or stop.
+    """
 
     def setup(self, trainer: pl.Trainer, monitor: OvertrainingMonitor) -> None:
         os.makedirs(monitor.dirpath, exist_ok=True)
@@ -27,3 +30,16 @@ class FileReporter(Reporter):
         self, trainer: pl.Trainer, monitor: OvertrainingMonitor, record: dict[str, float]
     ) -> None:
         write_history(monitor.history, monitor.dirpath)
+
+    def alert(
+        self, trainer: pl.Trainer, monitor: OvertrainingMonitor, title: str, text: str, level: str
+    ) -> None:
+        line = {
+            "tokens": monitor.tokens,
+            "step": trainer.global_step,
+            "level": level,
+            "title": title,
+            "text": text,
+        }
+        with open(os.path.join(monitor.dirpath, "alerts.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
