@@ -113,6 +113,34 @@ def seeded_rng(seed: int) -> Iterator[None]:
         yield
 
 
+def check_batches_argument(data: Any, argument: str, what: str) -> None:
+    """Reject, before training, data that cannot be a source of batches.
+
+    Args:
+        data: the user's argument: a DataLoader, a list of batches or a callable.
+        argument: its name, for the message.
+        what: what to pass instead, for the message.
+
+    Raises:
+        ValueError: for None, a string, bytes or a bare tensor, or an empty sized collection.
+    """
+    if (
+        data is None
+        or not (callable(data) or isinstance(data, Iterable))
+        or isinstance(data, (str, bytes, torch.Tensor))
+    ):
+        raise ValueError(
+            f"`{argument}` must be a DataLoader, a list of batches or a callable returning one,"
+            f" got {type(data).__name__}. Pass {what}."
+        )
+    try:
+        empty = len(data) == 0  # type: ignore[arg-type]
+    except TypeError:  # a callable, a generator or an iterable-style DataLoader: known later
+        empty = False
+    if empty:
+        raise ValueError(f"`{argument}` is empty. Pass {what} (a non-empty DataLoader or list).")
+
+
 def take_batches(
     data: Iterable[Any] | Callable[[], Iterable[Any]],
     limit: int | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -16,6 +17,16 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 CONTEXT = 32
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and two threads on a busy
+    2-core machine spin against each other (3-4x the CPU for the same work)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +55,12 @@ def reference_batches(
 ) -> list[dict[str, torch.Tensor]]:
     held_out = ByteWindows(text[-CONTEXT * batch_size * n :], CONTEXT)
     return list(DataLoader(held_out, batch_size=batch_size))
+
+
+def history_text(history: list[dict], skip: tuple[str, ...] = ("probe_seconds",)) -> str:
+    """A history as JSON text without the timing, to compare runs number for number
+    (``==`` on the records would call the detector's NaN "no forecast yet" unequal)."""
+    return json.dumps([{k: v for k, v in r.items() if k not in skip} for r in history])
 
 
 class LossRecorder(pl.Callback):

@@ -8,6 +8,7 @@ import torch
 from conftest import (
     CONTEXT,
     LossRecorder,
+    history_text,
     make_module,
     make_trainer,
     reference_batches,
@@ -21,15 +22,6 @@ from lightning_overtrain.cooldown import CooldownBranch, copy_optimizer
 from lightning_overtrain.demo import ByteWindows
 from lightning_overtrain.losses import transformers_loss
 from lightning_overtrain.probes.base import ProbeContext, ProbeFailure
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two torch threads on a shared 2-core machine spin against each other: 3-4x the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Regression(nn.Module):
@@ -212,11 +204,8 @@ def test_a_resumed_run_with_a_cooldown_continues_the_same_history(tmp_path, code
     resumed, _, resumed_losses = run("resumed", 2, make_module(seed=7), tmp_path / "half.ckpt")
     assert first_losses + resumed_losses == full_losses
 
-    def untimed(history):
-        return [{k: v for k, v in r.items() if k != "probe_seconds"} for r in history]
-
     assert len(full.history) == 4
-    assert untimed(resumed.history) == untimed(full.history)
+    assert history_text(resumed.history) == history_text(full.history)
 
 
 @pytest.mark.parametrize(

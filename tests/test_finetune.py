@@ -29,16 +29,6 @@ from lightning_overtrain.demo import ByteWindows
 from lightning_overtrain.losses import transformers_loss
 from lightning_overtrain.snapshot import measure_snapshot
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two torch threads on a shared 2-core machine spin against each other: 3-4x the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 LRS = (3e-4, 1e-3)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_overtrain import naming
-from lightning_overtrain.borrow import ModelBackup, borrowed, take_batches
+from lightning_overtrain.borrow import ModelBackup, borrowed, check_batches_argument, take_batches
 from lightning_overtrain.cadence import Cadence
 from lightning_overtrain.cooldown import CooldownBranch
 from lightning_overtrain.distributed import all_reduce_sum, world_size
@@ -173,25 +173,9 @@ class OvertrainingMonitor(Callback):
         cooldown_data: ReferenceData | None = None,
         policy: InflectionPolicy | None = None,
     ) -> None:
-        if (
-            reference_data is None
-            or not (callable(reference_data) or isinstance(reference_data, Iterable))
-            or isinstance(reference_data, (str, bytes, torch.Tensor))
-        ):
-            raise ValueError(
-                f"`reference_data` must be a DataLoader, a list of batches or a callable"
-                f" returning one, got {type(reference_data).__name__}. Pass held-out"
-                " pretraining batches, e.g. reference_data=val_dataloader."
-            )
-        try:
-            empty = isinstance(reference_data, Sized) and len(reference_data) == 0
-        except TypeError:  # a DataLoader over an IterableDataset has no length
-            empty = False
-        if empty:
-            raise ValueError(
-                "`reference_data` is empty. Pass held-out pretraining batches"
-                " (a non-empty DataLoader or list)."
-            )
+        check_batches_argument(
+            reference_data, "reference_data", "held-out pretraining batches, e.g. val_dataloader"
+        )
         self.cadence = Cadence(every_n_steps, every_n_tokens, points_per_decade, start_tokens)
         self.probes: list[Probe] = [NoiseProbe()] if probes is None else list(probes)
         bad = [p for p in self.probes if not isinstance(p, Probe)]

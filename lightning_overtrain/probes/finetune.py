@@ -31,7 +31,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
 from lightning_overtrain import naming
-from lightning_overtrain.borrow import borrowed, seeded_rng, take_batches
+from lightning_overtrain.borrow import borrowed, check_batches_argument, seeded_rng, take_batches
 from lightning_overtrain.losses import LossFn, loss_sums
 from lightning_overtrain.probes.base import Probe, ProbeContext, ProbeFailure
 from lightning_overtrain.tokens import TokensFn, checked_token_count, count_tokens
@@ -271,24 +271,6 @@ def _structure(batch: Any) -> Any:
     return sorted(map(str, batch)) if isinstance(batch, Mapping) else type(batch).__name__
 
 
-def _check_data(data: Any, argument: str) -> None:
-    if (
-        data is None
-        or not (callable(data) or isinstance(data, Iterable))
-        or isinstance(data, (str, bytes, torch.Tensor))
-    ):
-        raise ValueError(
-            f"`{argument}` must be a DataLoader, a list of batches or a callable returning one,"
-            f" got {type(data).__name__}. Pass downstream batches, e.g. {argument}=prose_loader."
-        )
-    try:
-        empty = len(data) == 0  # type: ignore[arg-type]
-    except TypeError:  # a callable, a generator or an iterable-style DataLoader: known later
-        empty = False
-    if empty:
-        raise ValueError(f"`{argument}` is empty. Pass a non-empty DataLoader or list of batches.")
-
-
 class FineTuneProbe(Probe):
     """Forgetting and adaptation after a short, fixed fine-tune, per learning rate.
 
@@ -366,8 +348,12 @@ class FineTuneProbe(Probe):
         seed: int = 0,
         name: str = "finetune",
     ) -> None:
-        _check_data(train_data, "train_data")
-        _check_data(eval_data, "eval_data")
+        check_batches_argument(
+            train_data, "train_data", "downstream batches, e.g. train_data=prose_loader"
+        )
+        check_batches_argument(
+            eval_data, "eval_data", "held-out downstream batches, e.g. eval_data=prose_eval_loader"
+        )
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(
                 f"`steps` must be an int >= 1, got {steps!r}. Pass the fine-tune budget in"
