@@ -31,10 +31,10 @@ from torch import nn
 from lightning_overtrain import naming
 from lightning_overtrain.borrow import ModelBackup, borrowed
 from lightning_overtrain.history import Record
+from lightning_overtrain.losses import check_loss
 from lightning_overtrain.probes.base import ProbeContext
 from lightning_overtrain.probes.finetune import (
     ShardedBatches,
-    check_loss,
     seeded_rng,
     shard_batches,
     train_steps,

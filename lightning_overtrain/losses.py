@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_overtrain.borrow import ModelBackup, borrowed
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
@@ -108,3 +110,32 @@ def loss_sums(
         total += loss.detach().to(torch.float64) * w
         weight += w
     return torch.stack([total, torch.tensor(float(weight), dtype=torch.float64, device=device)])
+
+
+def check_loss(
+    module: nn.Module, backup: ModelBackup, batch: Any, loss_fn: LossFn, argument: str
+) -> None:
+    """Raise a clear error, before training, if ``loss_fn`` cannot use a batch of ``argument``.
+
+    The model is borrowed (and handed back exactly) for the one forward pass.
+
+    Raises:
+        ValueError: naming the loss, the argument, the error, and what to pass instead.
+    """
+    with borrowed(module, backup), torch.no_grad():
+        try:
+            loss = loss_fn(module, batch)
+        except Exception as exc:
+            raise ValueError(
+                f"`loss_fn` ({getattr(loss_fn, '__name__', loss_fn)}) failed on the first batch"
+                f" of `{argument}`: {type(exc).__name__}: {exc}. The default calls"
+                " `module(**batch).loss` (transformers convention); check that the batches fit"
+                " the model (keys, token ids < vocabulary size), or pass"
+                " `loss_fn=lambda module, batch: <scalar mean next-token loss>`."
+            ) from exc
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(
+            f"`loss_fn` must return a scalar tensor for a `{argument}` batch, got"
+            f" {type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}."
+            " Return the mean next-token loss of the batch."
+        )

@@ -247,7 +247,7 @@ def failing_metric(module, batch):
             dict(eval_data=[{"input_ids": torch.ones(2, CONTEXT, dtype=torch.long), "x": 1}]),
             r"`train_data` and `eval_data` batches differ",
         ),
-        (dict(train_data=[ids(value=300)]), r"loss failed on the first batch of `train_data`"),
+        (dict(train_data=[ids(value=300)]), r"failed on the first batch of `train_data`"),
         (
             dict(
                 train_data=[{**ids(), "attention_mask": torch.ones(3, CONTEXT)}],

@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_overtrain import naming
-from lightning_overtrain.borrow import ModelBackup, borrowed, check_batches_argument, take_batches
+from lightning_overtrain.borrow import ModelBackup, check_batches_argument, take_batches
 from lightning_overtrain.cadence import Cadence
 from lightning_overtrain.cooldown import CooldownBranch
 from lightning_overtrain.distributed import all_reduce_sum, world_size
@@ -38,7 +38,7 @@ from lightning_overtrain.init_scale import (
     init_std_from_value,
     init_std_from_weights,
 )
-from lightning_overtrain.losses import LossFn, transformers_loss
+from lightning_overtrain.losses import LossFn, check_loss, transformers_loss
 from lightning_overtrain.policy import Decision, InflectionPolicy
 from lightning_overtrain.probes.base import Probe, ProbeContext
 from lightning_overtrain.probes.noise import NoiseProbe
@@ -322,7 +322,8 @@ class OvertrainingMonitor(Callback):
         self._take_reference_set(trainer, pl_module)
         self._backup = ModelBackup(pl_module)
         self._resolve_init_std(trainer, pl_module)
-        self._check_loss(pl_module)
+        if self._batches:  # a rank without reference batches has nothing to check
+            check_loss(pl_module, self._backup, self._batches[0], self.loss_fn, "reference_data")
         ctx = self._context(trainer, pl_module)
         if self.cooldown_steps:
             self._cooldown = self._make_cooldown(trainer, pl_module, ctx)
@@ -563,25 +564,3 @@ class OvertrainingMonitor(Callback):
             self.init_stds = init_std_from_value(pl_module, std)
             self.init_std_source = SOURCE_CONFIG
             rank_zero_info(f"OvertrainingMonitor: init std {std} from the model's config.")
-
-    def _check_loss(self, pl_module: pl.LightningModule) -> None:
-        assert self._backup is not None
-        batch = self._batches[0] if self._batches else None
-        if batch is None:
-            return  # this rank holds no reference batch; the others check theirs
-        with borrowed(pl_module, self._backup), torch.no_grad():
-            try:
-                loss = self.loss_fn(pl_module, batch)
-            except Exception as exc:
-                raise ValueError(
-                    f"`loss_fn` ({getattr(self.loss_fn, '__name__', self.loss_fn)}) failed on the"
-                    f" first reference batch: {type(exc).__name__}: {exc}. The default calls"
-                    " `module(**batch).loss` (transformers convention); otherwise pass"
-                    " `loss_fn=lambda module, batch: <scalar mean next-token loss>`."
-                ) from exc
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError(
-                f"`loss_fn` must return a scalar tensor, got {type(loss).__name__}"
-                f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}."
-                " Return the mean next-token loss of the batch."
-            )

@@ -32,7 +32,7 @@ from torch import nn
 
 from lightning_overtrain import naming
 from lightning_overtrain.borrow import borrowed, check_batches_argument, seeded_rng, take_batches
-from lightning_overtrain.losses import LossFn, loss_sums
+from lightning_overtrain.losses import LossFn, check_loss, loss_sums
 from lightning_overtrain.probes.base import Probe, ProbeContext, ProbeFailure
 from lightning_overtrain.tokens import TokensFn, checked_token_count, count_tokens
 
@@ -239,24 +239,6 @@ def train_steps(
         except Exception as exc:
             error, failed_at = exc, step
     return losses
-
-
-def check_loss(module: nn.Module, backup: Any, batch: Any, loss_fn: LossFn, argument: str) -> None:
-    """Raise a clear error, before training, if ``loss_fn`` fails on a batch of ``argument``."""
-    with borrowed(module, backup), torch.no_grad():
-        try:
-            loss = loss_fn(module, batch)
-        except Exception as exc:
-            raise ValueError(
-                f"The loss failed on the first batch of `{argument}`: {type(exc).__name__}: {exc}."
-                " Check that its batches fit the model (keys, token ids < vocabulary size), or"
-                " pass `loss_fn=lambda module, batch: <scalar mean loss>`."
-            ) from exc
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ValueError(
-            f"The loss of a `{argument}` batch must be a scalar tensor, got"
-            f" {type(loss).__name__}. Return the mean next-token loss of the batch."
-        )
 
 
 def _rank() -> int:
