@@ -9,13 +9,18 @@ sensitivity. Two questions, answered by two plain functions:
   it by more than the noise and ``min_rise``, for ``patience`` snapshots in a row?
 - :func:`fit_forecast`: fitting ``y = a + b * T**-alpha + c * T**beta``, where is the
   bottom ``T* = (alpha * b / (beta * c)) ** (1 / (alpha + beta))``, and how sure are we?
+- :func:`fit_forecast_decomposed`: the same ``T*`` from the two terms measured apart,
+  the base loss ``a + b * T**-alpha`` and the sensitivity ``d + c * T**beta`` (for the
+  perturbed loss: the reference loss and ``delta``), each fitted on its own. Far better
+  determined than the single curve, where the rise hides in the noise long before ``T*``.
 
 :class:`InflectionDetector` holds the snapshots and the latch (once crossed, it
 stays crossed) and goes through ``state_dict`` / ``load_state_dict``.
 
-The defaults (3 standard errors, patience 2, 6 points, an 80% interval) were tuned
-on synthetic curves (:mod:`lightning_overtrain.synthetic`) with seeds apart from the
-reported ones; ``benchmarks/detector_validation.py`` measures them.
+The defaults (3 standard errors, patience 2, 6 points, an 80% interval, the
+decomposed fit's floor prior) were tuned on synthetic curves
+(:mod:`lightning_overtrain.synthetic`) with seeds apart from the reported ones;
+``benchmarks/detector_validation.py`` measures them.
 """
 
 from __future__ import annotations
@@ -40,6 +45,14 @@ _HERMITE_NODES = np.array([-math.sqrt(3.0), 0.0, math.sqrt(3.0)])  # 3-point rul
 _HERMITE_WEIGHTS = np.array([1 / 6, 2 / 3, 1 / 6])
 _MEDIAN_OF_3_SD = 0.670  # std of the median of three iid N(0, 1) draws
 _MAD_TO_SD = 1.4826
+_TERM_EXPONENTS = np.geomspace(0.02, 3.0, 48)  # each separately fitted term's exponent
+_ZOOM_ROUNDS = 4  # each round narrows the grid ~8.5x around the best exponent
+_ZOOM_POINTS = 16
+_TERM_PARAMS = 3  # offset, scale, exponent
+# delta's floor d: 0 (a power law from zero) or above 0, equally likely a priori. Fitting
+# d >= 0 alone, the noise pushes d up and T* early whenever the true floor is 0.
+_SENSITIVITY_OFFSETS = ("zero", "floor")
+_NEGLIGIBLE = 30.0  # cells whose log weight is this far below the best carry nothing
 
 
 @dataclass(frozen=True)
@@ -91,9 +104,12 @@ class InflectionState:
 
 
 def _as_arrays(
-    tokens: Sequence[float], values: Sequence[float], stderrs: Sequence[float | None] | None
+    tokens: Sequence[float],
+    values: Sequence[float],
+    stderrs: Sequence[float | None] | None,
+    names: tuple[str, str] = ("values", "stderrs"),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # Missing stderrs become NaN.
+    # Missing stderrs become NaN. `names` are the caller's argument names, for the errors.
     t = np.asarray(tokens, dtype=float)
     y = np.asarray(values, dtype=float)
     s = np.full_like(y, np.nan)
@@ -101,14 +117,21 @@ def _as_arrays(
         s = np.array([np.nan if v is None else v for v in stderrs], dtype=float)
     if t.ndim != 1 or not t.shape == y.shape == s.shape:
         raise ValueError(
-            f"`tokens`, `values` and `stderrs` must be 1-D and of one length, got shapes"
-            f" {t.shape}, {y.shape}, {s.shape}."
+            f"`tokens`, `{names[0]}` and `{names[1]}` must be 1-D and of one length, got"
+            f" shapes {t.shape}, {y.shape}, {s.shape}."
         )
     if not (np.all(np.isfinite(t)) and np.all(t > 0) and np.all(np.diff(t) > 0)):
         raise ValueError(f"`tokens` must be finite, > 0 and strictly increasing, got {t}.")
     if not np.all(np.isfinite(y)) or np.any(s < 0) or np.any(np.isinf(s)):
-        raise ValueError("`values` must be finite and `stderrs` finite and >= 0 (or None).")
+        raise ValueError(f"`{names[0]}` must be finite and `{names[1]}` finite and >= 0 (or None).")
     return t, y, s
+
+
+def _weights(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, bool]:
+    # Inverse-variance weights and whether every stderr is known (else equal weights).
+    known = not np.isnan(s).any()
+    floor = 1e-12 * max(float(np.max(np.abs(y))), 1e-12)  # a stderr of 0 means "exact"
+    return (1.0 / np.maximum(s, floor) ** 2 if known else np.ones_like(y)), known
 
 
 def estimate_noise(tokens: Sequence[float], values: Sequence[float]) -> float:
@@ -216,9 +239,13 @@ def detect_crossing(
 
 
 def _least_squares(y: np.ndarray, w: np.ndarray, *terms: np.ndarray):
-    # Weighted least squares of y on [1, *terms], each term a stack (..., n) broadcasting
-    # against the others: coefficients (..., k), chi2 (...), residuals, Gram matrices.
-    cols = [np.ones_like(y), *terms]
+    # Weighted least squares of y on [1, *terms].
+    return _weighted_fit(y, w, [np.ones_like(y), *terms])
+
+
+def _weighted_fit(y: np.ndarray, w: np.ndarray, cols: list[np.ndarray]):
+    # Weighted least squares of y on cols, each a stack (..., n) broadcasting against the
+    # others: coefficients (..., k), chi2 (...), residuals, Gram matrices.
     k = len(cols)
     shape = np.broadcast_shapes(*(c.shape for c in cols))[:-1]
     gram = np.empty((*shape, k, k))
@@ -374,9 +401,7 @@ def fit_forecast(
     n = len(y)
     if n < max(min_points, _FIT_PARAMS + 1):
         return None
-    known = not np.isnan(s).any()
-    floor = 1e-12 * max(float(np.max(np.abs(y))), 1e-300)  # a stderr of 0 means "exact"
-    w = 1.0 / np.maximum(s, floor) ** 2 if known else np.ones(n)
+    w, known = _weights(y, s)
     x = np.log(t / t[0])
     y = y - np.average(y, weights=w)
     chi2, log_t, var, falling = _profile_fit(x, y, w, _ALPHAS, _BETAS)
@@ -412,6 +437,158 @@ def fit_forecast(
         return Forecast(*(float(t[0] * np.exp(v)) for v in (median, low, high)))
 
 
+def _power_term(x, y, w, log_p, sign, x_ref, offset):
+    # y = d + k * exp(sign * p * (x - x_ref)) at each exponent p = exp(log_p), with k > 0
+    # and d free ("free"), d >= 0 ("floor": the better of {d, k} if d >= 0 and {k}) or
+    # d = 0 ("zero"). Returns chi2 (inf where infeasible), k and var(k) at unit noise scale.
+    term = np.exp(sign * np.exp(log_p)[:, None] * (x - x_ref))
+    chi2, k, var = np.full(len(log_p), np.inf), np.zeros(len(log_p)), np.zeros(len(log_p))
+    if offset != "zero":
+        coef, chi2_dk, _, gram = _least_squares(y, w, term)
+        ok = (coef[:, 1] > 0) & ((coef[:, 0] >= 0) | (offset == "free"))
+        chi2 = np.where(ok, chi2_dk, chi2)
+        k, var = np.where(ok, coef[:, 1], k), np.where(ok, np.linalg.inv(gram)[:, 1, 1], var)
+    if offset != "free":
+        coef, chi2_k, _, gram = _weighted_fit(y, w, [term])
+        ok = (coef[:, 0] > 0) & (chi2_k < chi2)
+        chi2 = np.where(ok, chi2_k, chi2)
+        k, var = np.where(ok, coef[:, 0], k), np.where(ok, 1.0 / gram[:, 0, 0], var)
+    return chi2, k, var
+
+
+def _zoomed_profile(x, y, w, sign, x_ref, offset):
+    # The profile over a log grid of exponents, zoomed in around its best cell: with little
+    # noise the grid step would decide T*. Returns log exponents, chi2, k, var(k).
+    log_p = np.log(_TERM_EXPONENTS)
+    chi2, k, var = _power_term(x, y, w, log_p, sign, x_ref, offset)
+    for _ in range(_ZOOM_ROUNDS):
+        i = int(np.argmin(chi2))
+        lo, hi = log_p[max(i - 1, 0)], log_p[min(i + 1, len(log_p) - 1)]
+        new = np.linspace(lo, hi, _ZOOM_POINTS + 2)[1:-1]
+        found = _power_term(x, y, w, new, sign, x_ref, offset)
+        log_p, index = np.unique(np.append(log_p, new), return_index=True)
+        chi2, k, var = (np.append(old, more)[index] for old, more in zip((chi2, k, var), found))
+    return log_p, chi2, k, var
+
+
+def _exponent_posterior(x, y, w, known, sign, x_ref, offsets):
+    # The cells of each offset model in `offsets` (sharing evenly half the prior) over the
+    # exponent, each weighted by its likelihood and its width on the log grid (a prior
+    # uniform in the log exponent); and "flat" (k = 0; d >= 0 unless the offset is free),
+    # with the other half. Returns exponents, k, var(k) (noise scale applied), log weights,
+    # and the flat log weight.
+    cells = [_zoomed_profile(x, y, w, sign, x_ref, offset) for offset in offsets]
+    mean = np.average(y, weights=w)
+    flat = float(np.sum(w * (y - (mean if offsets == ("free",) else max(mean, 0.0))) ** 2))
+    best = min(flat, *(float(np.min(cell[1])) for cell in cells))
+    scale = best / (len(y) - _TERM_PARAMS)
+    scale = max(scale, 1.0) if known else max(scale, np.finfo(float).tiny)
+    exponents, ks, variances, log_weights = [], [], [], []
+    for log_p, chi2, k, var in cells:
+        edges = np.concatenate([log_p[:1], (log_p[1:] + log_p[:-1]) / 2, log_p[-1:]])
+        log_width = np.log(np.diff(edges) / (log_p[-1] - log_p[0]))
+        exponents.append(np.exp(log_p))
+        ks.append(k)
+        variances.append(var * scale)
+        log_weights.append(-0.5 * (chi2 - best) / scale + log_width - math.log(len(cells)))
+    return (
+        np.concatenate(exponents),
+        np.concatenate(ks),
+        np.concatenate(variances),
+        np.concatenate(log_weights),
+        -0.5 * (flat - best) / scale,
+    )
+
+
+def fit_forecast_decomposed(
+    tokens: Sequence[float],
+    base: Sequence[float],
+    base_stderrs: Sequence[float | None] | None,
+    sensitivity: Sequence[float],
+    sensitivity_stderrs: Sequence[float | None] | None,
+    *,
+    level: float = DEFAULT_FORECAST_LEVEL,
+    min_points: int = DEFAULT_MIN_POINTS,
+) -> Forecast | None:
+    """Forecast ``T*`` from the two terms measured apart: the base loss and the sensitivity.
+
+    The perturbed loss is ``base + sensitivity``: the reference loss ``L(theta_T)`` (falling,
+    measured on fixed batches, so precise) plus ``delta(T)`` (rising). Each term gets its own
+    fit, ``base = a + b * T**-alpha`` and ``sensitivity = d + c * T**beta`` (``b, c > 0``;
+    the floor ``d`` either 0, a power law from zero, or fitted ``>= 0``: a perturbation
+    never lowers the loss; the two equally likely a priori), and ``T*`` is where their
+    slopes cancel, ``(alpha * b / (beta * c)) ** (1 / (alpha + beta))``. Each exponent is
+    profiled on a log grid in [0.02, 3] refined around its best value; ``(alpha, beta)``
+    cells are weighted by their likelihoods (the terms are measured independently), errors
+    scaled up by ``sqrt(chi2_min / dof)`` when a fit is worse than its stderrs say (or set
+    by it without stderrs), and the uncertainty of ``b, c`` spreads each cell's ``T*``.
+    "Never turns up" (a flat sensitivity) shares the prior evenly with "rising". ``T*`` is
+    the weighted median, the interval the central ``level`` quantiles (``high = inf`` when
+    "never" keeps more than ``(1 - level) / 2``). Deterministic. About 10 ms at 30 points.
+
+    What it can and cannot see: the rise is visible early only as long as it is not buried
+    under a floor of ``delta`` (``d``) and its noise. A sensitivity that rises from about
+    zero is extrapolated well; one that starts on a floor much larger than its rise so far
+    gets a wide interval (see ``benchmarks/results/detector_validation.md``).
+
+    Args:
+        tokens: Strictly increasing token counts.
+        base: The falling term at each token count (the reference loss).
+        base_stderrs: Its standard errors; None (all or some) fits unweighted.
+        sensitivity: The rising term at each token count (``delta``).
+        sensitivity_stderrs: Its standard errors; None (all or some) fits unweighted.
+        level: Probability mass of the reported interval, in (0, 1).
+        min_points: Fewer snapshots (or fewer than 6) give None.
+
+    Returns:
+        A :class:`Forecast`, or None with too few points, or when "the sensitivity is not
+        rising" (or "the base is not falling") is the likelier reading.
+
+    Raises:
+        ValueError: On non-increasing tokens, non-finite terms, or negative stderrs.
+
+    Example::
+
+        t = np.geomspace(1e6, 1e10, 20)
+        base, sensitivity = 2 + (t / 1e6) ** -0.5, 1e-3 * (t / 1e6) ** 0.5
+        fit_forecast_decomposed(t, base, None, sensitivity, None).tokens  # ~1e9
+    """
+    t, y_base, s_base = _as_arrays(tokens, base, base_stderrs, ("base", "base_stderrs"))
+    _, y_sens, s_sens = _as_arrays(
+        tokens, sensitivity, sensitivity_stderrs, ("sensitivity", "sensitivity_stderrs")
+    )
+    if len(t) < max(min_points, _TERM_PARAMS * 2):
+        return None
+    x = np.log(t / t[0])
+    alpha, b, var_b, weight_a, _ = _exponent_posterior(
+        x, y_base, *_weights(y_base, s_base), -1.0, 0.0, ("free",)
+    )
+    beta, c, var_c, weight_c, weight_never = _exponent_posterior(
+        x, y_sens, *_weights(y_sens, s_sens), 1.0, x[-1], _SENSITIVITY_OFFSETS
+    )
+    top_a, top_c = np.max(weight_a), max(np.max(weight_c), weight_never)
+    keep_a, keep_c = weight_a > top_a - _NEGLIGIBLE, weight_c > top_c - _NEGLIGIBLE
+    alpha, b, var_b, weight_a = alpha[keep_a], b[keep_a], var_b[keep_a], weight_a[keep_a]
+    beta, c, var_c, weight_c = beta[keep_c], c[keep_c], var_c[keep_c], weight_c[keep_c]
+    weight_a, weight_c = np.exp(weight_a - top_a), np.exp(weight_c - top_c)
+    # Every (alpha, beta) pair: T* in log(T / T_first), +inf without a rising sensitivity,
+    # -inf without a falling base; its variance from b and c.
+    alpha_, b_, var_b_ = alpha[:, None], b[:, None], var_b[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_t = (np.log(alpha_ * b_) - np.log(beta * c) + beta * x[-1]) / (alpha_ + beta)
+        var = (var_b_ / b_**2 + var_c / c**2) / (alpha_ + beta) ** 2
+    log_t = np.where(c > 0, np.where(b_ > 0, log_t, -np.inf), np.inf)
+    spread = np.sqrt(np.where(np.isfinite(log_t), var, 0.0))[..., None] * _HERMITE_NODES
+    nodes = np.append((log_t[..., None] + spread).ravel(), np.inf)
+    pair_weights = weight_a[:, None, None] * weight_c[None, :, None] * _HERMITE_WEIGHTS
+    weights = np.append(pair_weights.ravel(), math.exp(weight_never - top_c) * weight_a.sum())
+    median, low, high = _weighted_quantiles(nodes, weights, [0.5, (1 - level) / 2, (1 + level) / 2])
+    if not math.isfinite(median):
+        return None
+    with np.errstate(over="ignore"):
+        return Forecast(*(float(t[0] * np.exp(v)) for v in (median, low, high)))
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
     fix = f"Pass {name}={minimum} or more."
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -433,12 +610,49 @@ def _check_number(name: str, value: Any, requirement: str, fix: str, ok: Any) ->
     return number
 
 
+_TERM_KEYS = ("bases", "base_stderrs", "sensitivities", "sensitivity_stderrs")
+
+
+def _check_stderr(name: str, stderr: Any, none: str) -> float | None:
+    if stderr is None:
+        return None
+    fix = f"Pass the standard error, or None to {none}."
+    return _check_number(name, stderr, "None or a finite number >= 0", fix, lambda v: v >= 0)
+
+
+def _check_terms(base: Any, base_stderr: Any, sensitivity: Any, sensitivity_stderr: Any):
+    # The snapshot's (base, base_stderr, sensitivity, sensitivity_stderr), or None.
+    if base is None and sensitivity is None:
+        if base_stderr is not None or sensitivity_stderr is not None:
+            raise ValueError(
+                f"`base_stderr`={base_stderr!r} and `sensitivity_stderr`={sensitivity_stderr!r}"
+                " need `base` and `sensitivity`. Pass the terms with their stderrs, or neither."
+            )
+        return None
+    if base is None or sensitivity is None:
+        raise ValueError(
+            f"`base` and `sensitivity` go together, got base={base!r},"
+            f" sensitivity={sensitivity!r}. Pass both (e.g. the reference loss and delta) or"
+            " neither."
+        )
+    fix = "Skip a snapshot whose probe failed instead."
+    return (
+        _check_number("base", base, "a finite number", fix, lambda v: True),
+        _check_stderr("base_stderr", base_stderr, "fit the base unweighted"),
+        _check_number("sensitivity", sensitivity, "a finite number", fix, lambda v: True),
+        _check_stderr("sensitivity_stderr", sensitivity_stderr, "fit it unweighted"),
+    )
+
+
 class InflectionDetector:
     """Watches one probe signal over tokens: has it crossed its inflection, and when will it?
 
     Feed it one snapshot at a time with :meth:`update`. Crossing latches: once
     declared it stays, with the token count where it was first declared, until
-    :meth:`reset`. The maths is in :func:`detect_crossing` and :func:`fit_forecast`.
+    :meth:`reset`. The maths is in :func:`detect_crossing` and :func:`fit_forecast`;
+    snapshots that also carry the signal's two terms (``base`` and ``sensitivity``: the
+    reference loss and ``delta``) are forecast by :func:`fit_forecast_decomposed`, which
+    is far better determined.
 
     Args:
         patience: Snapshots in a row that must sit above the bottom to declare a crossing.
@@ -460,6 +674,9 @@ class InflectionDetector:
             state = det.update(tokens, loss, stderr)
             if state.crossed:
                 print(f"turned up at {state.crossed_at_tokens:.3g} tokens")
+        # With the terms: the perturbed loss is reference loss + delta.
+        det.update(tokens, ref + delta, delta_se, base=ref, sensitivity=delta,
+                   sensitivity_stderr=delta_se)
     """
 
     def __init__(
@@ -502,6 +719,7 @@ class InflectionDetector:
     def reset(self) -> None:
         """Forget every snapshot and the latch."""
         self._points: list[tuple[float, float, float | None]] = []
+        self._terms: list[tuple[float, float | None, float, float | None] | None] = []
         self._crossed_at: float | None = None
         self._state = self._compute()
 
@@ -515,17 +733,37 @@ class InflectionDetector:
         """The state after the latest :meth:`update`."""
         return self._state
 
-    def update(self, tokens: float, value: float, stderr: float | None = None) -> InflectionState:
+    def update(
+        self,
+        tokens: float,
+        value: float,
+        stderr: float | None = None,
+        *,
+        base: float | None = None,
+        base_stderr: float | None = None,
+        sensitivity: float | None = None,
+        sensitivity_stderr: float | None = None,
+    ) -> InflectionState:
         """Add one snapshot and return the new state.
+
+        Crossing is always decided on ``value``. Once any snapshot has carried ``base`` and
+        ``sensitivity``, the forecast fits them (:func:`fit_forecast_decomposed`) on the
+        snapshots that carry them.
 
         Args:
             tokens: Tokens seen by the run at this snapshot; strictly more than the last.
             value: The probe signal at ``tokens``.
             stderr: Its standard error; None estimates the noise from the curve.
+            base: The signal's falling term (for a perturbed loss: the reference loss).
+            base_stderr: Its standard error; None fits the base unweighted.
+            sensitivity: The signal's rising term (for a perturbed loss: ``delta``); given
+                together with ``base``.
+            sensitivity_stderr: Its standard error; None fits the sensitivity unweighted.
 
         Raises:
             ValueError: On non-increasing or non-positive ``tokens``, a non-finite ``value``,
-                or a negative or non-finite ``stderr``.
+                ``base`` or ``sensitivity``, a negative or non-finite stderr, or only one of
+                ``base`` and ``sensitivity``.
         """
         tokens = _check_number(
             "tokens",
@@ -546,15 +784,10 @@ class InflectionDetector:
             "Skip a snapshot whose probe failed instead.",
             lambda v: True,
         )
-        if stderr is not None:
-            stderr = _check_number(
-                "stderr",
-                stderr,
-                "None or a finite number >= 0",
-                "Pass the standard error of `value`, or None to estimate it from the curve.",
-                lambda v: v >= 0,
-            )
+        stderr = _check_stderr("stderr", stderr, "estimate it from the curve")
+        terms = _check_terms(base, base_stderr, sensitivity, sensitivity_stderr)
         self._points.append((tokens, value, stderr))
+        self._terms.append(terms)
         self._state = self._compute()
         return self._state
 
@@ -574,7 +807,15 @@ class InflectionDetector:
         if found.crossed and self._crossed_at is None:
             self._crossed_at = tokens[-1]
         forecast = None
-        if self.forecast:
+        if self.forecast and any(self._terms):
+            with_terms = [(t, terms) for t, terms in zip(tokens, self._terms) if terms]
+            forecast = fit_forecast_decomposed(
+                [t for t, _ in with_terms],
+                *zip(*(terms for _, terms in with_terms)),
+                level=self.forecast_level,
+                min_points=self.min_points,
+            )
+        elif self.forecast:
             forecast = fit_forecast(
                 tokens, values, stderrs, level=self.forecast_level, min_points=self.min_points
             )
@@ -594,19 +835,28 @@ class InflectionDetector:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The snapshots and the latch, as plain Python values."""
+        """The snapshots (with their terms, None where absent) and the latch, as plain values."""
+        terms = [t or (None, None, None, None) for t in self._terms]
         return {
             "tokens": [p[0] for p in self._points],
             "values": [p[1] for p in self._points],
             "stderrs": [p[2] for p in self._points],
+            **{key: [t[i] for t in terms] for i, key in enumerate(_TERM_KEYS)},
             "crossed_at_tokens": self._crossed_at,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; later updates then behave exactly as before saving."""
+        """Restore :meth:`state_dict`; later updates then behave exactly as before saving.
+
+        A state dict from before the terms existed loads as snapshots without them.
+        """
         tokens = state_dict.get("tokens", [])
         values = state_dict.get("values", [])
         stderrs = state_dict.get("stderrs", [None] * len(tokens))
         self._points = [(float(t), float(v), s) for t, v, s in zip(tokens, values, stderrs)]
+        columns = [state_dict.get(key, [None] * len(tokens)) for key in _TERM_KEYS]
+        self._terms = [
+            None if b is None else (float(b), bs, float(d), ds) for b, bs, d, ds in zip(*columns)
+        ]
         self._crossed_at = state_dict.get("crossed_at_tokens")
         self._state = self._compute()

@@ -185,7 +185,9 @@ class InflectionPolicy:
         for signal, value in record.items():
             if not _matches(self._signal_patterns, signal) or not _finite(value):
                 continue
-            state = self._detector(signal).update(tokens, value, _stderr(record, signal))
+            state = self._detector(signal).update(
+                tokens, value, _stderr(record, signal), **decomposed_terms(record, signal)
+            )
             fields = state.to_dict()
             for field in INFLECTION_FIELDS:
                 additions[naming.inflection_key(signal, field)] = fields[field]
@@ -302,6 +304,31 @@ class InflectionPolicy:
         self.fired = set(state.get("fired", []))
         best = state.get("best")
         self.best = dict(best) if best is not None else None
+
+
+#: A U-shaped signal and its rising term: ``signal = reference_loss + term``.
+_RISING_TERMS = {"/perturbed_loss": "/delta", "/reference_loss_after": "/forgetting"}
+
+
+def decomposed_terms(record: Mapping[str, float], signal: str) -> dict[str, float | None]:
+    """The paper's two terms of ``signal``, for the detector's forecast, when the record has them.
+
+    A perturbed loss is ``reference_loss + delta`` and a post-fine-tune reference loss is
+    ``reference_loss + forgetting``: the falling base and the rising sensitivity are
+    measured separately, and fitting each on its own forecasts ``T*`` far better than
+    fitting their noisy sum (``benchmarks/detector_validation.py``).
+    """
+    for suffix, term in _RISING_TERMS.items():
+        if signal.endswith(suffix):
+            rising = signal[: -len(suffix)] + term
+            base, sensitivity = record.get(naming.REFERENCE_LOSS), record.get(rising)
+            if _finite(base) and _finite(sensitivity):
+                return {
+                    "base": float(base),
+                    "sensitivity": float(sensitivity),
+                    "sensitivity_stderr": _stderr(record, rising),
+                }
+    return {}
 
 
 def _stderr(record: Mapping[str, float], signal: str) -> float | None:

@@ -15,7 +15,7 @@ from conftest import (
 )
 
 from lightning_overtrain import FileReporter, InflectionPolicy, OvertrainingMonitor, Probe, Reporter
-from lightning_overtrain.policy import key_pattern
+from lightning_overtrain.policy import decomposed_terms, key_pattern
 from lightning_overtrain.synthetic import make_curve
 
 SIGNAL = "noise/gamma=1/perturbed_loss"
@@ -257,3 +257,37 @@ def test_policy_verdicts_are_finite_or_nan_numbers(tmp_path, code_text):
     assert len(keys) == 8
     assert all(isinstance(monitor.history[-1][k], float) for k in keys)
     assert not math.isnan(monitor.history[-1]["inflection/scripted/loss/bottom_tokens"])
+
+
+def test_the_forecast_fits_the_reference_loss_and_delta_separately():
+    record = {
+        "tokens": 1.0,
+        "reference_loss": 2.0,
+        SIGNAL: 2.3,
+        "noise/gamma=1/delta": 0.3,
+        "noise/gamma=1/delta_stderr": 0.01,
+        "finetune/lr=0.001/reference_loss_after": 2.5,
+        "finetune/lr=0.001/forgetting": 0.5,
+    }
+    assert decomposed_terms(record, SIGNAL) == {
+        "base": 2.0,
+        "sensitivity": 0.3,
+        "sensitivity_stderr": 0.01,
+    }
+    assert decomposed_terms(record, "finetune/lr=0.001/reference_loss_after") == {
+        "base": 2.0,
+        "sensitivity": 0.5,
+        "sensitivity_stderr": None,
+    }
+    assert decomposed_terms(record, "finetune/lr=0.001/downstream_loss_after") == {}
+    curve = make_curve("u_shape", n_points=24, seed=4, noise=0.05, noise_unit="delta")
+    policy = InflectionPolicy()
+    for t, b, d, se in zip(curve.tokens, curve.base, curve.sensitivity, curve.sensitivity_stderrs):
+        rec = {"tokens": float(t), "reference_loss": float(b), SIGNAL: float(b + d)}
+        rec.update({"noise/gamma=1/delta": float(d), "noise/gamma=1/delta_stderr": float(se)})
+        policy.update(rec)
+    assert policy.detectors[SIGNAL].state_dict()["sensitivities"][-1] == pytest.approx(
+        curve.sensitivity[-1]
+    )
+    forecast = policy.detectors[SIGNAL].state.forecast_tokens
+    assert forecast == pytest.approx(curve.true_bottom_tokens, rel=0.5)
