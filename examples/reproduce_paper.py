@@ -47,7 +47,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from lightning_overtrain import (
     FineTuneProbe,
@@ -217,19 +217,35 @@ def windows(text: bytes, context: int, batch_size: int) -> list[dict[str, torch.
 
 
 def prepare_data(s: Settings) -> dict[str, Any]:
-    """Split the text: training, cooldown branches, held-out reference; prose to fine-tune on."""
-    train_text, held_out = split_text(stdlib_code(s.text_bytes), held_out=0.02)
-    # The branches train on text the run never sees, the same at every snapshot.
-    cooldown_steps = math.ceil(s.cooldown_fraction * s.snapshot_steps()[-1])
-    cut = len(train_text) - cooldown_steps * s.tokens_per_step
+    """Split the code into training, cooldown and reference windows; prose to fine-tune on.
+
+    The reference and cooldown windows are spread evenly over the corpus and never
+    trained on, so both come from the pretraining distribution: the sources are in
+    module order, and a contiguous slice would be one package's code. The cooldown
+    windows are in a fixed random order, so a short branch (the first batches) is as
+    representative as a long one.
+    """
+    code = ByteWindows(stdlib_code(s.text_bytes), s.context)
+    n_reference = 8 * s.reference_batches
+    n_cooldown = math.ceil(s.cooldown_fraction * s.snapshot_steps()[-1]) * s.batch_size
+    spread = np.linspace(0, len(code) - 1, n_reference + n_cooldown).round().astype(int)
+    every = len(spread) // n_reference
+    reference = spread[::every][:n_reference]
+    cooldown = np.random.default_rng(0).permutation(np.setdiff1d(spread, reference))
+    train = np.setdiff1d(np.arange(len(code)), spread)
     prose_train, prose_eval = split_text(english_prose(), held_out=0.1)
     return {
-        "train": ByteWindows(train_text[:cut], s.context),
-        "cooldown": windows(train_text[cut:], s.context, s.batch_size),
-        "reference": windows(held_out, s.context, 8)[: s.reference_batches],
+        "train": Subset(code, train.tolist()),
+        "cooldown": batched(code, cooldown, s.batch_size),
+        "reference": batched(code, reference, 8),
         "finetune_train": windows(prose_train, s.context, s.finetune_batch)[: s.finetune_steps],
         "finetune_eval": windows(prose_eval, s.context, 8)[:8],
     }
+
+
+def batched(data: ByteWindows, indices: np.ndarray, size: int) -> list[dict[str, torch.Tensor]]:
+    """The windows at ``indices``, in that order, as batches of ``size``."""
+    return list(DataLoader(Subset(data, indices.tolist()), batch_size=size))
 
 
 def run_seed(seed: int, s: Settings, out: str, threads: int | None) -> tuple[list[Record], float]:
@@ -239,7 +255,21 @@ def run_seed(seed: int, s: Settings, out: str, threads: int | None) -> tuple[lis
     print(f"seed {seed}: pretraining to {s.final_tokens:,} tokens", flush=True)
     cpu = time.process_time()
     history = pretrain(seed, s, prepare_data(s), out)
-    return history, time.process_time() - cpu
+    cpu = time.process_time() - cpu
+    with open(os.path.join(out, f"seed{seed}", "run.json"), "w") as f:
+        json.dump({"cpu_seconds": cpu, "torch_threads": torch.get_num_threads()}, f)
+    return history, cpu
+
+
+def read_seed(seed: int, out: str) -> tuple[list[Record], float | None]:
+    """A finished seed's history and CPU seconds, from ``<out>/seed<k>``."""
+    directory = os.path.join(out, f"seed{seed}")
+    run = os.path.join(directory, "run.json")
+    cpu = None
+    if os.path.isfile(run):
+        with open(run) as f:
+            cpu = json.load(f)["cpu_seconds"]
+    return read_history(os.path.join(directory, "history.jsonl")), cpu
 
 
 def pretrain(seed: int, s: Settings, data: dict[str, Any], out: str) -> list[Record]:
@@ -446,7 +476,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--summary", help="the numbers (default: <out>/reproduction.json)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="seeds run in parallel processes, one thread each unless --threads (default: one"
+        " per seed; 1 with --fast)",
+    )
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -456,20 +491,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     s = FAST if args.fast else FULL
     if args.seeds:
         s = replace(s, seeds=tuple(args.seeds))
+    jobs = args.jobs or (1 if args.fast else len(s.seeds))
     figure_path = args.figure or os.path.join(args.out, "reproduction.png")
     summary_path = args.summary or os.path.join(args.out, "reproduction.json")
 
     start = time.perf_counter()
     if args.report_only:
-        runs = [
-            (read_history(os.path.join(args.out, f"seed{k}", "history.jsonl")), None)
-            for k in s.seeds
-        ]
-    elif args.jobs > 1:
+        runs = [read_seed(seed, args.out) for seed in s.seeds]
+    elif jobs > 1:
         # One process per seed: tiny matmuls use a core better alone than split in threads.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-            work = [(seed, s, args.out, args.threads) for seed in s.seeds]
+        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            work = [(seed, s, args.out, args.threads or 1) for seed in s.seeds]
             runs = list(pool.map(run_seed, *zip(*work)))
     else:
         runs = [run_seed(seed, s, args.out, args.threads) for seed in s.seeds]
@@ -486,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "mode": "fast" if args.fast else "full",
         "parameters": params,
         "seconds": None if args.report_only else round(seconds, 1),
-        "jobs": args.jobs,
+        "jobs": jobs,
         "cpu_seconds_per_seed": cpu or None,
         "torch_threads": torch.get_num_threads(),
         "tokens": tokens,
