@@ -251,7 +251,7 @@ def test_a_reference_batch_the_loss_cannot_use_fails_before_training(tmp_path, c
     mon = OvertrainingMonitor(bad, every_n_steps=2)
     recorder = LossRecorder()
     with pytest.raises(
-        ValueError, match=r"`loss_fn` .* failed on the first batch of `reference_data`.*loss_fn=lambda"
+        ValueError, match=r"`loss_fn` .* failed on the first batch of `reference_data`.*lambda"
     ):
         make_trainer(tmp_path, [mon, recorder], max_steps=2).fit(
             make_module(), train_loader(code_text)
