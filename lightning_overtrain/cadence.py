@@ -9,13 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_overtrain.checks import check_int
+
 
 def _positive_int(name: str, value: Any, example: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"`{name}` must be an int >= 1, got {value!r}. Pass e.g. {name}={example}."
-        )
-    return value
+    return check_int(name, value, 1, f"Pass e.g. {name}={example}.")
 
 
 @dataclass

@@ -285,7 +285,7 @@ def test_a_custom_loss_fn_and_tokens_fn_are_used(tmp_path, code_text):
         ({"probes": []}, "`probes` must be a non-empty list"),
         ({"probes": [NoiseProbe(), NoiseProbe()]}, "distinct names"),
         ({"probes": ["noise"]}, "`probes` must be a non-empty list of Probe objects"),
-        ({"reference_batches": 0}, "`reference_batches` must be an int >= 1 or None, got 0"),
+        ({"reference_batches": 0}, "`reference_batches` must be an int >= 1, got 0"),
         ({"loss_fn": "mse"}, "`loss_fn` must be callable"),
         ({"tokens_fn": 3}, "`tokens_fn` must be callable"),
         ({"token_offset": -1}, "`token_offset` must be an int >= 0, got -1"),

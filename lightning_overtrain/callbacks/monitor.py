@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_overtrain import naming
 from lightning_overtrain.borrow import ModelBackup, check_batches_argument, take_batches
 from lightning_overtrain.cadence import Cadence
+from lightning_overtrain.checks import check_int
 from lightning_overtrain.cooldown import CooldownBranch
 from lightning_overtrain.distributed import all_reduce_sum, world_size
 from lightning_overtrain.history import Record
@@ -186,23 +187,17 @@ class OvertrainingMonitor(Callback):
                 f" got {list(probes) if probes is not None else probes!r}."
                 " Pass e.g. probes=[NoiseProbe(gammas=(0.25, 0.5, 1.0))]."
             )
-        if reference_batches is not None and (
-            isinstance(reference_batches, bool)
-            or not isinstance(reference_batches, int)
-            or reference_batches < 1
-        ):
-            raise ValueError(
-                f"`reference_batches` must be an int >= 1 or None, got {reference_batches!r}."
-                " Pass how many held-out batches to keep, e.g. 16 (about 8k tokens is enough)."
+        if reference_batches is not None:
+            check_int(
+                "reference_batches",
+                reference_batches,
+                1,
+                "Pass how many held-out batches to keep (about 8k tokens is enough), or None.",
             )
         for name, fn in (("loss_fn", loss_fn), ("tokens_fn", tokens_fn)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"`{name}` must be callable or None, got {fn!r}.")
-        if isinstance(token_offset, bool) or not isinstance(token_offset, int) or token_offset < 0:
-            raise ValueError(
-                f"`token_offset` must be an int >= 0, got {token_offset!r}. Pass the tokens"
-                " the model saw before this run, or 0."
-            )
+        check_int("token_offset", token_offset, 0, "Pass the tokens seen before this run, or 0.")
         check_init_std(init_std)
         if on_probe_error not in _ON_PROBE_ERROR:
             raise ValueError(
@@ -212,15 +207,13 @@ class OvertrainingMonitor(Callback):
             raise ValueError(f"`prefix` must be a non-empty string without spaces, got {prefix!r}.")
         if reporters is not None and not all(isinstance(r, Reporter) for r in reporters):
             raise ValueError(f"`reporters` must be Reporter objects, got {list(reporters)!r}.")
-        if (
-            isinstance(cooldown_steps, bool)
-            or not isinstance(cooldown_steps, int)
-            or cooldown_steps < 0
-        ):
-            raise ValueError(
-                f"`cooldown_steps` must be an int >= 0, got {cooldown_steps!r}. Pass 0 for no"
-                " cooldown, or the branch's length, e.g. 20% of the steps between snapshots."
-            )
+        check_int(
+            "cooldown_steps",
+            cooldown_steps,
+            0,
+            "Pass 0 for no cooldown, or the branch's length, e.g. 20% of the steps between"
+            " snapshots.",
+        )
         if bool(cooldown_steps) != (cooldown_data is not None):
             raise ValueError(
                 f"`cooldown_steps={cooldown_steps}` and `cooldown_data` go together, got"
