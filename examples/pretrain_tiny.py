@@ -8,7 +8,7 @@ and an offline W&B run (``wandb sync`` uploads it later).
 
 Usage::
 
-    python examples/pretrain_tiny.py                  # about 6 minutes on 2 CPU cores
+    python examples/pretrain_tiny.py                  # about 5 minutes on 2 CPU cores
     python examples/pretrain_tiny.py --max-steps 50   # a smoke run
     python examples/pretrain_tiny.py --text my_corpus/*.txt
 """
