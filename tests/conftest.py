@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_overtrain import ModelBackup, ProbeContext
 from lightning_overtrain.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -61,6 +62,23 @@ def history_text(history: list[dict], skip: tuple[str, ...] = ("probe_seconds",)
     """A history as JSON text without the timing, to compare runs number for number
     (``==`` on the records would call the detector's NaN "no forecast yet" unequal)."""
     return json.dumps([{k: v for k, v in r.items() if k not in skip} for r in history])
+
+
+#: The init stds of the quadratic test models (`a`, `b` and a constant `gain`).
+SIGMAS = {"a": 0.3, "b": 0.1, "gain": 0.0}
+
+
+def quadratic_context(model: torch.nn.Module) -> ProbeContext:
+    """A probe context for a model whose loss is ``model.loss()`` (no data needed)."""
+    backup = ModelBackup(model)
+    return ProbeContext(
+        module=model,
+        backup=backup,
+        sigmas=[SIGMAS[n] for n in backup.names],
+        batches=[None],
+        weights=[1],
+        loss_fn=lambda module, batch: module.loss(),
+    )
 
 
 class LossRecorder(pl.Callback):

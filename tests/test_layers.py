@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_module, reference_batches
+from conftest import make_module, quadratic_context, reference_batches
 from torch import nn
 
 from lightning_overtrain import ModelBackup, NoiseProbe, ProbeContext, infer_layer_groups, naming
@@ -26,21 +26,6 @@ class Quadratic(nn.Module):
     def loss(self) -> torch.Tensor:
         quad = (self.h_a * (self.a - 1) ** 2).sum() + (self.h_b * (self.b - 1) ** 2).sum()
         return 0.5 * quad + 1.0 + 0.0 * self.gain.sum()
-
-
-SIGMAS = {"a": 0.3, "b": 0.1, "gain": 0.0}
-
-
-def quadratic_context(model: Quadratic) -> ProbeContext:
-    backup = ModelBackup(model)
-    return ProbeContext(
-        module=model,
-        backup=backup,
-        sigmas=[SIGMAS[n] for n in backup.names],
-        batches=[None],
-        weights=[1],
-        loss_fn=lambda module, batch: module.loss(),
-    )
 
 
 def raise_failure(what, exc):

@@ -3,9 +3,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import SIGMAS, quadratic_context
 from torch import nn
 
-from lightning_overtrain import ModelBackup, NoiseProbe, ProbeContext, perturb_
+from lightning_overtrain import ModelBackup, NoiseProbe, perturb_
 from lightning_overtrain.probes.noise import noise_direction_seed, summarize_noise
 from lightning_overtrain.snapshot import measure_snapshot
 
@@ -27,21 +28,6 @@ class Quadratic(nn.Module):
     def loss(self) -> torch.Tensor:
         d = torch.cat([self.a, self.b.flatten()]) - self.optimum
         return 0.5 * d @ self.hessian @ d + 1.0 + 0.0 * self.gain.sum()
-
-
-SIGMAS = {"a": 0.3, "b": 0.1, "gain": 0.0}
-
-
-def quadratic_context(model: Quadratic) -> ProbeContext:
-    backup = ModelBackup(model)
-    return ProbeContext(
-        module=model,
-        backup=backup,
-        sigmas=[SIGMAS[n] for n in backup.names],
-        batches=[None],
-        weights=[1],
-        loss_fn=lambda module, batch: module.loss(),
-    )
 
 
 def run_probe(model: Quadratic, probe: NoiseProbe) -> dict[str, float]:
