@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SIGMAS, quadratic_context
+from conftest import SIGMAS, make_module, quadratic_context
 from torch import nn
 
 from lightning_overtrain import ModelBackup, NoiseProbe, perturb_
@@ -152,8 +152,6 @@ def test_a_model_without_any_init_std_is_rejected_before_training():
 
 
 def test_the_default_loss_switches_the_kv_cache_off_and_back_on():
-    from conftest import make_module
-
     from lightning_overtrain.losses import transformers_loss
 
     model = make_module()
