@@ -2,8 +2,10 @@
 
 import json
 import math
+import random
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -40,6 +42,15 @@ def fit(tmp_path, text, callbacks, max_steps=9, seed=0, loader=None, **trainer_k
     return model, trainer, recorder.losses
 
 
+class DrawsRandomNumbers(Probe):
+    """A user probe that uses the global RNGs (as dropout in train mode would)."""
+
+    name = "random"
+
+    def run(self, ctx):
+        return {"random/draw": float(torch.rand(())) + random.random() + float(np.random.rand())}
+
+
 def test_training_is_bit_identical_with_the_monitor_on(tmp_path, code_text):
     plain_model, plain_trainer, plain_losses = fit(tmp_path / "a", code_text, [])
     plain_rng = torch.get_rng_state()
@@ -47,9 +58,12 @@ def test_training_is_bit_identical_with_the_monitor_on(tmp_path, code_text):
     shuffled_reference = DataLoader(
         ByteWindows(code_text[-8192:], CONTEXT), batch_size=8, shuffle=True
     )
-    mon = monitor(code_text, tmp_path, reference_data=shuffled_reference, reference_batches=4)
+    probes = [NoiseProbe(gammas=(0.5, 1.0), pairs=2), DrawsRandomNumbers()]
+    mon = monitor(
+        code_text, tmp_path, reference_data=shuffled_reference, reference_batches=4, probes=probes
+    )
     model, trainer, losses = fit(tmp_path / "b", code_text, [mon])
-    assert len(mon.history) == 3
+    assert len(mon.history) == 3 and all("random/draw" in r for r in mon.history)
     assert losses == plain_losses
     assert torch.equal(torch.get_rng_state(), plain_rng)
     for (name, p), q in zip(model.named_parameters(), plain_model.parameters()):
