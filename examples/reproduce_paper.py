@@ -11,8 +11,9 @@ across seeds, and checked against what the paper shows:
 
 1. for fixed gamma, the sensitivity ``delta`` rises with tokens;
 2. the perturbed loss is U-shaped, and larger gammas turn up earlier;
-3. forgetting after fine-tuning rises with tokens (the paper's headline; expected
-   *not* to show at this scale, see the README).
+3. forgetting after fine-tuning rises with tokens, and the loss after fine-tuning
+   turns upward (the paper's headline; only the first half shows at this scale,
+   see the README).
 
 Why a cooldown branch per snapshot rather than the monitor's ``cooldown_steps``:
 the paper anneals every token budget to zero lr, and a branch proportional to the
@@ -21,7 +22,8 @@ has a fixed length. The branch itself is the monitor's :class:`CooldownBranch`.
 
 Usage::
 
-    python examples/reproduce_paper.py                      # full: 3 seeds to 12.8M tokens
+    python examples/reproduce_paper.py                      # full: 3 seeds to 12.8M tokens,
+                                                            # in parallel: ~20 min on 2 cores
     python examples/reproduce_paper.py --fast               # smoke run for CI, < 60 s
     python examples/reproduce_paper.py --figure docs/reproduction.png \\
         --summary docs/reproduction.json                    # what the README shows
