@@ -30,6 +30,7 @@ from torch import nn
 
 from lightning_overtrain import naming
 from lightning_overtrain.borrow import ModelBackup, borrowed
+from lightning_overtrain.checks import check_int
 from lightning_overtrain.history import Record
 from lightning_overtrain.losses import check_loss
 from lightning_overtrain.probes.base import ProbeContext
@@ -112,11 +113,7 @@ class CooldownBranch:
         world_size: int = 1,
         seed: int = 0,
     ) -> None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(
-                f"`cooldown_steps` must be an int >= 1, got {steps!r}. Pass e.g. 20% of the"
-                " steps between snapshots."
-            )
+        check_int("cooldown_steps", steps, 1, "Pass e.g. 20% of the steps between snapshots.")
         self.steps = steps
         self.seed = seed
         self.origin = ModelBackup(module)

@@ -32,6 +32,7 @@ from torch import nn
 
 from lightning_overtrain import naming
 from lightning_overtrain.borrow import borrowed, check_batches_argument, seeded_rng, take_batches
+from lightning_overtrain.checks import check_positive_numbers
 from lightning_overtrain.losses import LossFn, check_loss, loss_sums
 from lightning_overtrain.probes.base import Probe, ProbeContext, ProbeFailure
 from lightning_overtrain.tokens import TokensFn, checked_token_count, count_tokens
@@ -341,20 +342,9 @@ class FineTuneProbe(Probe):
                 f"`steps` must be an int >= 1, got {steps!r}. Pass the fine-tune budget in"
                 " optimizer steps, e.g. steps=100."
             )
-        lrs = (lrs,) if isinstance(lrs, (int, float)) else tuple(lrs)
-        if not lrs or any(
-            isinstance(lr, bool)
-            or not isinstance(lr, (int, float))
-            or not math.isfinite(lr)
-            or lr <= 0
-            for lr in lrs
-        ):
-            raise ValueError(
-                f"`lrs` must be one or more learning rates > 0, got {lrs!r}."
-                " Pass e.g. lrs=(1e-4, 1e-3)."
-            )
-        if len(set(lrs)) != len(lrs):
-            raise ValueError(f"`lrs` has duplicates: {lrs!r}. List each learning rate once.")
+        lrs = check_positive_numbers(
+            "lrs", lrs, "one or more learning rates > 0", "Pass e.g. lrs=(1e-4, 1e-3)."
+        )
         for argument, fn in (
             ("optimizer", optimizer),
             ("metric_inputs", metric_inputs),

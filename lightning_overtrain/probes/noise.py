@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lightning_overtrain import naming
+from lightning_overtrain.checks import check_positive_numbers
 from lightning_overtrain.layers import LayerGroups, group_parameters
 from lightning_overtrain.probes.base import Probe, ProbeContext, ProbeFailure
 
@@ -277,17 +278,9 @@ class NoiseProbe(Probe):
 
 
 def _checked_gammas(gammas: float | Sequence[float], argument: str) -> tuple[float, ...]:
-    if isinstance(gammas, (int, float)):
-        gammas = (gammas,)
-    gammas = tuple(gammas)
-    if not gammas or any(
-        isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g <= 0
-        for g in gammas
-    ):
-        raise ValueError(
-            f"`{argument}` must be a non-empty sequence of numbers > 0, got {gammas!r}."
-            " Pass noise magnitudes relative to the init std, e.g. gammas=(0.25, 0.5, 1.0)."
-        )
-    if len(set(gammas)) != len(gammas):
-        raise ValueError(f"`{argument}` has duplicates: {gammas!r}. List each magnitude once.")
-    return gammas
+    return check_positive_numbers(
+        argument,
+        gammas,
+        "a non-empty sequence of numbers > 0",
+        "Pass noise magnitudes relative to the init std, e.g. gammas=(0.25, 0.5, 1.0).",
+    )
