@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import CONTEXT, make_module, reference_batches
+from conftest import CONTEXT, make_module, make_trainer, reference_batches
 
 from lightning_overtrain import InflectionPolicy, NoiseProbe, OvertrainingMonitor, Probe
 from lightning_overtrain.demo import ByteWindows, stdlib_code
@@ -101,18 +101,13 @@ def main() -> None:
         dirpath=args.out,
         policy=policy,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = make_trainer(
+        args.out,
+        [monitor, WriteHistory(monitor, args.out)],
+        max_steps=args.max_steps,
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
-        max_steps=args.max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         use_distributed_sampler=False,
-        deterministic=True,
-        callbacks=[monitor, WriteHistory(monitor, args.out)],
     )
     trainer.fit(make_module(0), loader)
 

@@ -370,18 +370,13 @@ def fit_on(devices, tmp_path, code_text, prose_text):
         cooldown_data=cooldown,
         dirpath=out,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = make_trainer(
+        out,
+        [monitor, SaveHistory(monitor, out)],
+        max_steps=4,
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
-        max_steps=4,
         use_distributed_sampler=False,
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[monitor, SaveHistory(monitor, out)],
     )
     trainer.fit(make_module(), datamodule=RankData(code_text[: 16 * CONTEXT * 4], devices))
     return [json.loads((out / f"rank{r}.json").read_text())["history"] for r in range(devices)]
