@@ -1,6 +1,6 @@
 """Validate the inflection detector and the forecast at their defaults on synthetic curves.
 
-For each noise setting and curve kind (``lightning_overtrain.synthetic``, 32 log-spaced
+For each noise setting and curve kind (``lightning_overtrain.testing.synthetic``, 32 log-spaced
 snapshots over 1e6..1e10 tokens) it measures, in two tables:
 
 Detection (``crossed``, decided on the perturbed loss alone):
@@ -52,16 +52,15 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from lightning_overtrain.inflection import (
+from lightning_overtrain.inflection.crossing import (
     DEFAULT_FORECAST_LEVEL,
     DEFAULT_MIN_POINTS,
     DEFAULT_NOISE_SIGMAS,
     DEFAULT_PATIENCE,
-    InflectionDetector,
-    fit_forecast,
-    fit_forecast_decomposed,
 )
-from lightning_overtrain.synthetic import make_curve
+from lightning_overtrain.inflection.detector import InflectionDetector
+from lightning_overtrain.inflection.forecast import fit_forecast, fit_forecast_decomposed
+from lightning_overtrain.testing.synthetic import make_curve
 
 N_POINTS = 32  # 1e6..1e10 tokens, 1.35x apart: a little denser than a sqrt(2) cadence
 WINDOW = 6  # "within a few snapshots" of the true bottom

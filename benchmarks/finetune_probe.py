@@ -36,9 +36,9 @@ from torch.utils.data import DataLoader
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_overtrain import FineTuneProbe, ModelBackup, ProbeContext
-from lightning_overtrain.cooldown import CooldownBranch
-from lightning_overtrain.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
-from lightning_overtrain.losses import transformers_loss
+from lightning_overtrain.engine.losses import transformers_loss
+from lightning_overtrain.probes.cooldown import CooldownBranch
+from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONTEXT = 128

@@ -26,10 +26,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_overtrain import ModelBackup, NoiseProbe, ProbeContext
-from lightning_overtrain.demo import ByteWindows, TinyCausalLM, stdlib_code
-from lightning_overtrain.losses import loss_sums, transformers_loss
+from lightning_overtrain.engine.losses import loss_sums, transformers_loss
+from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.probes.noise import noise_direction_seed, perturb_
-from lightning_overtrain.snapshot import measure_snapshot
+from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, stdlib_code
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GAMMAS, PAIRS = (0.25, 0.5, 1.0), 4

@@ -2,7 +2,7 @@
 
 ``monitor_cli.yaml`` puts :class:`OvertrainingMonitor` and its probes under
 ``trainer.callbacks`` with ``class_path``/``init_args``, like any Lightning
-callback. The model is the tiny byte-level GPT of ``lightning_overtrain.demo``;
+callback. The model is the tiny byte-level GPT of ``lightning_overtrain.testing.demo``;
 the data, the Python standard library's sources with the held-out tail as the
 monitor's reference set. Plots land in ``<log dir>/overtrain/plots``.
 
@@ -30,7 +30,8 @@ from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader
 
 from lightning_overtrain import OvertrainingMonitor
-from lightning_overtrain.demo import ByteWindows, TinyCausalLM, split_text, stdlib_code
+from lightning_overtrain.cli.text import split_text
+from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, stdlib_code
 
 HELD_OUT = 0.02
 

@@ -26,14 +26,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader
 
 from lightning_overtrain import FineTuneProbe, NoiseProbe, OvertrainingMonitor
-from lightning_overtrain.demo import (
-    ByteWindows,
-    TinyCausalLM,
-    english_prose,
-    read_text_files,
-    split_text,
-    stdlib_code,
-)
+from lightning_overtrain.cli.text import read_text_files, split_text
+from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
 
 
 def parse_args() -> argparse.Namespace:

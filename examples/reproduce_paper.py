@@ -58,22 +58,17 @@ from lightning_overtrain import (
     ProbeContext,
     count_tokens,
     init_std_from_weights,
-    naming,
+    keys,
     read_history,
     transformers_loss,
     write_history,
 )
-from lightning_overtrain.cooldown import CooldownBranch
-from lightning_overtrain.demo import (
-    ByteWindows,
-    TinyCausalLM,
-    english_prose,
-    split_text,
-    stdlib_code,
-)
+from lightning_overtrain.cli.text import split_text
+from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.history import Record
-from lightning_overtrain.inflection import InflectionDetector
-from lightning_overtrain.snapshot import measure_snapshot
+from lightning_overtrain.inflection.detector import InflectionDetector
+from lightning_overtrain.probes.cooldown import CooldownBranch
+from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
 
 
 @dataclass(frozen=True)
@@ -192,7 +187,7 @@ class CooledSnapshots(pl.Callback):
         def failed(what: str, exc: Exception) -> None:
             raise RuntimeError(f"the {what} probe failed at step {step}") from exc
 
-        record: Record = {naming.TOKENS: step * self.settings.tokens_per_step, naming.STEP: step}
+        record: Record = {keys.TOKENS: step * self.settings.tokens_per_step, keys.STEP: step}
         record.update(
             measure_snapshot(
                 self._context(pl_module),
@@ -201,14 +196,14 @@ class CooledSnapshots(pl.Callback):
                 cooldown=lambda ctx: branch.branch(ctx, optimizer),
             )
         )
-        record[naming.PROBE_SECONDS] = time.perf_counter() - start
+        record[keys.PROBE_SECONDS] = time.perf_counter() - start
         self.history.append(record)
         write_history(self.history, self.out)
-        gamma1 = record.get(naming.noise_key(max(self.settings.gammas), "perturbed_loss"))
+        gamma1 = record.get(keys.noise_key(max(self.settings.gammas), "perturbed_loss"))
         print(
-            f"  seed {self.seed}  {record[naming.TOKENS]:>11,} tokens  cooled loss"
-            f" {record[naming.REFERENCE_LOSS]:.4f}  perturbed (gamma={max(self.settings.gammas):g})"
-            f" {gamma1:.4f}  [{record[naming.PROBE_SECONDS]:.0f}s]",
+            f"  seed {self.seed}  {record[keys.TOKENS]:>11,} tokens  cooled loss"
+            f" {record[keys.REFERENCE_LOSS]:.4f}  perturbed (gamma={max(self.settings.gammas):g})"
+            f" {gamma1:.4f}  [{record[keys.PROBE_SECONDS]:.0f}s]",
             flush=True,
         )
 
@@ -324,10 +319,10 @@ def pretrain(seed: int, s: Settings, data: dict[str, Any], out: str) -> list[Rec
 # ---------------------------------------------------------------------- analysis
 def curves(histories: list[list[Record]]) -> dict[str, dict[str, list[float]]]:
     """Per metric: the mean over seeds, its standard error across seeds, each seed's values."""
-    keys = [k for k in histories[0][0] if k not in (naming.TOKENS, naming.STEP)]
+    names = [k for k in histories[0][0] if k not in (keys.TOKENS, keys.STEP)]
     out = {}
-    for key in keys:
-        if key.endswith("_stderr") or key == naming.PROBE_SECONDS:
+    for key in names:
+        if key.endswith("_stderr") or key == keys.PROBE_SECONDS:
             continue
         values = np.array([[r[key] for r in h] for h in histories], dtype=float)
         se = values.std(axis=0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else None
@@ -366,14 +361,14 @@ def checks(tokens: list[int], c: dict, s: Settings) -> dict[str, Any]:
     n_seeds = len(s.seeds)
     result: dict[str, Any] = {"delta_rises": {}, "perturbed_loss_turns_up": {}, "forgetting": {}}
     for gamma in s.gammas:
-        per_seed = np.array(c[naming.noise_key(gamma, "delta")]["per_seed"])
+        per_seed = np.array(c[keys.noise_key(gamma, "delta")]["per_seed"])
         rising = np.diff(per_seed, axis=1) > 0
         result["delta_rises"][f"{gamma:g}"] = {
             "rising_neighbour_pairs": f"{int(rising.sum())}/{rising.size}",
             "spearman_per_seed": [round(spearman(tokens, d), 3) for d in per_seed],
             "last_over_first": float(np.mean(per_seed[:, -1] / per_seed[:, 0])),
         }
-        loss = c[naming.noise_key(gamma, "perturbed_loss")]
+        loss = c[keys.noise_key(gamma, "perturbed_loss")]
         seeds = [turn_up(tokens, v, None) for v in loss["per_seed"]]
         rises = np.array([x["rise_after_bottom"] for x in seeds])
         mean = turn_up(tokens, loss["mean"], loss["se"] if n_seeds > 1 else None)
@@ -385,7 +380,7 @@ def checks(tokens: list[int], c: dict, s: Settings) -> dict[str, Any]:
         mean["seeds_crossed"] = sum(x["crossed"] for x in seeds)
         result["perturbed_loss_turns_up"][f"{gamma:g}"] = mean
     for lr in s.finetune_lrs:
-        per_seed = np.array(c[naming.finetune_key(lr, "forgetting")]["per_seed"])
+        per_seed = np.array(c[keys.finetune_key(lr, "forgetting")]["per_seed"])
         result["forgetting"][f"{lr:g}"] = {
             "spearman_per_seed": [round(spearman(tokens, f), 3) for f in per_seed],
             "first": float(per_seed[:, 0].mean()),
@@ -399,14 +394,14 @@ def checks(tokens: list[int], c: dict, s: Settings) -> dict[str, Any]:
 def figure(tokens: list[int], c: dict, result: dict, s: Settings, params: int, path: str) -> None:
     from matplotlib.figure import Figure
 
-    from lightning_overtrain.plots import plot_signal
+    from lightning_overtrain.reporting.figures import plot_signal
 
-    records: list[dict[str, float]] = [{naming.TOKENS: t} for t in tokens]
+    records: list[dict[str, float]] = [{keys.TOKENS: t} for t in tokens]
     for key, curve in c.items():
         for record, mean, se in zip(records, curve["mean"], curve["se"]):
             record[key], record[key + "_stderr"] = mean, se
     for gamma, found in result["perturbed_loss_turns_up"].items():
-        prefix = f"inflection/{naming.noise_key(float(gamma), 'perturbed_loss')}/"
+        prefix = f"inflection/{keys.noise_key(float(gamma), 'perturbed_loss')}/"
         records[-1][prefix + "crossed"] = float(found["crossed"])
         records[-1][prefix + "bottom_tokens"] = found["detector_bottom_tokens"] or math.nan
 
@@ -417,20 +412,20 @@ def figure(tokens: list[int], c: dict, result: dict, s: Settings, params: int, p
     band = f"mean ± s.e. over {n} seeds" if n > 1 else "one seed"
     ax = axes[0, 0]
     for g in s.gammas:
-        plot_signal(ax, records, naming.noise_key(g, "delta"), label=f"γ={g:g}", color=colors[g])
+        plot_signal(ax, records, keys.noise_key(g, "delta"), label=f"γ={g:g}", color=colors[g])
     ax.set_yscale("log")
     _finish(ax, "δ = E[L(θ+ε)] − L(θ)", f"1. Sensitivity rises with tokens ({band})", params)
     ax = axes[0, 1]
-    plot_signal(ax, records, naming.REFERENCE_LOSS, label="no noise", color="black")
+    plot_signal(ax, records, keys.REFERENCE_LOSS, label="no noise", color="black")
     for g in s.gammas:
-        key = naming.noise_key(g, "perturbed_loss")
+        key = keys.noise_key(g, "perturbed_loss")
         plot_signal(ax, records, key, label=f"γ={g:g}", color=colors[g])
     _finish(
         ax, "loss (cooled branch)", "2. Perturbed loss: U-shaped, larger γ turns earlier", params
     )
     ax = axes[1, 0]
     g = max(s.gammas)
-    key = naming.noise_key(g, "perturbed_loss")
+    key = keys.noise_key(g, "perturbed_loss")
     for k, values in enumerate(c[key]["per_seed"]):
         ax.plot(tokens, values, marker="o", markersize=3, alpha=0.8, label=f"seed {s.seeds[k]}")
     _finish(
@@ -439,7 +434,7 @@ def figure(tokens: list[int], c: dict, result: dict, s: Settings, params: int, p
     ax = axes[1, 1]
     lr_colors = ("#e7298a", "#66a61e", "#e6ab02")
     for lr, color in zip(s.finetune_lrs, lr_colors):
-        key = naming.finetune_key(lr, "forgetting")
+        key = keys.finetune_key(lr, "forgetting")
         plot_signal(ax, records, key, label=f"lr={lr:g}", color=color)
     _finish(
         ax,
@@ -512,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cpu = [round(c, 1) for _, c in runs if c is not None]
     seconds = time.perf_counter() - start
 
-    tokens = [int(r[naming.TOKENS]) for r in histories[0]]
+    tokens = [int(r[keys.TOKENS]) for r in histories[0]]
     params = sum(p.numel() for p in TinyCausalLM(**_model_kwargs(s)).parameters())
     c = curves(histories)
     result = checks(tokens, c, s)

@@ -5,16 +5,15 @@ Public API::
     from lightning_overtrain import OvertrainingMonitor, NoiseProbe
 """
 
-from lightning_overtrain.borrow import ModelBackup, borrowed
-from lightning_overtrain.cadence import Cadence
+from lightning_overtrain.callbacks.cadence import Cadence
 from lightning_overtrain.callbacks.monitor import OvertrainingMonitor
+from lightning_overtrain.engine.backup import ModelBackup, borrowed
+from lightning_overtrain.engine.init_std import init_std_from_weights
+from lightning_overtrain.engine.losses import transformers_loss
+from lightning_overtrain.engine.tokens import count_tokens
 from lightning_overtrain.history import read_history, write_history
-from lightning_overtrain.inflection import InflectionDetector, InflectionState
-from lightning_overtrain.init_scale import init_std_from_weights
-from lightning_overtrain.layers import infer_layer_groups
-from lightning_overtrain.losses import transformers_loss
-from lightning_overtrain.plots import render_figures, write_figures
-from lightning_overtrain.policy import Decision, InflectionPolicy
+from lightning_overtrain.inflection.detector import InflectionDetector, InflectionState
+from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
 from lightning_overtrain.probes import (
     FineTuneProbe,
     NoiseProbe,
@@ -23,14 +22,15 @@ from lightning_overtrain.probes import (
     ProbeFailure,
     perturb_,
 )
-from lightning_overtrain.reporters import (
+from lightning_overtrain.probes.layers import infer_layer_groups
+from lightning_overtrain.reporting import (
     FileReporter,
     LoggerReporter,
     PlotReporter,
     Reporter,
     WandbReporter,
 )
-from lightning_overtrain.tokens import count_tokens
+from lightning_overtrain.reporting.figures import render_figures, write_figures
 
 __version__ = "0.1.0.dev0"
 

@@ -1,6 +1,6 @@
 """The monitor's history: one flat record per snapshot, and its files.
 
-A record maps relative metric keys (see :mod:`lightning_overtrain.naming`) to
+A record maps relative metric keys (see :mod:`lightning_overtrain.keys`) to
 numbers. The history is written whole at every snapshot as ``history.jsonl`` and
 ``history.csv``, so a resumed run's files hold the curves from the start.
 """
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 Record = dict[str, float]
+SETTINGS_FILE = "monitor.json"  # the run's settings, beside its history
 
 
 def columns(records: Sequence[Record]) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_overtrain import ModelBackup, ProbeContext
-from lightning_overtrain.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
+from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import CONTEXT, make_module, make_trainer, reference_batches
 
 from lightning_overtrain import InflectionPolicy, NoiseProbe, OvertrainingMonitor, Probe
-from lightning_overtrain.demo import ByteWindows, stdlib_code
+from lightning_overtrain.testing.demo import ByteWindows, stdlib_code
 
 GLOBAL_BATCH = 16
 

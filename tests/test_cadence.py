@@ -1,6 +1,6 @@
 import pytest
 
-from lightning_overtrain.cadence import Cadence
+from lightning_overtrain.callbacks.cadence import Cadence
 
 
 def test_every_n_steps_is_due_on_multiples_only():

@@ -30,11 +30,13 @@ from conftest import (
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_overtrain import FineTuneProbe, NoiseProbe, OvertrainingMonitor, naming, read_history
-from lightning_overtrain import cli as cli_module
-from lightning_overtrain.cli import main
-from lightning_overtrain.demo import ByteWindows, split_text
-from lightning_overtrain.policy import InflectionPolicy
+from lightning_overtrain import FineTuneProbe, NoiseProbe, OvertrainingMonitor, keys, read_history
+from lightning_overtrain.cli import probe as probe_module
+from lightning_overtrain.cli import report as report_module
+from lightning_overtrain.cli.main import main
+from lightning_overtrain.cli.text import split_text
+from lightning_overtrain.inflection.policy import InflectionPolicy
+from lightning_overtrain.testing.demo import ByteWindows
 
 EVERY = 4
 STEPS = 12
@@ -42,7 +44,7 @@ BATCH = 8
 GAMMAS = ("0.5", "1.0")
 PAIRS = 2
 FINETUNE_STEPS = 2
-MODULE_CLASS = "lightning_overtrain.demo:TinyCausalLM"
+MODULE_CLASS = "lightning_overtrain.testing.demo:TinyCausalLM"
 
 
 class SavePretrained(pl.Callback):
@@ -137,15 +139,15 @@ def probe_args(series: dict[str, Any], out: Path, *checkpoints: str) -> list[str
 
 
 def assert_same_numbers(cli_history: list[dict], live_history: list[dict]) -> None:
-    live = {r[naming.TOKENS]: r for r in live_history}
-    assert [r[naming.TOKENS] for r in cli_history] == sorted(live)
+    live = {r[keys.TOKENS]: r for r in live_history}
+    assert [r[keys.TOKENS] for r in cli_history] == sorted(live)
     for record in cli_history:
-        expected = live[record[naming.TOKENS]]
-        assert record[naming.STEP] == expected[naming.STEP]
-        keys = [k for k in expected if "/" in k or k == naming.REFERENCE_LOSS]
-        assert "finetune/lr=0.001/forgetting" in keys and "best/tokens" in keys
-        assert "inflection/noise/gamma=1/perturbed_loss/bottom_tokens" in keys
-        for key in keys:
+        expected = live[record[keys.TOKENS]]
+        assert record[keys.STEP] == expected[keys.STEP]
+        names = [k for k in expected if "/" in k or k == keys.REFERENCE_LOSS]
+        assert "finetune/lr=0.001/forgetting" in names and "best/tokens" in names
+        assert "inflection/noise/gamma=1/perturbed_loss/bottom_tokens" in names
+        for key in names:
             got, want = record[key], expected[key]
             # NaN: the detector's "not yet" (no forecast), the same in both.
             same = math.isnan(got) and math.isnan(want)
@@ -183,8 +185,8 @@ def test_rerun_skips_checkpoints_already_probed(series, tmp_path, monkeypatch):
     assert len(first) == 2  # step 0 gives the init std only
 
     calls = []
-    real = cli_module.measure_snapshot
-    monkeypatch.setattr(cli_module, "measure_snapshot", lambda *a: calls.append(1) or real(*a))
+    real = probe_module.measure_snapshot
+    monkeypatch.setattr(probe_module, "measure_snapshot", lambda *a: calls.append(1) or real(*a))
     assert main([*probe_args(series, out, series["hf_dir"]), *tokens]) == 0
     second = read_history(str(out / "history.jsonl"))
     assert len(calls) == 1 and len(second) == 3
@@ -254,7 +256,7 @@ def test_checkpoints_missing_from_the_tokens_map_are_listed(series, tmp_path, ca
     assert main([*args, "--init-std", "0.02"]) == 1
     err = capsys.readouterr().err
     assert "step-0012: not in --tokens-map" in err
-    assert [r[naming.TOKENS] for r in read_history(str(out / "history.jsonl"))] == [1024, 2048]
+    assert [r[keys.TOKENS] for r in read_history(str(out / "history.jsonl"))] == [1024, 2048]
 
 
 def test_lightning_checkpoints_without_the_module_class_are_a_clear_error(series, tmp_path, capsys):
@@ -365,17 +367,17 @@ def test_the_verdict_says_crossed_or_why_not():
     for name, values in (("u", u_shape), ("falling", falling), ("short", falling[:3])):
         history = [
             {
-                naming.TOKENS: t,
+                keys.TOKENS: t,
                 "noise/gamma=1/perturbed_loss": v,
                 "noise/gamma=1/perturbed_loss_stderr": 0.01,
             }
             for t, v in zip(tokens, values)
         ]
         policy = InflectionPolicy()
-        cli_module.judge(history, policy)
+        report_module.judge(history, policy)
         (detector,) = policy.detectors.values()
         key = "noise/gamma=1/perturbed_loss"
-        verdicts[name] = cli_module.describe_inflection(key, detector.state, policy.patience)
+        verdicts[name] = report_module.describe_inflection(key, detector.state, policy.patience)
     assert "CROSSED at" in verdicts["u"] and "bottom at 16M tokens" in verdicts["u"]
     assert "no rise above the bottom" in verdicts["falling"]
     assert "needs more" not in verdicts["falling"]

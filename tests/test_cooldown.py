@@ -18,10 +18,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_overtrain import FineTuneProbe, ModelBackup, NoiseProbe, OvertrainingMonitor
-from lightning_overtrain.cooldown import CooldownBranch, copy_optimizer
-from lightning_overtrain.demo import ByteWindows
-from lightning_overtrain.losses import transformers_loss
-from lightning_overtrain.probes.base import ProbeContext, ProbeFailure
+from lightning_overtrain.engine.contract import ProbeContext, ProbeFailure
+from lightning_overtrain.engine.losses import transformers_loss
+from lightning_overtrain.probes.cooldown import CooldownBranch, copy_optimizer
+from lightning_overtrain.testing.demo import ByteWindows
 
 
 class Regression(nn.Module):

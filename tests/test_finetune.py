@@ -25,9 +25,9 @@ from lightning_overtrain import (
     OvertrainingMonitor,
     ProbeContext,
 )
-from lightning_overtrain.demo import ByteWindows
-from lightning_overtrain.losses import transformers_loss
-from lightning_overtrain.snapshot import measure_snapshot
+from lightning_overtrain.engine.losses import transformers_loss
+from lightning_overtrain.engine.snapshot import measure_snapshot
+from lightning_overtrain.testing.demo import ByteWindows
 
 LRS = (3e-4, 1e-3)
 

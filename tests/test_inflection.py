@@ -4,15 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from lightning_overtrain.inflection import (
-    InflectionDetector,
-    InflectionState,
-    detect_crossing,
-    estimate_noise,
-    fit_forecast,
-    fit_forecast_decomposed,
-)
-from lightning_overtrain.synthetic import KINDS, make_curve
+from lightning_overtrain.inflection.crossing import detect_crossing, estimate_noise
+from lightning_overtrain.inflection.detector import InflectionDetector, InflectionState
+from lightning_overtrain.inflection.forecast import fit_forecast, fit_forecast_decomposed
+from lightning_overtrain.testing.synthetic import KINDS, make_curve
 
 TOKENS = np.geomspace(1e6, 1e10, 32)
 

@@ -5,10 +5,10 @@ import torch
 from conftest import make_module, quadratic_context, reference_batches
 from torch import nn
 
-from lightning_overtrain import ModelBackup, NoiseProbe, ProbeContext, infer_layer_groups, naming
-from lightning_overtrain.layers import group_parameters
-from lightning_overtrain.losses import transformers_loss
-from lightning_overtrain.snapshot import measure_snapshot
+from lightning_overtrain import ModelBackup, NoiseProbe, ProbeContext, infer_layer_groups, keys
+from lightning_overtrain.engine.losses import transformers_loss
+from lightning_overtrain.engine.snapshot import measure_snapshot
+from lightning_overtrain.probes.layers import group_parameters
 
 
 class Quadratic(nn.Module):
@@ -123,8 +123,8 @@ def test_one_group_of_everything_reproduces_the_whole_model_delta():
     probe.validate(ctx)
     record = measure_snapshot(ctx, [probe], raise_failure)
     for quantity in ("perturbed_loss", "delta", "delta_stderr"):
-        whole = record[naming.noise_key(0.5, quantity)]
-        assert record[naming.layer_noise_key(0.5, "all", quantity)] == whole
+        whole = record[keys.noise_key(0.5, quantity)]
+        assert record[keys.layer_noise_key(0.5, "all", quantity)] == whole
 
 
 def test_each_group_is_measured_alone_and_put_back_before_the_next():
@@ -135,9 +135,9 @@ def test_each_group_is_measured_alone_and_put_back_before_the_next():
         ctx = quadratic_context(Quadratic())
         probe.validate(ctx)
         results.append(measure_snapshot(ctx, [probe], raise_failure))
-    key = naming.layer_noise_key(1.0, "b", "delta")
+    key = keys.layer_noise_key(1.0, "b", "delta")
     assert results[1][key] == results[0][key]
-    assert results[1][naming.layer_noise_key(1.0, "a", "delta")] != results[1][key]
+    assert results[1][keys.layer_noise_key(1.0, "a", "delta")] != results[1][key]
 
 
 def test_per_layer_delta_matches_the_second_order_prediction_per_tensor():
@@ -148,7 +148,7 @@ def test_per_layer_delta_matches_the_second_order_prediction_per_tensor():
     probe.validate(ctx)
     record = measure_snapshot(ctx, [probe], raise_failure)
     expected = 0.5 * 0.1**2 * 0.3**2 * float(model.h_a.sum())
-    got = record[naming.layer_noise_key(0.1, "a", "delta")]
+    got = record[keys.layer_noise_key(0.1, "a", "delta")]
     assert got == pytest.approx(expected, rel=0.25)
 
 
@@ -168,10 +168,10 @@ def test_gpt2_per_layer_keys_parse_for_a_tokens_by_layers_chart():
     # GPT-2 ties its head to the embeddings: the inferred head holds only ln_f (no noise).
     assert probe.config()["layer_groups"] == ["embeddings", "h.0", "h.1"]
     record = measure_snapshot(ctx, [probe], raise_failure)
-    parsed = {naming.parse_layer_noise_key(k) for k in record} - {None}
+    parsed = {keys.parse_layer_noise_key(k) for k in record} - {None}
     assert {(gamma, group) for gamma, group, q in parsed if q == "delta"} == {
         (1.0, "embeddings"),
         (1.0, "h.0"),
         (1.0, "h.1"),
     }
-    assert naming.parse_layer_noise_key("noise/gamma=1/delta") is None
+    assert keys.parse_layer_noise_key("noise/gamma=1/delta") is None

@@ -21,8 +21,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from lightning_overtrain import NoiseProbe, OvertrainingMonitor, Probe
-from lightning_overtrain.demo import ByteWindows
 from lightning_overtrain.history import read_history
+from lightning_overtrain.testing.demo import ByteWindows
 
 
 def monitor(text: bytes, tmp_path, **kwargs) -> OvertrainingMonitor:

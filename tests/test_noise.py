@@ -7,8 +7,8 @@ from conftest import SIGMAS, make_module, quadratic_context
 from torch import nn
 
 from lightning_overtrain import ModelBackup, NoiseProbe, perturb_
+from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.probes.noise import noise_direction_seed, summarize_noise
-from lightning_overtrain.snapshot import measure_snapshot
 
 
 class Quadratic(nn.Module):
@@ -152,7 +152,7 @@ def test_a_model_without_any_init_std_is_rejected_before_training():
 
 
 def test_the_default_loss_switches_the_kv_cache_off_and_back_on():
-    from lightning_overtrain.losses import transformers_loss
+    from lightning_overtrain.engine.losses import transformers_loss
 
     model = make_module()
     seen = []

@@ -13,9 +13,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from matplotlib.collections import QuadMesh
 from matplotlib.patches import Rectangle
 
-from lightning_overtrain import NoiseProbe, OvertrainingMonitor, plots
+from lightning_overtrain import NoiseProbe, OvertrainingMonitor
 from lightning_overtrain.history import read_history, write_history
-from lightning_overtrain.reporters.plots import PlotReporter
+from lightning_overtrain.reporting import figures
+from lightning_overtrain.reporting.png import PlotReporter
 
 PERTURBED = "noise/gamma=1/perturbed_loss"
 FT_LOSS = "finetune/lr=0.001/reference_loss_after"
@@ -68,32 +69,34 @@ def spans(ax):
 
 
 def test_draws_only_the_figures_the_records_have_data_for():
-    assert plots.render_figures([]) == {}
-    assert set(plots.render_figures(history(noise=False))) == {"noise"}  # the reference loss alone
-    assert set(plots.render_figures(history())) == {"noise"}
-    both = plots.render_figures(history(finetune=True, layers=True))
+    assert figures.render_figures([]) == {}
+    assert set(figures.render_figures(history(noise=False))) == {
+        "noise"
+    }  # the reference loss alone
+    assert set(figures.render_figures(history())) == {"noise"}
+    both = figures.render_figures(history(finetune=True, layers=True))
     assert set(both) == {"noise", "finetune", "layers"}
     only_finetune = [
         {k: v for k, v in r.items() if not k.startswith("noise")} for r in history(finetune=True)
     ]
-    assert set(plots.render_figures(only_finetune)) == {"noise", "finetune"}
+    assert set(figures.render_figures(only_finetune)) == {"noise", "finetune"}
 
 
 def test_every_curve_is_against_log_tokens():
-    figures = plots.render_figures(history(finetune=True, layers=True))
-    for name, fig in figures.items():
+    rendered = figures.render_figures(history(finetune=True, layers=True))
+    for name, fig in rendered.items():
         for ax in fig.axes:
             if ax.get_label() != "<colorbar>":
                 assert ax.get_xscale() == "log", name
 
 
 def test_noise_figure_plots_each_gamma_and_the_reference():
-    fig = plots.noise_figure(history())
+    fig = figures.noise_figure(history())
     loss_ax, delta_ax = fig.axes
     labels = [line.get_label() for line in loss_ax.lines]
     assert labels == ["reference", "γ=0.5", "γ=1"]
     assert [line.get_label() for line in delta_ax.lines] == ["γ=0.5", "γ=1"]
-    tokens, values, _ = plots.series(history(), "noise/gamma=1/delta")
+    tokens, values, _ = figures.series(history(), "noise/gamma=1/delta")
     assert list(delta_ax.lines[1].get_xdata()) == tokens
     assert list(delta_ax.lines[1].get_ydata()) == values
 
@@ -102,7 +105,7 @@ def test_finetune_figure_draws_the_panels_present_in_any_subset():
     records = [
         {k: v for k, v in r.items() if "downstream" not in k} for r in history(finetune=True)
     ]
-    fig = plots.finetune_figure(records)
+    fig = figures.finetune_figure(records)
     assert [ax.get_title() for ax in fig.axes] == [
         "forgetting (pretraining loss rise)",
         "pretraining loss after fine-tuning",
@@ -111,7 +114,7 @@ def test_finetune_figure_draws_the_panels_present_in_any_subset():
 
 
 def test_inflection_bottom_and_forecast_interval_are_marked():
-    fig = plots.noise_figure(history(marks=True))
+    fig = figures.noise_figure(history(marks=True))
     loss_ax = fig.axes[0]
     assert vertical_lines(loss_ax) == [2e6]  # the forecast T*
     (span,) = spans(loss_ax)
@@ -125,19 +128,19 @@ def test_inflection_bottom_and_forecast_interval_are_marked():
 
 
 def test_no_marks_without_inflection_keys():
-    loss_ax = plots.noise_figure(history())
+    loss_ax = figures.noise_figure(history())
     assert vertical_lines(loss_ax.axes[0]) == [] and spans(loss_ax.axes[0]) == []
 
 
 def test_inflection_reads_the_latest_values_and_an_open_interval():
     records = history(marks=True)
-    mark = plots.inflection(records, PERTURBED)
-    assert mark == plots.Inflection(True, 1e6, 2e6, 8e5, None)
-    assert plots.inflection(records[:-1], PERTURBED).crossed is False
-    assert plots.inflection(records, "noise/gamma=0.5/perturbed_loss") is None
+    mark = figures.inflection(records, PERTURBED)
+    assert mark == figures.Inflection(True, 1e6, 2e6, 8e5, None)
+    assert figures.inflection(records[:-1], PERTURBED).crossed is False
+    assert figures.inflection(records, "noise/gamma=0.5/perturbed_loss") is None
     # Through history.jsonl an infinite bound becomes null, then NaN: still open.
     records[-1][f"inflection/{PERTURBED}/forecast_high"] = float("nan")
-    assert plots.inflection(records, PERTURBED).forecast_high is None
+    assert figures.inflection(records, PERTURBED).forecast_high is None
 
 
 def test_series_skips_missing_non_finite_and_zero_tokens():
@@ -148,12 +151,12 @@ def test_series_skips_missing_non_finite_and_zero_tokens():
         {"tokens": 30, "x": 2.0, "x_stderr": 0.1},
         {"tokens": 40, "x": 3.0},
     ]
-    assert plots.series(records, "x") == ([30.0, 40.0], [2.0, 3.0], [0.1, None])
+    assert figures.series(records, "x") == ([30.0, 40.0], [2.0, 3.0], [0.1, None])
 
 
 def test_layer_heatmap_is_tokens_by_layer():
     records = history(n=5, layers=True)
-    fig = plots.layers_figure(records)
+    fig = figures.layers_figure(records)
     heatmaps = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     meshes = [c for ax in heatmaps for c in ax.collections if isinstance(c, QuadMesh)]
     assert len(meshes) == 2  # one per gamma
@@ -167,7 +170,7 @@ def test_layer_heatmap_is_tokens_by_layer():
 
 
 def test_write_figures_writes_pngs_atomically(tmp_path):
-    paths = plots.write_figures(history(finetune=True), str(tmp_path / "plots"))
+    paths = figures.write_figures(history(finetune=True), str(tmp_path / "plots"))
     assert set(paths) == {"noise", "finetune"}
     for path in paths.values():
         with open(path, "rb") as f:
@@ -177,10 +180,10 @@ def test_write_figures_writes_pngs_atomically(tmp_path):
 
 def test_render_pngs_reuses_a_render_of_the_same_history_only():
     records = history(n=4)
-    first = plots.render_pngs(records)
-    assert plots.render_pngs(records) is first
+    first = figures.render_pngs(records)
+    assert figures.render_pngs(records) is first
     records.append(history(n=5)[-1])
-    assert plots.render_pngs(records) is not first
+    assert figures.render_pngs(records) is not first
 
 
 def test_plots_read_a_history_file_back(tmp_path):
@@ -188,12 +191,12 @@ def test_plots_read_a_history_file_back(tmp_path):
     records[2]["noise/gamma=1/delta"] = float("nan")
     write_history(records, str(tmp_path))
     back = read_history(str(tmp_path / "history.jsonl"))
-    assert set(plots.render_figures(back)) == {"noise"}
-    assert plots.inflection(back, PERTURBED).forecast_high is None
+    assert set(figures.render_figures(back)) == {"noise"}
+    assert figures.inflection(back, PERTURBED).forecast_high is None
 
 
 def test_plot_reporter_draws_when_due_and_at_the_end(tmp_path, monkeypatch):
-    import lightning_overtrain.reporters.plots as module
+    import lightning_overtrain.reporting.png as module
 
     clock = [0.0]
     monkeypatch.setattr(module, "monotonic", lambda: clock[0])
@@ -216,7 +219,7 @@ def test_plot_reporter_failure_is_a_warning(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts")
 
-    monkeypatch.setattr(plots, "write_figures", broken)
+    monkeypatch.setattr(figures, "write_figures", broken)
 
     class Monitor:
         dirpath = str(tmp_path)
@@ -282,8 +285,9 @@ def test_matplotlib_stays_optional(tmp_path):
         sys.meta_path.insert(0, Hide())
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from conftest import make_module, make_trainer, reference_batches, train_loader
-        from lightning_overtrain import OvertrainingMonitor, plots
-        from lightning_overtrain.demo import stdlib_code
+        from lightning_overtrain import OvertrainingMonitor
+        from lightning_overtrain.reporting import figures  # noqa: F401  (imports without matplotlib)
+        from lightning_overtrain.testing.demo import stdlib_code
 
         text = stdlib_code(max_bytes=50_000)
         monitor = OvertrainingMonitor(reference_batches(text, n=1), every_n_steps=1)

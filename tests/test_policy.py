@@ -15,8 +15,8 @@ from conftest import (
 )
 
 from lightning_overtrain import FileReporter, InflectionPolicy, OvertrainingMonitor, Probe, Reporter
-from lightning_overtrain.policy import decomposed_terms, key_pattern
-from lightning_overtrain.synthetic import make_curve
+from lightning_overtrain.inflection.policy import decomposed_terms, key_pattern
+from lightning_overtrain.testing.synthetic import make_curve
 
 SIGNAL = "noise/gamma=1/perturbed_loss"
 

@@ -7,7 +7,7 @@ from conftest import make_module, make_trainer, reference_batches, train_loader
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 from lightning_overtrain import OvertrainingMonitor, Probe
-from lightning_overtrain.progress import SnapshotProgress, counted
+from lightning_overtrain.reporting.progress import SnapshotProgress, counted
 
 
 class Spy(Probe):

@@ -10,17 +10,19 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_overtrain.series import (
+from lightning_overtrain.cli.loading import (
+    SeriesInitStd,
+    import_object,
+    load_model,
+    order_series,
+)
+from lightning_overtrain.cli.series import (
     LIGHTNING,
     TRANSFORMERS,
     Checkpoint,
     CheckpointError,
     SeriesError,
-    SeriesInitStd,
     find_checkpoints,
-    import_object,
-    load_model,
-    order_series,
     parse_count,
     read_metadata,
     tokens_from_checkpoint,
@@ -219,8 +221,8 @@ def test_series_is_ordered_by_tokens_and_duplicates_dropped():
 
 
 def test_import_object_accepts_modules_and_files(tmp_path):
-    assert import_object("lightning_overtrain.series:parse_count", "--x") is parse_count
-    assert import_object("lightning_overtrain.series.parse_count", "--x") is parse_count
+    assert import_object("lightning_overtrain.cli.series:parse_count", "--x") is parse_count
+    assert import_object("lightning_overtrain.cli.series.parse_count", "--x") is parse_count
     source = tmp_path / "mine.py"
     source.write_text("def f():\n    return 42\n")
     assert import_object(f"{source}:f", "--x")() == 42

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_overtrain.tokens import checked_token_count, count_tokens
+from lightning_overtrain.engine.tokens import checked_token_count, count_tokens
 
 
 def test_counts_unmasked_positions_when_a_mask_is_given():

@@ -10,7 +10,7 @@ from conftest import make_module, make_trainer, reference_batches, train_loader
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_overtrain import NoiseProbe, OvertrainingMonitor
-from lightning_overtrain.reporters.wandb import WandbReporter
+from lightning_overtrain.reporting.wandb import WandbReporter
 
 TOKENS = "overtrain/tokens"
 

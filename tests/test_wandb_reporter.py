@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-import lightning_overtrain.reporters.wandb as module
+import lightning_overtrain.reporting.wandb as module
 from lightning_overtrain import OvertrainingMonitor
-from lightning_overtrain.reporters.loggers import LoggerReporter
-from lightning_overtrain.reporters.plots import PlotReporter
-from lightning_overtrain.reporters.wandb import WandbReporter
+from lightning_overtrain.reporting.loggers import LoggerReporter
+from lightning_overtrain.reporting.png import PlotReporter
+from lightning_overtrain.reporting.wandb import WandbReporter
 
 TOKENS = "overtrain/tokens"
 

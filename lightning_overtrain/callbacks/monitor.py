@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -22,14 +22,19 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_overtrain import naming
-from lightning_overtrain.borrow import ModelBackup, check_batches_argument, take_batches
-from lightning_overtrain.cadence import Cadence
+from lightning_overtrain import keys
+from lightning_overtrain.callbacks.cadence import Cadence
 from lightning_overtrain.checks import check_int
-from lightning_overtrain.cooldown import CooldownBranch
-from lightning_overtrain.distributed import all_reduce_sum, world_size
-from lightning_overtrain.history import Record
-from lightning_overtrain.init_scale import (
+from lightning_overtrain.engine.backup import ModelBackup
+from lightning_overtrain.engine.collectives import all_reduce_sum, world_size
+from lightning_overtrain.engine.contract import Probe, ProbeContext
+from lightning_overtrain.engine.data import (
+    ReferenceData,
+    check_batches_argument,
+    take_batches,
+    take_reference_set,
+)
+from lightning_overtrain.engine.init_std import (
     SOURCE_CONFIG,
     SOURCE_USER,
     SOURCE_WEIGHTS,
@@ -39,48 +44,21 @@ from lightning_overtrain.init_scale import (
     init_std_from_value,
     init_std_from_weights,
 )
-from lightning_overtrain.losses import LossFn, check_loss, transformers_loss
-from lightning_overtrain.policy import Decision, InflectionPolicy
-from lightning_overtrain.probes.base import Probe, ProbeContext
+from lightning_overtrain.engine.losses import LossFn, check_loss, transformers_loss
+from lightning_overtrain.engine.snapshot import measure_snapshot
+from lightning_overtrain.engine.tokens import TokensFn, checked_token_count, count_tokens
+from lightning_overtrain.history import Record
+from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
+from lightning_overtrain.probes.cooldown import CooldownBranch
 from lightning_overtrain.probes.noise import NoiseProbe
-from lightning_overtrain.progress import SnapshotProgress, counted
-from lightning_overtrain.reporters.base import Reporter
-from lightning_overtrain.reporters.files import FileReporter
-from lightning_overtrain.reporters.loggers import LoggerReporter
-from lightning_overtrain.reporters.plots import PlotReporter, matplotlib_available
-from lightning_overtrain.reporters.wandb import WandbReporter
-from lightning_overtrain.snapshot import measure_snapshot
-from lightning_overtrain.tokens import TokensFn, checked_token_count, count_tokens
+from lightning_overtrain.reporting.base import Reporter
+from lightning_overtrain.reporting.files import FileReporter
+from lightning_overtrain.reporting.loggers import LoggerReporter
+from lightning_overtrain.reporting.png import PlotReporter, matplotlib_available
+from lightning_overtrain.reporting.progress import SnapshotProgress, counted
+from lightning_overtrain.reporting.wandb import WandbReporter
 
-ReferenceData = Iterable[Any] | Callable[[], Iterable[Any]]
 _ON_PROBE_ERROR = ("warn", "raise")
-
-
-def take_reference_set(
-    reference_data: ReferenceData, max_batches: int | None, tokens_fn: TokensFn
-) -> tuple[list[Any], list[int]]:
-    """The reference batches (at most ``max_batches``) and their token counts.
-
-    Shared by the monitor and the ``lightning-overtrain`` CLI, so both evaluate a
-    reference set built the same way.
-
-    Raises:
-        ValueError: if the data yields no batches or no tokens.
-    """
-    batches = take_batches(
-        reference_data,
-        max_batches,
-        "reference_data",
-        "Pass held-out pretraining batches (a non-empty DataLoader or list).",
-        seed=0,  # a shuffling DataLoader: the same reference set on every rank and every fit
-    )
-    weights = [checked_token_count(tokens_fn, b) for b in batches]
-    if sum(weights) == 0:
-        raise ValueError(
-            "`reference_data` holds 0 tokens according to `tokens_fn`. Check the batches'"
-            " `input_ids`/`attention_mask`, or pass `tokens_fn`."
-        )
-    return batches, weights
 
 
 class OvertrainingMonitor(Callback):
@@ -131,7 +109,7 @@ class OvertrainingMonitor(Callback):
             callable); the first ``cooldown_steps`` are taken once, the same at every
             snapshot, and under DDP each batch is split across ranks.
         policy: when to warn or stop, and which snapshot to keep (an
-            :class:`~lightning_overtrain.policy.InflectionPolicy`). Default: watch the
+            :class:`~lightning_overtrain.inflection.policy.InflectionPolicy`). Default: watch the
             perturbed and post-fine-tune losses, warn (never stop) once one turns
             upward, and keep the snapshot at the bottom of the curve as
             ``<dirpath>/best.ckpt``. Stopping is opt-in: ``InflectionPolicy(action="stop")``.
@@ -397,7 +375,7 @@ class OvertrainingMonitor(Callback):
         Called by the cadence; call it yourself for an extra snapshot (on every rank).
         """
         start = time.perf_counter()
-        record: Record = {naming.TOKENS: self.tokens, naming.STEP: trainer.global_step}
+        record: Record = {keys.TOKENS: self.tokens, keys.STEP: trainer.global_step}
 
         def failed(what: str, exc: Exception) -> None:
             self._probe_failed(what, exc, record)
@@ -414,9 +392,9 @@ class OvertrainingMonitor(Callback):
                     gradient_clip_algorithm=trainer.gradient_clip_algorithm,
                 )
             record.update(measure_snapshot(ctx, self.probes, failed, cooldown))
-        record[naming.PROBE_FAILURES] = self.probe_failures
+        record[keys.PROBE_FAILURES] = self.probe_failures
         decisions = self._judge(trainer, record)
-        record[naming.PROBE_SECONDS] = time.perf_counter() - start
+        record[keys.PROBE_SECONDS] = time.perf_counter() - start
         self.history.append(record)
         if trainer.is_global_zero:
             for reporter in self.reporters:
@@ -447,13 +425,13 @@ class OvertrainingMonitor(Callback):
             self.policy.best = {
                 "signal": signal,
                 "value": value,
-                "tokens": record[naming.TOKENS],
-                "step": record[naming.STEP],
+                "tokens": record[keys.TOKENS],
+                "step": record[keys.STEP],
                 "path": path,
             }
         if self.policy.best is not None:
-            record[naming.BEST_TOKENS] = self.policy.best["tokens"]
-            record[naming.BEST_VALUE] = self.policy.best["value"]
+            record[keys.BEST_TOKENS] = self.policy.best["tokens"]
+            record[keys.BEST_VALUE] = self.policy.best["value"]
         return decisions
 
     def _act(self, trainer: pl.Trainer, decisions: list[Decision]) -> None:
@@ -478,8 +456,8 @@ class OvertrainingMonitor(Callback):
             raise exc
         self.probe_failures += 1
         rank_zero_warn(
-            f"OvertrainingMonitor: the {what} probe failed at {record[naming.TOKENS]:,} tokens"
-            f" (step {record[naming.STEP]}) and was skipped ({type(exc).__name__}: {exc})."
+            f"OvertrainingMonitor: the {what} probe failed at {record[keys.TOKENS]:,} tokens"
+            f" (step {record[keys.STEP]}) and was skipped ({type(exc).__name__}: {exc})."
             f" Failures so far: {self.probe_failures}. Training goes on; pass"
             " on_probe_error='raise' to stop instead."
         )

@@ -19,23 +19,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
-from lightning_overtrain import naming
-from lightning_overtrain.borrow import borrowed, check_batches_argument, seeded_rng, take_batches
+from lightning_overtrain import keys
 from lightning_overtrain.checks import check_positive_numbers
-from lightning_overtrain.losses import LossFn, check_loss, loss_sums
-from lightning_overtrain.probes.base import Probe, ProbeContext, ProbeFailure
-from lightning_overtrain.tokens import TokensFn, checked_token_count, count_tokens
+from lightning_overtrain.engine.backup import borrowed
+from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
+from lightning_overtrain.engine.data import (
+    ShardedBatches,
+    check_batches_argument,
+    shard_batches,
+    take_batches,
+)
+from lightning_overtrain.engine.losses import LossFn, check_loss, loss_sums
+from lightning_overtrain.engine.rng import seeded_rng
+from lightning_overtrain.engine.tokens import TokensFn, checked_token_count, count_tokens
+from lightning_overtrain.engine.train_loop import train_steps
 
 OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
 MetricInputs = Callable[[nn.Module, Any], tuple[Any, ...]]
@@ -62,184 +67,6 @@ def next_token_inputs(module: nn.Module, batch: Mapping[str, Any]) -> tuple[Any,
         if isinstance(mask, torch.Tensor):
             labels = labels.masked_fill(mask == 0, -100)
     return logits[:, :-1], labels[:, 1:]
-
-
-@dataclass
-class ShardedBatches:
-    """Global batches split across ranks by rows: this rank's share of each.
-
-    Attributes:
-        local: this rank's rows of each global batch (on the model's device; maybe empty).
-        weights: tokens in each local share.
-        totals: tokens in each global batch (the same on every rank).
-    """
-
-    local: list[Any]
-    weights: list[int]
-    totals: list[int]
-
-    def __len__(self) -> int:
-        return len(self.local)
-
-
-def shard_batches(
-    batches: Sequence[Any],
-    rank: int,
-    world_size: int,
-    tokens_fn: TokensFn,
-    device: torch.device,
-    argument: str,
-) -> ShardedBatches:
-    """Split every global batch by rows (``tensor_split`` on dim 0): rank ``r`` keeps part ``r``.
-
-    Args:
-        batches: the same global batches on every rank.
-        rank: this rank.
-        world_size: number of ranks.
-        tokens_fn: tokens in a batch (the weight of its loss).
-        device: where this rank's shares go.
-        argument: the user's argument name, for errors.
-
-    Raises:
-        ValueError: on a batch with no tokens, or whose tensors disagree on the batch size.
-    """
-    local, weights, totals = [], [], []
-    for i, batch in enumerate(batches):
-        rows = _batch_rows(batch, f"{argument}[{i}]")
-        total = checked_token_count(tokens_fn, batch)
-        if total == 0:
-            raise ValueError(
-                f"`{argument}` batch {i} holds 0 tokens according to `tokens_fn`. Check its"
-                " `input_ids`/`attention_mask`, or pass `tokens_fn`."
-            )
-        if world_size > 1:
-            batch = apply_to_collection(
-                batch,
-                torch.Tensor,
-                lambda t: t.tensor_split(world_size)[rank].clone() if t.dim() else t,
-            )
-            rows = _batch_rows(batch, f"{argument}[{i}]")
-        local.append(move_data_to_device(batch, device))
-        weights.append(checked_token_count(tokens_fn, batch) if rows else 0)
-        totals.append(total)
-    return ShardedBatches(local, weights, totals)
-
-
-def _batch_rows(batch: Any, what: str) -> int:
-    sizes: set[int] = set()
-    apply_to_collection(batch, torch.Tensor, lambda t: sizes.add(t.shape[0]) if t.dim() else None)
-    if len(sizes) != 1:
-        raise ValueError(
-            f"`{what}` must hold tensors that share their first dimension (the batch size), so"
-            f" each batch can be split across ranks; got first dimensions {sorted(sizes)}."
-        )
-    return sizes.pop()
-
-
-def train_steps(
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data: ShardedBatches,
-    steps: int,
-    loss_fn: LossFn,
-    *,
-    forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
-    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-    world_size: int = 1,
-    lr_scale: Callable[[int], float] | None = None,
-    clip_val: float | None = None,
-    clip_algorithm: str = "norm",
-    label: str = "training",
-) -> list[float]:
-    """Take ``steps`` optimizer steps on ``data`` (cycled), data-parallel across ranks.
-
-    Each step: every rank backpropagates ``loss * (its tokens / the batch's tokens)``
-    on its rows, the gradients are summed across ranks (so they are the gradient
-    of the global batch's token-weighted mean loss), then the optimizer steps.
-    Every rank reaches the same collectives even when its own step raised or
-    produced a non-finite loss: a failure flag travels with each step's sums, and
-    then every rank raises :class:`ProbeFailure` alike.
-
-    Args:
-        module: the model, in the mode the caller set, with grad enabled.
-        optimizer: steps the parameters; its param groups' ``lr`` are scaled by
-            ``lr_scale(step)`` (their values at the start times the factor).
-        data: the global batches, sharded by :func:`shard_batches`.
-        steps: optimizer steps.
-        loss_fn: ``loss_fn(module, batch) -> scalar mean loss``.
-        forward_context: the trainer's precision context.
-        reduce_sum: adds a tensor across ranks in place.
-        world_size: number of ranks.
-        lr_scale: factor of the lr at each step (e.g. a linear decay); None: constant.
-        clip_val: clip the summed gradients at this norm (or value); None: no clipping.
-        clip_algorithm: ``"norm"`` or ``"value"``.
-        label: what is being trained, for the failure message.
-
-    Returns:
-        The global batch's mean loss at each step.
-
-    Raises:
-        ProbeFailure: on every rank, if any rank failed or the loss was not finite.
-    """
-    groups = optimizer.param_groups
-    params = [p for group in groups for p in group["params"]]
-    base_lrs = [group["lr"] for group in groups]
-    device = params[0].device if params else torch.device("cpu")
-    losses: list[float] = []
-    error: BaseException | None = None
-    failed_at = steps  # the step whose work raised, for the message
-    for step in range(steps + 1):
-        i = step % len(data)
-        local = torch.zeros(2 + len(params), dtype=torch.float64, device=device)
-        if step < steps and error is None:
-            try:
-                optimizer.zero_grad(set_to_none=True)
-                if data.weights[i]:
-                    with forward_context():
-                        loss = loss_fn(module, data.local[i])
-                    share = data.weights[i] / data.totals[i]
-                    (loss * share).backward()
-                    local[0] = loss.detach().to(torch.float64) * share
-                local[2:] = torch.tensor([p.grad is not None for p in params], dtype=torch.float64)
-            except Exception as exc:  # any fault becomes a flag every rank sees
-                error, failed_at = exc, step
-        local[1] = float(error is not None)
-        # The last pass only reports a failure of the last optimizer step.
-        packed = reduce_sum(local).tolist()
-        if packed[1] or not math.isfinite(packed[0]):
-            failed = int(packed[1])
-            where = f" on {failed} of {world_size} rank(s)" if world_size > 1 and failed else ""
-            detail = (
-                f"{type(error).__name__}: {error}"
-                if error is not None
-                else f"non-finite loss ({packed[0]})"
-            )
-            at = min(step, failed_at, steps - 1) + 1
-            raise ProbeFailure(
-                f"{label} failed at step {at} of {steps}{where}: {detail}"
-            ) from error
-        if step == steps:
-            break
-        losses.append(packed[0])
-        if world_size > 1:
-            for param, used in zip(params, packed[2:]):
-                if used:  # a parameter unused on every rank keeps `.grad is None`, as in 1 process
-                    if param.grad is None:
-                        param.grad = torch.zeros_like(param)
-                    reduce_sum(param.grad)
-        try:
-            if clip_val is not None:
-                if clip_algorithm == "value":
-                    torch.nn.utils.clip_grad_value_(params, clip_val)
-                else:
-                    torch.nn.utils.clip_grad_norm_(params, clip_val)
-            if lr_scale is not None:
-                for group, lr in zip(groups, base_lrs):
-                    group["lr"] = lr * lr_scale(step)
-            optimizer.step()
-        except Exception as exc:
-            error, failed_at = exc, step
-    return losses
 
 
 def _rank() -> int:
@@ -426,7 +253,7 @@ class FineTuneProbe(Probe):
     def run(self, ctx: ProbeContext) -> dict[str, float]:
         if self._train is None:
             raise RuntimeError("FineTuneProbe.run before validate(): call probe.validate(ctx).")
-        key = partial(naming.finetune_key, probe=self.name)
+        key = partial(keys.finetune_key, probe=self.name)
         before = self._evaluate(ctx, reference=False)
         record = {key(None, f"{q}_before"): v for q, v in before.items()}
         failures = []

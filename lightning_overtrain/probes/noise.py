@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_overtrain import naming
+from lightning_overtrain import keys
 from lightning_overtrain.checks import check_positive_numbers
-from lightning_overtrain.layers import LayerGroups, group_parameters
-from lightning_overtrain.probes.base import Probe, ProbeContext, ProbeFailure
+from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
+from lightning_overtrain.probes.layers import LayerGroups, group_parameters
 
 
 def noise_direction_seed(seed: int, pair: int) -> int:
@@ -115,7 +115,7 @@ class NoiseProbe(Probe):
             >= 2 for a standard error.
         seed: the seed of the noise directions, the same at every snapshot.
         per_layer: False; True to infer groups (transformer blocks, see
-            :func:`~lightning_overtrain.layers.infer_layer_groups`; groups that hold
+            :func:`~lightning_overtrain.probes.layers.infer_layer_groups`; groups that hold
             only constant-initialized tensors are left out); a mapping
             ``{group: [parameter-name prefixes]}``; or a callable ``name -> group``.
         layer_gammas: the gammas to probe per layer (default: all of ``gammas``);
@@ -229,7 +229,7 @@ class NoiseProbe(Probe):
         record: dict[str, float] = {}
         for gi, gamma in enumerate(self.gammas):
             summary = summarize_noise(ctx.reference_loss, losses[gi, :, 0], losses[gi, :, 1])
-            record.update({naming.noise_key(gamma, q): v for q, v in summary.items()})
+            record.update({keys.noise_key(gamma, q): v for q, v in summary.items()})
         if self.layer_groups:
             try:
                 record.update(self._run_per_layer(ctx, saved, seeds))
@@ -272,7 +272,7 @@ class NoiseProbe(Probe):
                     ctx.reference_loss, losses[gi, gr, :, 0], losses[gi, gr, :, 1]
                 )
                 record.update(
-                    {naming.layer_noise_key(gamma, group, q): v for q, v in summary.items()}
+                    {keys.layer_noise_key(gamma, group, q): v for q, v in summary.items()}
                 )
         return record
 

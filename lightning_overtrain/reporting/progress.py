@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lightning_overtrain.losses import LossFn
+from lightning_overtrain.engine.losses import LossFn
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

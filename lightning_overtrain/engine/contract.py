@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_overtrain.borrow import ModelBackup
-from lightning_overtrain.losses import LossFn, loss_sums
+from lightning_overtrain.engine.backup import ModelBackup
+from lightning_overtrain.engine.losses import LossFn, loss_sums
 
 
 class ProbeFailure(RuntimeError):

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import sysconfig
-from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import Dataset
 
-from lightning_overtrain.losses import transformers_loss
+from lightning_overtrain.engine.losses import transformers_loss
 
 VOCAB_SIZE = 256  # bytes are the tokens: no tokenizer to download
 
@@ -47,15 +46,6 @@ def english_prose() -> bytes:
     return "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
 
 
-def read_text_files(paths: Sequence[str | os.PathLike[str]]) -> bytes:
-    """The bytes of the user's own text files, concatenated in the given order."""
-    out = []
-    for path in paths:
-        with open(path, "rb") as f:
-            out.append(f.read())
-    return b"\n".join(out)
-
-
 class ByteWindows(Dataset):
     """Non-overlapping windows of ``context`` bytes as ``{"input_ids": LongTensor}``.
 
@@ -80,12 +70,6 @@ class ByteWindows(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.tokens[index].long()}
-
-
-def split_text(data: bytes, held_out: float) -> tuple[bytes, bytes]:
-    """Split into (train, held-out) with the held-out part taken from the end."""
-    cut = int(len(data) * (1 - held_out))
-    return data[:cut], data[cut:]
 
 
 class TinyCausalLM(pl.LightningModule):

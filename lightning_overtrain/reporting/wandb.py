@@ -1,7 +1,7 @@
 """W&B extras: probe curves on a tokens x-axis, a table of snapshots, plots and alerts.
 
 The scalars themselves reach W&B through the ``WandbLogger`` like any metric (see
-:class:`~lightning_overtrain.reporters.loggers.LoggerReporter`); this reporter adds
+:class:`~lightning_overtrain.reporting.loggers.LoggerReporter`); this reporter adds
 what a plain logger cannot. It imports wandb only when a run starts, so the rest
 of the package works without it, and a W&B failure is a warning, never a training
 failure.
@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_overtrain import naming
+from lightning_overtrain import keys
 from lightning_overtrain.history import columns
-from lightning_overtrain.plots import finite
-from lightning_overtrain.reporters.base import Reporter
-from lightning_overtrain.reporters.plots import matplotlib_available
+from lightning_overtrain.reporting.base import Reporter
+from lightning_overtrain.reporting.figures import finite
+from lightning_overtrain.reporting.png import matplotlib_available
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -63,7 +63,7 @@ class WandbReporter(Reporter):
     - every ``<prefix>/...`` metric is plotted against ``<prefix>/tokens``;
     - ``<prefix>/snapshots``: a ``wandb.Table`` with one row per snapshot and every
       number the probes produced, logged whole at each snapshot;
-    - ``<prefix>/plots/<name>``: the figures of :mod:`lightning_overtrain.plots` as
+    - ``<prefix>/plots/<name>``: the figures of :mod:`lightning_overtrain.reporting.figures` as
       images, logged with the tokens at each snapshot;
     - the monitor's settings in the run config under ``<prefix>``;
     - :meth:`alert` sends ``wandb.alert`` (``WARN`` for a warning, ``ERROR`` for a
@@ -159,7 +159,7 @@ class WandbReporter(Reporter):
                 " Install it with `pip install 'lightning-overtrain[wandb]'`."
             )
         self.run, self._wandb = run, wandb
-        tokens = f"{monitor.prefix}/{naming.TOKENS}"
+        tokens = f"{monitor.prefix}/{keys.TOKENS}"
         self._call(
             "setting up the W&B run",
             self._define_axes,
@@ -214,17 +214,17 @@ class WandbReporter(Reporter):
         self.run.define_metric(glob, step_metric=tokens, step_sync=True)
         self.run.config.update(config, allow_val_change=True)
 
-    def _define(self, keys: list[str], tokens: str) -> None:
+    def _define(self, names: list[str], tokens: str) -> None:
         assert self.run is not None
-        for key in keys:
+        for key in names:
             if key not in self._defined:
                 self.run.define_metric(key, step_metric=tokens, step_sync=True)
                 self._defined.add(key)
 
     def _log_snapshot(self, monitor: OvertrainingMonitor, record: dict[str, float]) -> None:
         assert self.run is not None and self._wandb is not None
-        tokens = f"{monitor.prefix}/{naming.TOKENS}"
-        self._define(list(naming.prefixed(monitor.prefix, record)), tokens)
+        tokens = f"{monitor.prefix}/{keys.TOKENS}"
+        self._define(list(keys.prefixed(monitor.prefix, record)), tokens)
         row: dict[str, Any] = {}
         if self.table:
             names = columns(monitor.history)
@@ -235,7 +235,7 @@ class WandbReporter(Reporter):
         if not row:
             return
         self._define(list(row), tokens)
-        row[tokens] = record[naming.TOKENS]
+        row[tokens] = record[keys.TOKENS]
         self.run.log(row)
 
     def _images(self, monitor: OvertrainingMonitor) -> dict[str, Any]:
@@ -243,7 +243,7 @@ class WandbReporter(Reporter):
 
         from PIL import Image
 
-        from lightning_overtrain.plots import render_pngs
+        from lightning_overtrain.reporting.figures import render_pngs
 
         assert self._wandb is not None
         return {

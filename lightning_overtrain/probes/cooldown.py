@@ -28,19 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_overtrain import naming
-from lightning_overtrain.borrow import ModelBackup, borrowed
+from lightning_overtrain import keys
 from lightning_overtrain.checks import check_int
+from lightning_overtrain.engine.backup import ModelBackup, borrowed
+from lightning_overtrain.engine.contract import ProbeContext
+from lightning_overtrain.engine.data import ShardedBatches, shard_batches
+from lightning_overtrain.engine.losses import check_loss
+from lightning_overtrain.engine.rng import seeded_rng
+from lightning_overtrain.engine.tokens import TokensFn, count_tokens
+from lightning_overtrain.engine.train_loop import train_steps
 from lightning_overtrain.history import Record
-from lightning_overtrain.losses import check_loss
-from lightning_overtrain.probes.base import ProbeContext
-from lightning_overtrain.probes.finetune import (
-    ShardedBatches,
-    seeded_rng,
-    shard_batches,
-    train_steps,
-)
-from lightning_overtrain.tokens import TokensFn, count_tokens
 
 
 def linear_to_zero(steps: int) -> Callable[[int], float]:
@@ -178,4 +175,4 @@ class CooldownBranch:
                 branch_optimizer = None
                 for param in params:
                     param.grad = None
-            yield {naming.COOLDOWN_TRAIN_LOSS: float(np.mean(losses))}
+            yield {keys.COOLDOWN_TRAIN_LOSS: float(np.mean(losses))}

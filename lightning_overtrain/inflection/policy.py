@@ -1,7 +1,7 @@
 """When to warn or stop: an inflection detector per probe signal, and the user's thresholds.
 
 The policy reads each snapshot's record, feeds every watched signal to its own
-:class:`~lightning_overtrain.inflection.InflectionDetector`, and returns the
+:class:`~lightning_overtrain.inflection.detector.InflectionDetector`, and returns the
 decisions that fired for the first time (each trigger fires once: an alert is news,
 not a heartbeat). It also tracks the snapshot at the bottom of the chosen signal,
 the one worth fine-tuning. It holds no Trainer: the monitor acts on its decisions.
@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lightning_overtrain import naming
-from lightning_overtrain.inflection import DEFAULT_NOISE_SIGMAS, InflectionDetector, InflectionState
+from lightning_overtrain import keys
+from lightning_overtrain.inflection.crossing import DEFAULT_NOISE_SIGMAS
+from lightning_overtrain.inflection.detector import InflectionDetector, InflectionState
 
 Action = Literal["warn", "stop"]
 ACTIONS = ("warn", "stop")
@@ -179,7 +180,7 @@ class InflectionPolicy:
             The ``inflection/<signal>/...`` values to add to the record, and the
             decisions that fired for the first time at this snapshot.
         """
-        tokens = float(record[naming.TOKENS])
+        tokens = float(record[keys.TOKENS])
         additions: dict[str, float] = {}
         decisions: list[Decision] = []
         for signal, value in record.items():
@@ -190,7 +191,7 @@ class InflectionPolicy:
             )
             fields = state.to_dict()
             for field in INFLECTION_FIELDS:
-                additions[naming.inflection_key(signal, field)] = fields[field]
+                additions[keys.inflection_key(signal, field)] = fields[field]
             decisions += self._inflection_decisions(signal, state, tokens)
         decisions += self._threshold_decisions(record, tokens)
         return additions, decisions
@@ -285,9 +286,9 @@ class InflectionPolicy:
             ("noise/gamma=*/perturbed_loss", r"noise/gamma=([^/]+)/"),
         ):
             pattern = key_pattern(glob)
-            keys = [k for k in record if pattern.match(k)]
-            if keys:
-                return max(keys, key=lambda k: _number_in(number, k))
+            names = [k for k in record if pattern.match(k)]
+            if names:
+                return max(names, key=lambda k: _number_in(number, k))
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -321,7 +322,7 @@ def decomposed_terms(record: Mapping[str, float], signal: str) -> dict[str, floa
     for suffix, term in _RISING_TERMS.items():
         if signal.endswith(suffix):
             rising = signal[: -len(suffix)] + term
-            base, sensitivity = record.get(naming.REFERENCE_LOSS), record.get(rising)
+            base, sensitivity = record.get(keys.REFERENCE_LOSS), record.get(rising)
             if _finite(base) and _finite(sensitivity):
                 return {
                     "base": float(base),

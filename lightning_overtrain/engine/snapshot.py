@@ -13,10 +13,10 @@ from contextlib import AbstractContextManager, ExitStack
 
 import torch
 
-from lightning_overtrain import naming
-from lightning_overtrain.borrow import borrowed
+from lightning_overtrain import keys
+from lightning_overtrain.engine.backup import borrowed
+from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
 from lightning_overtrain.history import Record
-from lightning_overtrain.probes.base import Probe, ProbeContext, ProbeFailure
 
 OnFailure = Callable[[str, Exception], None]
 Branch = Callable[[ProbeContext], AbstractContextManager[Record]]
@@ -36,7 +36,7 @@ def measure_snapshot(
         on_failure: called with ``(what, exception)`` for a probe that failed (on every
             rank alike); it may re-raise to stop, or return to skip that probe.
         cooldown: a branch to measure instead of the live weights (see
-            :mod:`lightning_overtrain.cooldown`): entered first, it moves ``ctx.module``
+            :mod:`lightning_overtrain.probes.cooldown`): entered first, it moves ``ctx.module``
             to the cooled weights and yields its own metrics; on exit the live weights
             come back. The raw reference loss is recorded first.
 
@@ -49,7 +49,7 @@ def measure_snapshot(
         if cooldown is not None:
             try:
                 with borrowed(ctx.module, ctx.backup), torch.no_grad():
-                    record[naming.COOLDOWN_RAW_REFERENCE_LOSS] = _reference_loss(ctx)
+                    record[keys.COOLDOWN_RAW_REFERENCE_LOSS] = _reference_loss(ctx)
                 record.update(stack.enter_context(cooldown(ctx)))
             except Exception as exc:  # no cooled branch: probing the raw one would mix curves
                 on_failure("cooldown", exc)
@@ -60,7 +60,7 @@ def measure_snapshot(
             except ProbeFailure as exc:
                 on_failure("reference loss", exc)
                 return record
-            record[naming.REFERENCE_LOSS] = ctx.reference_loss
+            record[keys.REFERENCE_LOSS] = ctx.reference_loss
             for probe in probes:
                 try:
                     record.update(probe.run(ctx))

@@ -1,6 +1,6 @@
 """The monitor's history as pictures: every probe curve against log tokens.
 
-Pure functions from history records (see :mod:`lightning_overtrain.naming`) to
+Pure functions from history records (see :mod:`lightning_overtrain.keys`) to
 matplotlib figures. They draw whatever the records hold and skip the rest:
 
 - ``noise``: the reference loss and the perturbed loss per gamma (the U-shaped
@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lightning_overtrain import naming
+from lightning_overtrain import keys
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -62,7 +62,7 @@ def series(records: Records, key: str) -> tuple[list[float], list[float], list[f
     """
     tokens, values, errors = [], [], []
     for record in records:
-        t, y = finite(record.get(naming.TOKENS)), finite(record.get(key))
+        t, y = finite(record.get(keys.TOKENS)), finite(record.get(key))
         if t is None or t <= 0 or y is None:
             continue
         tokens.append(t)
@@ -234,14 +234,14 @@ def _legend(ax: Axes, marks: bool) -> None:
         ax.legend(handles, labels, fontsize=7, loc="best")
 
 
-def _has_marks(records: Records, keys: Iterable[str]) -> bool:
-    return any(inflection(records, k) is not None for k in keys)
+def _has_marks(records: Records, names: Iterable[str]) -> bool:
+    return any(inflection(records, k) is not None for k in names)
 
 
 def noise_figure(records: Records) -> Figure | None:
     """Reference and perturbed loss per gamma, and ``delta`` per gamma; None if neither exists."""
     matches = _matching(records, NOISE)
-    has_reference = bool(series(records, naming.REFERENCE_LOSS)[0])
+    has_reference = bool(series(records, keys.REFERENCE_LOSS)[0])
     if not matches and not has_reference:
         return None
     gammas = _by_number(m["gamma"] for m in matches)
@@ -250,12 +250,12 @@ def noise_figure(records: Records) -> Figure | None:
     fig, axes = _new_figure(2 if has_delta else 1, "Sensitivity to Gaussian noise")
 
     loss_ax = axes[0]
-    plot_signal(loss_ax, records, naming.REFERENCE_LOSS, label="reference", color="black")
+    plot_signal(loss_ax, records, keys.REFERENCE_LOSS, label="reference", color="black")
     loss_keys = [f"noise/gamma={g}/perturbed_loss" for g in gammas]
     for gamma, key in zip(gammas, loss_keys):
         plot_signal(loss_ax, records, key, label=f"γ={gamma}", color=colors[gamma])
     _tokens_axis(loss_ax, "loss", "reference and perturbed loss")
-    _legend(loss_ax, _has_marks(records, [naming.REFERENCE_LOSS, *loss_keys]))
+    _legend(loss_ax, _has_marks(records, [keys.REFERENCE_LOSS, *loss_keys]))
 
     if has_delta:
         delta_ax = axes[1]
@@ -285,15 +285,15 @@ def finetune_figure(records: Records) -> Figure | None:
     ]
     fig, axes = _new_figure(len(panels), "Fine-tuning probe")
     for ax, (quantity, title) in zip(axes, panels):
-        keys = [f"finetune/lr={lr}/{quantity}" for lr in lrs]
+        names = [f"finetune/lr={lr}/{quantity}" for lr in lrs]
         if quantity == "reference_loss_after":
             plot_signal(
-                ax, records, naming.REFERENCE_LOSS, label="before", color="black", linestyle=":"
+                ax, records, keys.REFERENCE_LOSS, label="before", color="black", linestyle=":"
             )
-        for lr, key in zip(lrs, keys):
+        for lr, key in zip(lrs, names):
             plot_signal(ax, records, key, label=f"lr={lr}", color=colors[lr])
         _tokens_axis(ax, "loss", title)
-        _legend(ax, _has_marks(records, keys))
+        _legend(ax, _has_marks(records, names))
     return fig
 
 
@@ -317,18 +317,18 @@ def layers_figure(records: Records) -> Figure | None:
     fig, axes = _new_figure(len(gammas), "Per-layer sensitivity δ", left=0.9)
     for ax, gamma in zip(axes, gammas):
         layers = list(dict.fromkeys(m["layer"] for m in matches if m["gamma"] == gamma))
-        keys = [f"noise/gamma={gamma}/layer={layer}/delta" for layer in layers]
+        names = [f"noise/gamma={gamma}/layer={layer}/delta" for layer in layers]
         rows = [
             r
             for r in records
-            if (_positive(r.get(naming.TOKENS)) is not None)
-            and any(finite(r.get(k)) is not None for k in keys)
+            if (_positive(r.get(keys.TOKENS)) is not None)
+            and any(finite(r.get(k)) is not None for k in names)
         ]
         if not rows:
             ax.set_axis_off()
             continue
-        tokens = [float(r[naming.TOKENS]) for r in rows]
-        grid = np.array([[finite(r.get(k)) for r in rows] for k in keys], dtype=float)
+        tokens = [float(r[keys.TOKENS]) for r in rows]
+        grid = np.array([[finite(r.get(k)) for r in rows] for k in names], dtype=float)
         mesh = ax.pcolormesh(
             _log_edges(tokens),
             np.arange(len(layers) + 1),

@@ -6,8 +6,8 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from lightning_overtrain.history import write_history
-from lightning_overtrain.reporters.base import Reporter
+from lightning_overtrain.history import SETTINGS_FILE, write_history
+from lightning_overtrain.reporting.base import Reporter
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -23,7 +23,7 @@ class FileReporter(Reporter):
 
     def setup(self, trainer: pl.Trainer, monitor: OvertrainingMonitor) -> None:
         os.makedirs(monitor.dirpath, exist_ok=True)
-        with open(os.path.join(monitor.dirpath, "monitor.json"), "w") as f:
+        with open(os.path.join(monitor.dirpath, SETTINGS_FILE), "w") as f:
             json.dump(monitor.config(), f, indent=2, default=str)
 
     def report(

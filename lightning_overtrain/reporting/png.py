@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_overtrain.reporters.base import Reporter
+from lightning_overtrain.reporting.base import Reporter
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -29,7 +29,7 @@ class PlotReporter(Reporter):
     """Writes ``noise.png``, ``finetune.png`` and ``layers.png`` (those with data).
 
     The files go to ``<monitor.dirpath>/<subdir>`` and always show the whole
-    history (see :mod:`lightning_overtrain.plots` for what each figure holds). They
+    history (see :mod:`lightning_overtrain.reporting.figures` for what each figure holds). They
     are redrawn at a snapshot when ``every_s`` seconds have passed since the last
     drawing (or since training started), and once more when training ends. The
     monitor adds this reporter by itself when matplotlib is installed. A plot that
@@ -98,7 +98,7 @@ class PlotReporter(Reporter):
         """Write the PNGs of the monitor's whole history now."""
         if not self._enabled or not monitor.history:
             return
-        from lightning_overtrain.plots import write_figures
+        from lightning_overtrain.reporting.figures import write_figures
 
         directory = os.path.join(monitor.dirpath, self.subdir)
         try:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_overtrain.borrow import ModelBackup, borrowed
+from lightning_overtrain.engine.backup import ModelBackup, borrowed
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lightning_overtrain import naming
-from lightning_overtrain.reporters.base import Reporter
+from lightning_overtrain import keys
+from lightning_overtrain.reporting.base import Reporter
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -23,6 +23,6 @@ class LoggerReporter(Reporter):
     def report(
         self, trainer: pl.Trainer, monitor: OvertrainingMonitor, record: dict[str, float]
     ) -> None:
-        metrics = naming.prefixed(monitor.prefix, record)
+        metrics = keys.prefixed(monitor.prefix, record)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -1,0 +1,5 @@
+import sys
+
+from lightning_overtrain.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,208 @@
+"""Loading a checkpoint's model, and its init std, for the CLI."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pickle
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_overtrain.cli.series import (
+    LIGHTNING,
+    Checkpoint,
+    CheckpointError,
+    SeriesError,
+    TokensRule,
+)
+from lightning_overtrain.engine.init_std import (
+    config_initializer_range,
+    init_std_from_value,
+    init_std_from_weights,
+)
+
+
+# ---------------------------------------------------------------------- loading
+def import_object(spec: str, what: str) -> Any:
+    """Import ``package.module:name``, ``package.module.name`` or ``path/to/file.py:name``.
+
+    Raises:
+        SeriesError: naming ``what`` (the option) if the import fails.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        module_name, _, attr = spec.rpartition(".")
+    if not module_name or not attr:
+        raise SeriesError(f"{what} {spec!r}: write it as `package.module:name`.")
+    try:
+        if module_name.endswith(".py"):
+            name = "_lightning_overtrain_user_" + re.sub(r"\W", "_", module_name)
+            loader = importlib.util.spec_from_file_location(name, module_name)
+            if loader is None or loader.loader is None or not os.path.isfile(module_name):
+                raise ImportError(f"no such file {module_name!r}")
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, SyntaxError) as exc:
+        raise SeriesError(
+            f"{what} {spec!r} cannot be imported: {type(exc).__name__}: {exc}."
+        ) from exc
+    return obj
+
+
+def load_model(
+    checkpoint: Checkpoint,
+    module_class: type | None,
+    auto_class: Any,
+    device: torch.device,
+    unsafe_load: bool = False,
+) -> nn.Module:
+    """Load one checkpoint's model onto ``device``, in eval mode.
+
+    Args:
+        checkpoint: the checkpoint.
+        module_class: the LightningModule class (needed for ``.ckpt`` files).
+        auto_class: a class with ``from_pretrained`` (for directories).
+        device: where the model goes.
+        unsafe_load: allow arbitrary pickled objects in ``.ckpt`` files.
+
+    Raises:
+        SeriesError: for a ``.ckpt`` file without ``module_class``.
+        CheckpointError: if the checkpoint cannot be loaded.
+    """
+    try:
+        if checkpoint.kind == LIGHTNING:
+            if module_class is None:
+                raise SeriesError(
+                    "Lightning .ckpt files need the LightningModule class to load them:"
+                    " pass --module-class, e.g. --module-class my_project.model:MyLM."
+                )
+            model = module_class.load_from_checkpoint(
+                checkpoint.path, map_location="cpu", weights_only=not unsafe_load
+            )
+        else:
+            model = auto_class.from_pretrained(checkpoint.path)
+    except SeriesError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"it holds Python objects that a safe load refuses; pass --unsafe-load if you"
+            f" trust this file ({str(exc).splitlines()[0]})"
+        ) from exc
+    except Exception as exc:  # any loader fault is this checkpoint's failure, not the run's
+        raise CheckpointError(f"cannot load it: {type(exc).__name__}: {exc}") from exc
+    return model.to(device).eval()
+
+
+def order_series(
+    checkpoints: list[Checkpoint], rule: TokensRule
+) -> tuple[list[Checkpoint], list[tuple[str, str]], list[tuple[Checkpoint, Checkpoint]]]:
+    """Give every checkpoint its tokens and sort them by tokens.
+
+    Returns:
+        ``(ordered, failures, duplicates)``: failures are ``(path, reason)`` for
+        checkpoints whose tokens are unknown; ``duplicates`` pairs each checkpoint
+        dropped with the kept one at the same token count (e.g. ``last.ckpt``).
+    """
+    failures: list[tuple[str, str]] = []
+    by_tokens: dict[int, Checkpoint] = {}
+    duplicates: list[tuple[Checkpoint, Checkpoint]] = []
+    for ckpt in sorted(checkpoints, key=lambda c: c.path):
+        try:
+            ckpt.tokens, ckpt.tokens_source = rule(ckpt)
+        except CheckpointError as exc:
+            failures.append((ckpt.path, str(exc)))
+            continue
+        if ckpt.tokens in by_tokens:
+            duplicates.append((ckpt, by_tokens[ckpt.tokens]))
+        else:
+            by_tokens[ckpt.tokens] = ckpt
+    return [by_tokens[t] for t in sorted(by_tokens)], failures, duplicates
+
+
+class SeriesInitStd:
+    """``sigma_t`` for every checkpoint of a series, from the first source that has it.
+
+    Sources, in order (the monitor's own order, with the checkpoint's state first):
+    the user's ``init_std``; the ``init_stds`` the monitor saved in a Lightning
+    checkpoint; the weights of a checkpoint at step 0 (or 0 tokens); the model
+    config's ``initializer_range``. :attr:`source` says which was used.
+
+    Args:
+        init_std: the user's value, or None.
+        ordered: the series' checkpoints, with their metadata read.
+        load: loads a checkpoint's model (used for a step-0 checkpoint).
+
+    Raises:
+        SeriesError: if a step-0 checkpoint cannot be loaded.
+
+    Example::
+
+        init = SeriesInitStd(None, checkpoints, load)
+        sigmas = init.sigmas(model, [n for n, _ in model.named_parameters()])
+    """
+
+    def __init__(
+        self,
+        init_std: float | None,
+        ordered: list[Checkpoint],
+        load: Callable[[Checkpoint], nn.Module],
+    ) -> None:
+        self.value: float | None = init_std
+        self.by_name: dict[str, float] | None = None
+        self.source = "--init-std"
+        if init_std is not None:
+            return
+        saved = next(
+            (c for c in ordered if c.monitor_state and c.monitor_state.get("init_stds")), None
+        )
+        if saved is not None:
+            assert saved.monitor_state is not None
+            self.by_name = dict(saved.monitor_state["init_stds"])
+            origin = saved.monitor_state.get("init_std_source") or "unknown"
+            self.source = f"the monitor's state in {saved.path} (measured from {origin})"
+            return
+        first = next((c for c in ordered if c.tokens == 0 or c.step == 0), None)
+        if first is not None:
+            try:
+                self.by_name = init_std_from_weights(load(first))
+            except CheckpointError as exc:
+                raise SeriesError(
+                    f"the step-0 checkpoint {first.path} gives the init std but {exc}."
+                    " Pass --init-std instead."
+                ) from exc
+            self.source = f"the weights of the step-0 checkpoint {first.path}"
+            return
+        self.source = "config.initializer_range"
+
+    def sigmas(self, model: nn.Module, names: Sequence[str]) -> list[float]:
+        """``sigma_t`` aligned with ``names`` (the model's parameters)."""
+        if self.by_name is None:
+            value = self.value if self.value is not None else config_initializer_range(model)
+            if value is None:
+                raise SeriesError(
+                    "Cannot tell the std the weights were initialized with: no step-0"
+                    " checkpoint, no monitor state and no config.initializer_range. Pass"
+                    " --init-std, e.g. --init-std 0.02."
+                )
+            self.source = (
+                f"config.initializer_range = {value}" if self.value is None else self.source
+            )
+            stds = init_std_from_value(model, value)
+            return [stds[n] for n in names]
+        missing = [n for n in names if n not in self.by_name]
+        if missing:
+            raise CheckpointError(
+                f"the init stds (from {self.source}) do not name its parameters (e.g."
+                f" {missing[0]!r}); pass --init-std"
+            )
+        return [self.by_name[n] for n in names]

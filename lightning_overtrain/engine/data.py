@@ -1,0 +1,179 @@
+"""Batches the monitor takes once and evaluates identically: taking, checking, sharding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
+
+from lightning_overtrain.engine.rng import isolated_rng, seeded_rng
+from lightning_overtrain.engine.tokens import TokensFn, checked_token_count
+
+ReferenceData = Iterable[Any] | Callable[[], Iterable[Any]]
+
+
+def check_batches_argument(data: Any, argument: str, what: str) -> None:
+    """Reject, before training, data that cannot be a source of batches.
+
+    Args:
+        data: the user's argument: a DataLoader, a list of batches or a callable.
+        argument: its name, for the message.
+        what: what to pass instead, for the message.
+
+    Raises:
+        ValueError: for None, a string, bytes or a bare tensor, or an empty sized collection.
+    """
+    if (
+        data is None
+        or not (callable(data) or isinstance(data, Iterable))
+        or isinstance(data, (str, bytes, torch.Tensor))
+    ):
+        raise ValueError(
+            f"`{argument}` must be a DataLoader, a list of batches or a callable returning one,"
+            f" got {type(data).__name__}. Pass {what}."
+        )
+    try:
+        empty = len(data) == 0  # type: ignore[arg-type]
+    except TypeError:  # a callable, a generator or an iterable-style DataLoader: known later
+        empty = False
+    if empty:
+        raise ValueError(f"`{argument}` is empty. Pass {what} (a non-empty DataLoader or list).")
+
+
+def take_batches(
+    data: Iterable[Any] | Callable[[], Iterable[Any]],
+    limit: int | None,
+    argument: str,
+    hint: str = "Pass a non-empty DataLoader or list of batches.",
+    seed: int | None = None,
+) -> list[Any]:
+    """The first ``limit`` batches of ``data`` (all if None), taken without moving any RNG.
+
+    A shuffling DataLoader draws from the global RNG when iterated: isolating it
+    keeps training's random numbers those of a run without the monitor. Data the
+    monitor takes once this way is evaluated identically at every snapshot.
+
+    Args:
+        data: a DataLoader, a list of batches, or a callable returning either.
+        limit: the most batches to take.
+        argument: the user's argument name, for the error.
+        hint: what to pass instead, for the error.
+        seed: seed the RNG while iterating, so a shuffling DataLoader yields the same
+            batches on every rank and in every fit (a resumed run too).
+
+    Raises:
+        ValueError: if ``data`` yields no batches.
+    """
+    iterable = data() if callable(data) else data
+    with isolated_rng() if seed is None else seeded_rng(seed):
+        batches = list(islice(iter(iterable), limit))
+    if not batches:
+        raise ValueError(f"`{argument}` yielded no batches. {hint}")
+    return batches
+
+
+_ON_PROBE_ERROR = ("warn", "raise")
+
+
+def take_reference_set(
+    reference_data: ReferenceData, max_batches: int | None, tokens_fn: TokensFn
+) -> tuple[list[Any], list[int]]:
+    """The reference batches (at most ``max_batches``) and their token counts.
+
+    Shared by the monitor and the ``lightning-overtrain`` CLI, so both evaluate a
+    reference set built the same way.
+
+    Raises:
+        ValueError: if the data yields no batches or no tokens.
+    """
+    batches = take_batches(
+        reference_data,
+        max_batches,
+        "reference_data",
+        "Pass held-out pretraining batches (a non-empty DataLoader or list).",
+        seed=0,  # a shuffling DataLoader: the same reference set on every rank and every fit
+    )
+    weights = [checked_token_count(tokens_fn, b) for b in batches]
+    if sum(weights) == 0:
+        raise ValueError(
+            "`reference_data` holds 0 tokens according to `tokens_fn`. Check the batches'"
+            " `input_ids`/`attention_mask`, or pass `tokens_fn`."
+        )
+    return batches, weights
+
+
+@dataclass
+class ShardedBatches:
+    """Global batches split across ranks by rows: this rank's share of each.
+
+    Attributes:
+        local: this rank's rows of each global batch (on the model's device; maybe empty).
+        weights: tokens in each local share.
+        totals: tokens in each global batch (the same on every rank).
+    """
+
+    local: list[Any]
+    weights: list[int]
+    totals: list[int]
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+
+def shard_batches(
+    batches: Sequence[Any],
+    rank: int,
+    world_size: int,
+    tokens_fn: TokensFn,
+    device: torch.device,
+    argument: str,
+) -> ShardedBatches:
+    """Split every global batch by rows (``tensor_split`` on dim 0): rank ``r`` keeps part ``r``.
+
+    Args:
+        batches: the same global batches on every rank.
+        rank: this rank.
+        world_size: number of ranks.
+        tokens_fn: tokens in a batch (the weight of its loss).
+        device: where this rank's shares go.
+        argument: the user's argument name, for errors.
+
+    Raises:
+        ValueError: on a batch with no tokens, or whose tensors disagree on the batch size.
+    """
+    local, weights, totals = [], [], []
+    for i, batch in enumerate(batches):
+        rows = _batch_rows(batch, f"{argument}[{i}]")
+        total = checked_token_count(tokens_fn, batch)
+        if total == 0:
+            raise ValueError(
+                f"`{argument}` batch {i} holds 0 tokens according to `tokens_fn`. Check its"
+                " `input_ids`/`attention_mask`, or pass `tokens_fn`."
+            )
+        if world_size > 1:
+            batch = apply_to_collection(
+                batch,
+                torch.Tensor,
+                lambda t: t.tensor_split(world_size)[rank].clone() if t.dim() else t,
+            )
+            rows = _batch_rows(batch, f"{argument}[{i}]")
+        local.append(move_data_to_device(batch, device))
+        weights.append(checked_token_count(tokens_fn, batch) if rows else 0)
+        totals.append(total)
+    return ShardedBatches(local, weights, totals)
+
+
+def _batch_rows(batch: Any, what: str) -> int:
+    sizes: set[int] = set()
+    apply_to_collection(batch, torch.Tensor, lambda t: sizes.add(t.shape[0]) if t.dim() else None)
+    if len(sizes) != 1:
+        raise ValueError(
+            f"`{what}` must hold tensors that share their first dimension (the batch size), so"
+            f" each batch can be split across ranks; got first dimensions {sorted(sizes)}."
+        )
+    return sizes.pop()

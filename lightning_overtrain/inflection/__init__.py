@@ -1,0 +1,1 @@
+"""The inflection point: crossing, forecast, the detector and the policy that acts on it."""

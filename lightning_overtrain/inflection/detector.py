@@ -1,0 +1,320 @@
+"""The detector: the snapshots of one signal, its crossing latch and its forecast.
+
+:class:`InflectionDetector` holds the snapshots and the latch (once crossed, it
+stays crossed) and goes through ``state_dict`` / ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from lightning_overtrain.inflection.crossing import (
+    DEFAULT_MIN_POINTS,
+    DEFAULT_NOISE_SIGMAS,
+    DEFAULT_PATIENCE,
+    detect_crossing,
+)
+from lightning_overtrain.inflection.forecast import (
+    DEFAULT_FORECAST_LEVEL,
+    fit_forecast,
+    fit_forecast_decomposed,
+)
+
+
+@dataclass(frozen=True)
+class InflectionState:
+    """The detector's view after the latest snapshot."""
+
+    crossed: bool
+    crossed_at_tokens: float | None
+    bottom_tokens: float | None
+    bottom_value: float | None
+    bottom_stderr: float | None
+    rise: float | None
+    rise_threshold: float | None
+    consecutive_above: int
+    forecast_tokens: float | None
+    forecast_low: float | None
+    forecast_high: float | None
+    n_points: int
+
+    def to_dict(self) -> dict[str, float]:
+        """Every field as a float for loggers: booleans as 0/1, None as NaN."""
+        return {k: math.nan if v is None else float(v) for k, v in asdict(self).items()}
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    fix = f"Pass {name}={minimum} or more."
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an int >= {minimum}, got {value!r}. {fix}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}. {fix}")
+    return int(value)
+
+
+def _check_number(name: str, value: Any, requirement: str, fix: str, ok: Any) -> float:
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"`{name}` must be a number, got {value!r}. {fix}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a number, got {value!r}. {fix}") from None
+    if not (math.isfinite(number) and ok(number)):
+        raise ValueError(f"`{name}` must be {requirement}, got {number!r}. {fix}")
+    return number
+
+
+_TERM_KEYS = ("bases", "base_stderrs", "sensitivities", "sensitivity_stderrs")
+
+
+def _check_stderr(name: str, stderr: Any, none: str) -> float | None:
+    if stderr is None:
+        return None
+    fix = f"Pass the standard error, or None to {none}."
+    return _check_number(name, stderr, "None or a finite number >= 0", fix, lambda v: v >= 0)
+
+
+def _check_terms(base: Any, base_stderr: Any, sensitivity: Any, sensitivity_stderr: Any):
+    # The snapshot's (base, base_stderr, sensitivity, sensitivity_stderr), or None.
+    if base is None and sensitivity is None:
+        if base_stderr is not None or sensitivity_stderr is not None:
+            raise ValueError(
+                f"`base_stderr`={base_stderr!r} and `sensitivity_stderr`={sensitivity_stderr!r}"
+                " need `base` and `sensitivity`. Pass the terms with their stderrs, or neither."
+            )
+        return None
+    if base is None or sensitivity is None:
+        raise ValueError(
+            f"`base` and `sensitivity` go together, got base={base!r},"
+            f" sensitivity={sensitivity!r}. Pass both (e.g. the reference loss and delta) or"
+            " neither."
+        )
+    fix = "Skip a snapshot whose probe failed instead."
+    return (
+        _check_number("base", base, "a finite number", fix, lambda v: True),
+        _check_stderr("base_stderr", base_stderr, "fit the base unweighted"),
+        _check_number("sensitivity", sensitivity, "a finite number", fix, lambda v: True),
+        _check_stderr("sensitivity_stderr", sensitivity_stderr, "fit it unweighted"),
+    )
+
+
+class InflectionDetector:
+    """Watches one probe signal over tokens: has it crossed its inflection, and when will it?
+
+    Feed it one snapshot at a time with :meth:`update`. Crossing latches: once
+    declared it stays, with the token count where it was first declared, until
+    :meth:`reset`. The maths is in :func:`detect_crossing` and :func:`fit_forecast`;
+    snapshots that also carry the signal's two terms (``base`` and ``sensitivity``: the
+    reference loss and ``delta``) are forecast by :func:`fit_forecast_decomposed`, which
+    is far better determined.
+
+    Args:
+        patience: Snapshots in a row that must sit above the bottom to declare a crossing.
+        min_rise: Smallest rise above the bottom that counts, in the signal's units.
+        noise_sigmas: How many standard errors (of latest minus bottom) the rise must exceed.
+        min_points: Snapshots needed before crossing is declared or ``T*`` forecast (the
+            forecast needs 6 at least, and without stderrs the noise estimate needs 5).
+        forecast: Fit and forecast ``T*`` at every update (about 5-10 ms at 40 points).
+        forecast_level: Probability mass of the forecast interval.
+
+    Raises:
+        ValueError: On an out-of-range argument, naming it and the fix.
+        TypeError: On an argument of the wrong type.
+
+    Example::
+
+        det = InflectionDetector(patience=2)
+        for tokens, loss, stderr in snapshots:
+            state = det.update(tokens, loss, stderr)
+            if state.crossed:
+                print(f"turned up at {state.crossed_at_tokens:.3g} tokens")
+        # With the terms: the perturbed loss is reference loss + delta.
+        det.update(tokens, ref + delta, delta_se, base=ref, sensitivity=delta,
+                   sensitivity_stderr=delta_se)
+    """
+
+    def __init__(
+        self,
+        patience: int = DEFAULT_PATIENCE,
+        min_rise: float = 0.0,
+        noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
+        min_points: int = DEFAULT_MIN_POINTS,
+        forecast: bool = True,
+        forecast_level: float = DEFAULT_FORECAST_LEVEL,
+    ) -> None:
+        self.patience = _check_int("patience", patience, 1)
+        self.min_rise = _check_number(
+            "min_rise",
+            min_rise,
+            "a finite number >= 0",
+            "Pass min_rise=0.0 to rely on the noise alone.",
+            lambda v: v >= 0,
+        )
+        self.noise_sigmas = _check_number(
+            "noise_sigmas",
+            noise_sigmas,
+            "a finite number >= 0",
+            f"Pass e.g. noise_sigmas={DEFAULT_NOISE_SIGMAS} (the default).",
+            lambda v: v >= 0,
+        )
+        self.min_points = _check_int("min_points", min_points, 3)
+        if not isinstance(forecast, bool):
+            raise TypeError(f"`forecast` must be a bool, got {forecast!r}.")
+        self.forecast = forecast
+        self.forecast_level = _check_number(
+            "forecast_level",
+            forecast_level,
+            "strictly between 0 and 1",
+            "Pass e.g. forecast_level=0.8 for an 80% interval.",
+            lambda v: 0 < v < 1,
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every snapshot and the latch."""
+        self._points: list[tuple[float, float, float | None]] = []
+        self._terms: list[tuple[float, float | None, float, float | None] | None] = []
+        self._crossed_at: float | None = None
+        self._state = self._compute()
+
+    @property
+    def points(self) -> list[tuple[float, float, float | None]]:
+        """The snapshots so far, as ``(tokens, value, stderr)``."""
+        return list(self._points)
+
+    @property
+    def state(self) -> InflectionState:
+        """The state after the latest :meth:`update`."""
+        return self._state
+
+    def update(
+        self,
+        tokens: float,
+        value: float,
+        stderr: float | None = None,
+        *,
+        base: float | None = None,
+        base_stderr: float | None = None,
+        sensitivity: float | None = None,
+        sensitivity_stderr: float | None = None,
+    ) -> InflectionState:
+        """Add one snapshot and return the new state.
+
+        Crossing is always decided on ``value``. Once any snapshot has carried ``base`` and
+        ``sensitivity``, the forecast fits them (:func:`fit_forecast_decomposed`) on the
+        snapshots that carry them.
+
+        Args:
+            tokens: Tokens seen by the run at this snapshot; strictly more than the last.
+            value: The probe signal at ``tokens``.
+            stderr: Its standard error; None estimates the noise from the curve.
+            base: The signal's falling term (for a perturbed loss: the reference loss).
+            base_stderr: Its standard error; None fits the base unweighted.
+            sensitivity: The signal's rising term (for a perturbed loss: ``delta``); given
+                together with ``base``.
+            sensitivity_stderr: Its standard error; None fits the sensitivity unweighted.
+
+        Raises:
+            ValueError: On non-increasing or non-positive ``tokens``, a non-finite ``value``,
+                ``base`` or ``sensitivity``, a negative or non-finite stderr, or only one of
+                ``base`` and ``sensitivity``.
+        """
+        tokens = _check_number(
+            "tokens",
+            tokens,
+            "a finite number > 0",
+            "Pass the run's cumulative token count.",
+            lambda v: v > 0,
+        )
+        if self._points and tokens <= self._points[-1][0]:
+            raise ValueError(
+                f"`tokens` must strictly increase, got {tokens!r} after {self._points[-1][0]!r}."
+                " Pass the run's cumulative token count at each snapshot."
+            )
+        value = _check_number(
+            "value",
+            value,
+            "a finite number",
+            "Skip a snapshot whose probe failed instead.",
+            lambda v: True,
+        )
+        stderr = _check_stderr("stderr", stderr, "estimate it from the curve")
+        terms = _check_terms(base, base_stderr, sensitivity, sensitivity_stderr)
+        self._points.append((tokens, value, stderr))
+        self._terms.append(terms)
+        self._state = self._compute()
+        return self._state
+
+    def _compute(self) -> InflectionState:
+        tokens = [p[0] for p in self._points]
+        values = [p[1] for p in self._points]
+        stderrs = [p[2] for p in self._points]
+        found = detect_crossing(
+            tokens,
+            values,
+            stderrs,
+            patience=self.patience,
+            min_rise=self.min_rise,
+            noise_sigmas=self.noise_sigmas,
+            min_points=self.min_points,
+        )
+        if found.crossed and self._crossed_at is None:
+            self._crossed_at = tokens[-1]
+        forecast = None
+        if self.forecast and any(self._terms):
+            with_terms = [(t, terms) for t, terms in zip(tokens, self._terms) if terms]
+            forecast = fit_forecast_decomposed(
+                [t for t, _ in with_terms],
+                *zip(*(terms for _, terms in with_terms)),
+                level=self.forecast_level,
+                min_points=self.min_points,
+            )
+        elif self.forecast:
+            forecast = fit_forecast(
+                tokens, values, stderrs, level=self.forecast_level, min_points=self.min_points
+            )
+        return InflectionState(
+            crossed=self._crossed_at is not None,
+            crossed_at_tokens=self._crossed_at,
+            bottom_tokens=None if found.bottom_index is None else tokens[found.bottom_index],
+            bottom_value=found.bottom_value,
+            bottom_stderr=found.bottom_stderr,
+            rise=found.rise,
+            rise_threshold=found.rise_threshold,
+            consecutive_above=found.consecutive_above,
+            forecast_tokens=None if forecast is None else forecast.tokens,
+            forecast_low=None if forecast is None else forecast.low,
+            forecast_high=None if forecast is None else forecast.high,
+            n_points=len(self._points),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The snapshots (with their terms, None where absent) and the latch, as plain values."""
+        terms = [t or (None, None, None, None) for t in self._terms]
+        return {
+            "tokens": [p[0] for p in self._points],
+            "values": [p[1] for p in self._points],
+            "stderrs": [p[2] for p in self._points],
+            **{key: [t[i] for t in terms] for i, key in enumerate(_TERM_KEYS)},
+            "crossed_at_tokens": self._crossed_at,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; later updates then behave exactly as before saving.
+
+        A state dict from before the terms existed loads as snapshots without them.
+        """
+        tokens = state_dict.get("tokens", [])
+        values = state_dict.get("values", [])
+        stderrs = state_dict.get("stderrs", [None] * len(tokens))
+        self._points = [(float(t), float(v), s) for t, v, s in zip(tokens, values, stderrs)]
+        columns = [state_dict.get(key, [None] * len(tokens)) for key in _TERM_KEYS]
+        self._terms = [
+            None if b is None else (float(b), bs, float(d), ds) for b, bs, d, ds in zip(*columns)
+        ]
+        self._crossed_at = state_dict.get("crossed_at_tokens")
+        self._state = self._compute()
