@@ -286,7 +286,7 @@ def test_matplotlib_stays_optional(tmp_path):
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from conftest import make_module, make_trainer, reference_batches, train_loader
         from lightning_overtrain import OvertrainingMonitor
-        from lightning_overtrain.reporting import figures  # noqa: F401  (imports without matplotlib)
+        from lightning_overtrain.reporting import figures  # noqa: F401  (no matplotlib needed)
         from lightning_overtrain.testing.demo import stdlib_code
 
         text = stdlib_code(max_bytes=50_000)
