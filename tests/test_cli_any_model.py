@@ -78,6 +78,18 @@ def test_a_failing_loss_of_the_users_is_named(project, capsys):
     assert "default loss" not in err
 
 
+def test_when_no_checkpoint_could_be_probed_the_message_says_so(tmp_path, capsys):
+    for name in ("a.ckpt", "b.ckpt"):
+        (tmp_path / name).write_bytes(b"not a checkpoint")
+    reference = tmp_path / "reference.txt"
+    reference.write_bytes(TEXT)
+    out = tmp_path / "out"
+    assert main(probe_args(tmp_path, out, reference)) == 1
+    err = capsys.readouterr().err
+    assert "2 checkpoint(s) failed (none was probed)" in err
+    assert not out.exists()  # nothing measured: a re-run with other settings is not refused
+
+
 def test_help_says_which_batches_reference_text_builds(capsys):
     with pytest.raises(SystemExit):
         main(["probe", "--help"])

@@ -84,7 +84,8 @@ def probe_command(args: argparse.Namespace) -> int:
         {"path": c.path, "tokens": c.tokens, "step": c.step, "tokens_from": c.tokens_source}
         for c in series
     ]
-    write_settings(args.out, settings)
+    if history or checked:  # an --out where nothing was ever measured stays unclaimed
+        write_settings(args.out, settings)
     if history:
         write_history(render_report(history, args.out, policy), args.out)
         best = policy.best
