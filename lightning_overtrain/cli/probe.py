@@ -55,6 +55,7 @@ def probe_command(args: argparse.Namespace) -> int:
     bar = _progress(len(todo), args.no_progress)
     checked, probed = False, 0  # the set-up is checked on the first checkpoint that loads
     for ckpt in todo:
+        bar.set_postfix_str(f"{_short_name(ckpt)}: loading")
         try:
             ctx = open_checkpoint(setup, ckpt)
             if not checked:
@@ -190,7 +191,7 @@ def measure_checkpoint(setup: ProbeSetup, ctx: ProbeContext, ckpt: Checkpoint, b
     Raises:
         CheckpointError: if a probe failed on it.
     """
-    name = os.path.basename(os.path.normpath(ckpt.path))
+    name = _short_name(ckpt)
     errors: list[str] = []
     start = time.perf_counter()
     measured = measure_snapshot(
@@ -218,11 +219,15 @@ def probe_checkpoint(setup: ProbeSetup, ckpt: Checkpoint, bar: Any, check: bool 
         setup = build_setup(args, ordered)
         record = probe_checkpoint(setup, ordered[-1], bar, check=True)
     """
-    bar.set_postfix_str(f"{os.path.basename(os.path.normpath(ckpt.path))}: loading")
+    bar.set_postfix_str(f"{_short_name(ckpt)}: loading")
     ctx = open_checkpoint(setup, ckpt)
     if check:
         check_setup(setup, ctx, ckpt)
     return measure_checkpoint(setup, ctx, ckpt, bar)
+
+
+def _short_name(ckpt: Checkpoint) -> str:
+    return os.path.basename(os.path.normpath(ckpt.path))
 
 
 class _Announced(Probe):
