@@ -38,7 +38,7 @@ from lightning_overtrain.cli.series import (
 )
 from lightning_overtrain.cli.text import read_text, reference_set, split_text, tokenizer, windows
 from lightning_overtrain.engine.backup import ModelBackup
-from lightning_overtrain.engine.contract import Probe, ProbeContext
+from lightning_overtrain.engine.contract import Probe, ProbeContext, declared_signals
 from lightning_overtrain.engine.losses import transformers_loss
 from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.history import SETTINGS_FILE, Record, read_history, write_history
@@ -115,7 +115,10 @@ def probe_command(args: argparse.Namespace) -> int:
     bar.close()
 
     policy = InflectionPolicy()
+    signals = declared_signals(probes)
+    policy.declare(signals)
     settings["policy"] = policy.config()
+    settings["signals"] = [s.to_dict() for s in signals]
     settings["init_std_source"] = init.source
     settings["checkpoints"] = [
         {"path": c.path, "tokens": c.tokens, "step": c.step, "tokens_from": c.tokens_source}
@@ -125,7 +128,7 @@ def probe_command(args: argparse.Namespace) -> int:
     with open(os.path.join(args.out, SETTINGS_FILE), "w") as f:
         json.dump(settings, f, indent=2, default=str)
     if history:
-        write_history(render_report(history, args.out, policy), args.out)
+        write_history(render_report(history, args.out, policy, signals), args.out)
         best = policy.best
         if best is not None:
             path = next(c.path for c in series if c.tokens == best["tokens"])

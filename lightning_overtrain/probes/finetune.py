@@ -41,6 +41,7 @@ from lightning_overtrain.engine.losses import LossFn, check_loss, loss_sums
 from lightning_overtrain.engine.rng import seeded_rng
 from lightning_overtrain.engine.tokens import TokensFn, checked_token_count, count_tokens
 from lightning_overtrain.engine.train_loop import train_steps
+from lightning_overtrain.keys import Signal
 
 OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
 MetricInputs = Callable[[nn.Module, Any], tuple[Any, ...]]
@@ -222,6 +223,11 @@ class FineTuneProbe(Probe):
             "eval_batches": self.eval_batches,
             "seed": self.seed,
         }
+
+    def signals(self) -> list[Signal]:
+        """Per lr, under this probe's ``name``: forgetting, and the reference loss after
+        (U-shaped, ``reference_loss + forgetting``) and downstream loss after (U-shaped)."""
+        return keys.finetune_signals(self.lrs, self.name)
 
     def validate(self, ctx: ProbeContext) -> None:
         rank, size, loss_fn = _rank(), ctx.world_size, self._loss_fn(ctx)
