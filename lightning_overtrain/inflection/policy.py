@@ -308,8 +308,8 @@ class InflectionPolicy:
                             "threshold",
                             self.action_for(key),
                             tokens,
-                            f"{key} = {value:.4g} at {tokens:,.0f} tokens exceeds its"
-                            f" threshold {limit:.4g}.",
+                            f"{key} = {value:.4g} exceeds its threshold {limit:.4g} (at"
+                            f" {tokens:,.0f} tokens).",
                         ),
                     )
         return out
