@@ -267,7 +267,6 @@ def noise_signals(
                 rank=1 + gamma / (1 + gamma),  # the largest gamma, after any fine-tune loss
             )
         )
-    for gamma in sorted(set(gammas)):
         out.append(
             Signal(
                 noise_key(gamma, "delta"),

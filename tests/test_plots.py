@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 from conftest import make_module, make_trainer, reference_batches, train_loader

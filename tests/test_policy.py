@@ -16,7 +16,7 @@ from conftest import (
 
 from lightning_overtrain import FileReporter, InflectionPolicy, OvertrainingMonitor, Probe, Reporter
 from lightning_overtrain import keys as metric_keys
-from lightning_overtrain.inflection.policy import decomposed_terms
+from lightning_overtrain.inflection.signals import decomposed_terms
 from lightning_overtrain.keys import key_pattern
 from lightning_overtrain.testing.synthetic import make_curve
 

@@ -10,8 +10,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 import lightning_overtrain.reporting.wandb as module
 from lightning_overtrain import OvertrainingMonitor
-from lightning_overtrain.reporting.loggers import LoggerReporter
 from lightning_overtrain.reporting.base import RunView
+from lightning_overtrain.reporting.loggers import LoggerReporter
 from lightning_overtrain.reporting.png import PlotReporter
 from lightning_overtrain.reporting.wandb import WandbReporter
 

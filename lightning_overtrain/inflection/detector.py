@@ -245,30 +245,6 @@ class InflectionDetector:
         self.config = config
         self.reset()
 
-    @property
-    def patience(self) -> int:
-        return self.config.patience
-
-    @property
-    def min_rise(self) -> float:
-        return self.config.min_rise
-
-    @property
-    def noise_sigmas(self) -> float:
-        return self.config.noise_sigmas
-
-    @property
-    def min_points(self) -> int:
-        return self.config.min_points
-
-    @property
-    def forecast(self) -> bool:
-        return self.config.forecast
-
-    @property
-    def forecast_level(self) -> float:
-        return self.config.forecast_level
-
     def reset(self) -> None:
         """Forget every snapshot and the latch."""
         self._points: list[tuple[float, float, float | None]] = []
@@ -352,25 +328,29 @@ class InflectionDetector:
             tokens,
             values,
             stderrs,
-            patience=self.patience,
-            min_rise=self.min_rise,
-            noise_sigmas=self.noise_sigmas,
-            min_points=self.min_points,
+            patience=self.config.patience,
+            min_rise=self.config.min_rise,
+            noise_sigmas=self.config.noise_sigmas,
+            min_points=self.config.min_points,
         )
         if found.crossed and self._crossed_at is None:
             self._crossed_at = tokens[-1]
         forecast = None
-        if self.forecast and any(self._terms):
+        if self.config.forecast and any(self._terms):
             with_terms = [(t, terms) for t, terms in zip(tokens, self._terms) if terms]
             forecast = fit_forecast_decomposed(
                 [t for t, _ in with_terms],
                 *zip(*(terms for _, terms in with_terms)),
-                level=self.forecast_level,
-                min_points=self.min_points,
+                level=self.config.forecast_level,
+                min_points=self.config.min_points,
             )
-        elif self.forecast:
+        elif self.config.forecast:
             forecast = fit_forecast(
-                tokens, values, stderrs, level=self.forecast_level, min_points=self.min_points
+                tokens,
+                values,
+                stderrs,
+                level=self.config.forecast_level,
+                min_points=self.config.min_points,
             )
         state = InflectionState(
             crossed=self._crossed_at is not None,

@@ -21,6 +21,7 @@ from lightning_overtrain.inflection.detector import (
     InflectionDetector,
     InflectionState,
 )
+from lightning_overtrain.inflection.signals import decomposed_terms, finite, stderr_of
 from lightning_overtrain.inflection.verdicts import bottom_text, forecast_text, latest_text
 from lightning_overtrain.keys import Signal
 
@@ -224,11 +225,11 @@ class InflectionPolicy:
         decisions: list[Decision] = []
         verdicts: dict[str, InflectionState] = {}
         for key, value in record.items():
-            if not self._watches(key, declared) or not _finite(value):
+            if not self._watches(key, declared) or not finite(value):
                 continue
             signal = declared.get(key) or Signal(key)
             state = self._detector(key).update(
-                tokens, value, _stderr(record, signal.stderr), **decomposed_terms(record, signal)
+                tokens, value, stderr_of(record, signal.stderr), **decomposed_terms(record, signal)
             )
             verdicts[key] = state
             fields = state.to_dict()
@@ -300,7 +301,7 @@ class InflectionPolicy:
         out: list[Decision] = []
         for key, value in record.items():
             for pattern, limit in self._threshold_patterns:
-                if pattern.match(key) and _finite(value) and value > limit:
+                if pattern.match(key) and finite(value) and value > limit:
                     out += self._fire(
                         f"threshold:{key}",
                         Decision(
@@ -318,7 +319,7 @@ class InflectionPolicy:
         self, record: Mapping[str, float], declared: Mapping[str, Signal], path: str | None
     ) -> bool:
         signal = self._best_signal(record, declared)
-        if signal is None or not _finite(record.get(signal)):
+        if signal is None or not finite(record.get(signal)):
             return False
         value = float(record[signal])
         if self.best is not None and self.best["signal"] == signal and value >= self.best["value"]:
@@ -342,7 +343,7 @@ class InflectionPolicy:
         candidates = [
             (s.rank, -i, s.key)
             for i, s in enumerate(declared.values())
-            if s.u_shaped and s.rank is not None and _finite(record.get(s.key))
+            if s.u_shaped and s.rank is not None and finite(record.get(s.key))
         ]
         return max(candidates)[2] if candidates else None
 
@@ -378,32 +379,3 @@ def _detector_config(
     if isinstance(detector, Mapping):
         return DetectorConfig(**detector)
     raise ValueError(f"`detector` must be a DetectorConfig, a dict or None, got {detector!r}.")
-
-
-def decomposed_terms(record: Mapping[str, float], signal: Signal) -> dict[str, float | None]:
-    """The declared two terms of ``signal``, for the detector's forecast, when the record has them.
-
-    A perturbed loss is ``reference_loss + delta`` and a post-fine-tune reference loss is
-    ``reference_loss + forgetting``: the falling base and the rising sensitivity are
-    measured separately, and fitting each on its own forecasts ``T*`` far better than
-    fitting their noisy sum (``benchmarks/detector_validation.py``).
-    """
-    if signal.base is None or signal.sensitivity is None:
-        return {}
-    base, sensitivity = record.get(signal.base), record.get(signal.sensitivity)
-    if not (_finite(base) and _finite(sensitivity)):
-        return {}
-    return {
-        "base": float(base),
-        "sensitivity": float(sensitivity),
-        "sensitivity_stderr": _stderr(record, signal.sensitivity + keys.STDERR_SUFFIX),
-    }
-
-
-def _stderr(record: Mapping[str, float], key: str) -> float | None:
-    value = record.get(key)
-    return float(value) if _finite(value) and value >= 0 else None
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
