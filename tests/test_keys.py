@@ -1,5 +1,6 @@
 """One key grammar: probes declare their signals, and everything downstream follows them."""
 
+import dataclasses
 import json
 import math
 import sys
@@ -17,7 +18,7 @@ from lightning_overtrain.engine.contract import Probe, declared_signals
 from lightning_overtrain.inflection.policy import InflectionPolicy
 from lightning_overtrain.keys import Signal
 from lightning_overtrain.probes.finetune import FineTuneProbe
-from lightning_overtrain.reporting.base import RunView
+from lightning_overtrain.reporting.base import Reporter, RunView
 from lightning_overtrain.reporting.files import FileReporter
 from lightning_overtrain.reporting.wandb import WandbReporter
 
@@ -108,6 +109,11 @@ def test_the_fine_tune_probe_writes_the_keys_it_declares():
     assert {s.key for s in probe.signals() if s.u_shaped} == {
         k for k in U_SHAPED if k.startswith("code_ft/")
     }
+
+
+def test_two_lrs_with_one_key_are_refused():
+    with pytest.raises(ValueError, match="`lrs` must give distinct keys"):
+        FineTuneProbe(BATCH, BATCH, lrs=(1e-3, 0.0010000001))
 
 
 def test_signals_round_trip_through_json():
@@ -211,13 +217,27 @@ def test_auto_best_signal_picks_any_declared_u_shaped_signal():
     )
 
 
+class Views(Reporter):
+    """Keeps what the monitor hands its reporters."""
+
+    def __init__(self) -> None:
+        self.views = []
+
+    def setup(self, trainer, view):
+        self.views.append(view)
+
+    def report(self, trainer, view, record):
+        self.views.append(view)
+
+
 def test_a_user_probe_is_watched_kept_and_reported_by_a_live_run(tmp_path, code_text):
+    views = Views()
     monitor = OvertrainingMonitor(
         reference_batches(code_text, n=1),
         every_n_steps=1,
         probes=[MyProbe()],
         dirpath=tmp_path / "mon",
-        reporters=[FileReporter()],
+        reporters=[FileReporter(), views],
     )
     trainer = make_trainer(tmp_path, [monitor], max_steps=len(U_CURVE))
     with pytest.warns(UserWarning, match="mine/loss has turned upward"):
@@ -233,6 +253,13 @@ def test_a_user_probe_is_watched_kept_and_reported_by_a_live_run(tmp_path, code_
     settings = report_module._run_settings(str(tmp_path / "mon"))
     assert report_module._run_signals(settings) == monitor.signals
     assert " mine/loss " in report_module.summary_table(monitor.history, monitor.signals)
+    # Reporters get a read-only view of the run, never the monitor.
+    assert all(type(v) is RunView for v in views.views) and len(views.views) == 1 + len(U_CURVE)
+    last = views.views[-1]
+    assert last.history[-1] is monitor.history[-1] and last.tokens == monitor.tokens
+    assert last.best_path == monitor.best_path and last.signals == tuple(monitor.signals)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        last.tokens = 0
 
 
 def test_an_old_policy_config_still_loads():

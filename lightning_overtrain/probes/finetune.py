@@ -173,6 +173,12 @@ class FineTuneProbe(Probe):
         lrs = check_positive_numbers(
             "lrs", lrs, "one or more learning rates > 0", "Pass e.g. lrs=(1e-4, 1e-3)."
         )
+        lr_keys = [keys.lr_key(lr) for lr in lrs]
+        if len(set(lr_keys)) != len(lr_keys):
+            raise ValueError(
+                f"`lrs` must give distinct keys, got {tuple(lrs)!r} -> {lr_keys}. Pass"
+                " learning rates that differ in their first 6 significant digits."
+            )
         for argument, fn in (
             ("optimizer", optimizer),
             ("metric_inputs", metric_inputs),
