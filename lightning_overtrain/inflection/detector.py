@@ -336,22 +336,14 @@ class InflectionDetector:
         if found.crossed and self._crossed_at is None:
             self._crossed_at = tokens[-1]
         forecast = None
+        fit = {"level": self.config.forecast_level, "min_points": self.config.min_points}
         if self.config.forecast and any(self._terms):
             with_terms = [(t, terms) for t, terms in zip(tokens, self._terms) if terms]
             forecast = fit_forecast_decomposed(
-                [t for t, _ in with_terms],
-                *zip(*(terms for _, terms in with_terms)),
-                level=self.config.forecast_level,
-                min_points=self.config.min_points,
+                [t for t, _ in with_terms], *zip(*(terms for _, terms in with_terms)), **fit
             )
         elif self.config.forecast:
-            forecast = fit_forecast(
-                tokens,
-                values,
-                stderrs,
-                level=self.config.forecast_level,
-                min_points=self.config.min_points,
-            )
+            forecast = fit_forecast(tokens, values, stderrs, **fit)
         state = InflectionState(
             crossed=self._crossed_at is not None,
             crossed_at_tokens=self._crossed_at,
