@@ -110,8 +110,9 @@ class OvertrainingMonitor(Callback):
             callable); the first ``cooldown_steps`` are taken once, the same at every
             snapshot, and under DDP each batch is split across ranks.
         policy: when to warn or stop, and which snapshot to keep (an
-            :class:`~lightning_overtrain.inflection.policy.InflectionPolicy`). Default: watch the
-            perturbed and post-fine-tune losses, warn (never stop) once one turns
+            :class:`~lightning_overtrain.inflection.policy.InflectionPolicy`). Default: watch
+            every U-shaped signal the probes declare (``Probe.signals()``: the perturbed
+            and post-fine-tune losses of the built-in probes), warn (never stop) once one turns
             upward, and keep the snapshot at the bottom of the curve as
             ``<dirpath>/best.ckpt``. Stopping is opt-in: ``InflectionPolicy(action="stop")``.
 

@@ -1,10 +1,13 @@
 """When to warn or stop: an inflection detector per probe signal, and the user's thresholds.
 
-:meth:`InflectionPolicy.judge` reads each snapshot's record, feeds every watched signal to its own
+:meth:`InflectionPolicy.judge` reads each snapshot's record, feeds every watched
+signal (by default: every U-shaped signal the probes declare) to its own
 :class:`~lightning_overtrain.inflection.detector.InflectionDetector`, and returns the
-decisions that fired for the first time (each trigger fires once: an alert is news,
-not a heartbeat). It also tracks the snapshot at the bottom of the chosen signal,
-the one worth fine-tuning. It holds no Trainer: the monitor acts on its decisions.
+verdicts, the fields to add to the record, the decisions that fired for the first
+time (each trigger fires once: an alert is news, not a heartbeat) and whether the
+best snapshot (the bottom of the chosen signal, the one worth fine-tuning) moved.
+It holds no Trainer: the monitor and ``lightning-overtrain report`` both call it and
+act on what it returns.
 """
 
 from __future__ import annotations
@@ -27,10 +30,6 @@ from lightning_overtrain.keys import Signal
 
 Action = Literal["warn", "stop"]
 ACTIONS = ("warn", "stop")
-
-#: The detector settings a policy takes one by one (the rest through ``detector=``).
-_DETECTOR_ARGUMENTS = ("patience", "min_rise", "noise_sigmas")
-
 
 def _matches(patterns: Sequence[re.Pattern[str]], key: str) -> bool:
     return any(p.match(key) for p in patterns)
