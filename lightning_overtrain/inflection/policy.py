@@ -31,6 +31,7 @@ from lightning_overtrain.keys import Signal
 Action = Literal["warn", "stop"]
 ACTIONS = ("warn", "stop")
 
+
 def _matches(patterns: Sequence[re.Pattern[str]], key: str) -> bool:
     return any(p.match(key) for p in patterns)
 
