@@ -1,11 +1,11 @@
 """Plots: every probe curve against log tokens, inflection marks, heatmaps, PNGs for any logger."""
 
+import dataclasses
 import math
 import os
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 from conftest import make_module, make_trainer, reference_batches, train_loader
@@ -16,6 +16,7 @@ from matplotlib.patches import Rectangle
 from lightning_overtrain import NoiseProbe, OvertrainingMonitor
 from lightning_overtrain.history import read_history, write_history
 from lightning_overtrain.reporting import figures
+from lightning_overtrain.reporting.base import RunView
 from lightning_overtrain.reporting.png import PlotReporter
 
 PERTURBED = "noise/gamma=1/perturbed_loss"
@@ -56,6 +57,18 @@ def history(n=8, noise=True, finetune=False, layers=False, marks=False):
     return records
 
 
+def noise_figure(records):
+    return figures.render_figures(records)["noise"]
+
+
+def finetune_figure(records):
+    return figures.render_figures(records)["finetune"]
+
+
+def layers_figure(records):
+    return figures.render_figures(records)["layers"]
+
+
 def vertical_lines(ax):
     return [
         line.get_xdata()[0]
@@ -91,7 +104,7 @@ def test_every_curve_is_against_log_tokens():
 
 
 def test_noise_figure_plots_each_gamma_and_the_reference():
-    fig = figures.noise_figure(history())
+    fig = noise_figure(history())
     loss_ax, delta_ax = fig.axes
     labels = [line.get_label() for line in loss_ax.lines]
     assert labels == ["reference", "γ=0.5", "γ=1"]
@@ -105,7 +118,7 @@ def test_finetune_figure_draws_the_panels_present_in_any_subset():
     records = [
         {k: v for k, v in r.items() if "downstream" not in k} for r in history(finetune=True)
     ]
-    fig = figures.finetune_figure(records)
+    fig = finetune_figure(records)
     assert [ax.get_title() for ax in fig.axes] == [
         "forgetting (pretraining loss rise)",
         "pretraining loss after fine-tuning",
@@ -114,7 +127,7 @@ def test_finetune_figure_draws_the_panels_present_in_any_subset():
 
 
 def test_inflection_bottom_and_forecast_interval_are_marked():
-    fig = figures.noise_figure(history(marks=True))
+    fig = noise_figure(history(marks=True))
     loss_ax = fig.axes[0]
     assert vertical_lines(loss_ax) == [2e6]  # the forecast T*
     (span,) = spans(loss_ax)
@@ -128,7 +141,7 @@ def test_inflection_bottom_and_forecast_interval_are_marked():
 
 
 def test_no_marks_without_inflection_keys():
-    loss_ax = figures.noise_figure(history())
+    loss_ax = noise_figure(history())
     assert vertical_lines(loss_ax.axes[0]) == [] and spans(loss_ax.axes[0]) == []
 
 
@@ -156,7 +169,7 @@ def test_series_skips_missing_non_finite_and_zero_tokens():
 
 def test_layer_heatmap_is_tokens_by_layer():
     records = history(n=5, layers=True)
-    fig = figures.layers_figure(records)
+    fig = layers_figure(records)
     heatmaps = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     meshes = [c for ax in heatmaps for c in ax.collections if isinstance(c, QuadMesh)]
     assert len(meshes) == 2  # one per gamma
@@ -201,17 +214,17 @@ def test_plot_reporter_draws_when_due_and_at_the_end(tmp_path, monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(module, "monotonic", lambda: clock[0])
 
-    reporter, monitor = PlotReporter(every_s=60), SimpleNamespace(dirpath=str(tmp_path), history=[])
-    reporter.setup(None, monitor)
+    reporter, view = PlotReporter(every_s=60), RunView(dirpath=str(tmp_path))
+    reporter.setup(None, view)
     png = tmp_path / "plots" / "noise.png"
     for i, record in enumerate(history(n=3)):
         clock[0] = [10.0, 70.0, 80.0][i]
-        monitor.history = [*monitor.history, record]
-        reporter.report(None, monitor, record)
+        view = dataclasses.replace(view, history=(*view.history, record))
+        reporter.report(None, view, record)
         assert png.exists() == (i >= 1)
     assert reporter.paths == {"noise": str(png)}
     stamp = png.stat().st_mtime_ns
-    reporter.teardown(None, monitor)  # the third snapshot was not drawn yet
+    reporter.teardown(None, view)  # the third snapshot was not drawn yet
     assert png.stat().st_mtime_ns != stamp
 
 
@@ -221,15 +234,12 @@ def test_plot_reporter_failure_is_a_warning(tmp_path, monkeypatch):
 
     monkeypatch.setattr(figures, "write_figures", broken)
 
-    class Monitor:
-        dirpath = str(tmp_path)
-        history = history(n=2)
-
+    view = RunView(dirpath=str(tmp_path), history=history(n=2))
     reporter = PlotReporter(every_s=0)
-    reporter.setup(None, Monitor())
+    reporter.setup(None, view)
     with pytest.warns(UserWarning, match="rendering the plots .* failed .*no fonts"):
-        reporter.report(None, Monitor(), Monitor.history[-1])
-    reporter.report(None, Monitor(), Monitor.history[-1])  # silent once disabled
+        reporter.report(None, view, view.history[-1])
+    reporter.report(None, view, view.history[-1])  # silent once disabled
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,9 @@ from conftest import (
 )
 
 from lightning_overtrain import FileReporter, InflectionPolicy, OvertrainingMonitor, Probe, Reporter
-from lightning_overtrain.inflection.policy import decomposed_terms, key_pattern
+from lightning_overtrain import keys as metric_keys
+from lightning_overtrain.inflection.signals import decomposed_terms
+from lightning_overtrain.keys import key_pattern
 from lightning_overtrain.testing.synthetic import make_curve
 
 SIGNAL = "noise/gamma=1/perturbed_loss"
@@ -29,8 +31,8 @@ def records(curve, signal=SIGNAL):
 def run_policy(policy, recs):
     out = []
     for record in recs:
-        additions, decisions = policy.update(record)
-        out.append((additions, decisions))
+        judgement = policy.judge(record)
+        out.append((judgement.additions, judgement.decisions))
     return out
 
 
@@ -69,7 +71,7 @@ def test_thresholds_fire_once_with_their_own_action():
     fired = [
         d
         for v in values
-        for d in policy.update({"tokens": 1.0 + v, "noise/gamma=1/relative_delta": v})[1]
+        for d in policy.judge({"tokens": 1.0 + v, "noise/gamma=1/relative_delta": v}).decisions
     ]
     assert [(d.trigger, d.action, d.signal) for d in fired] == [
         ("threshold", "stop", "noise/gamma=1/relative_delta")
@@ -102,18 +104,36 @@ def test_the_state_round_trips_to_the_same_decisions():
 
 
 def test_auto_best_signal_prefers_fine_tune_then_the_largest_gamma():
-    policy = InflectionPolicy()
     noise_only = {"tokens": 1.0, "noise/gamma=0.5/perturbed_loss": 2.0, SIGNAL: 3.0}
-    assert policy.best_candidate(noise_only) == (SIGNAL, 3.0)
+    policy = InflectionPolicy()
+    judgement = policy.judge(noise_only)
+    assert judgement.best_moved and judgement.best is policy.best
+    assert (policy.best["signal"], policy.best["value"]) == (SIGNAL, 3.0)
+    assert judgement.additions["best/value"] == 3.0
     both = {
         **noise_only,
         "finetune/lr=0.0001/reference_loss_after": 2.5,
         "finetune/lr=0.001/reference_loss_after": 2.7,
     }
-    assert policy.best_candidate(both) == ("finetune/lr=0.001/reference_loss_after", 2.7)
-    policy.best = {"signal": SIGNAL, "value": 3.0}
-    assert policy.best_candidate({SIGNAL: 3.1}) is None
-    assert policy.best_candidate({SIGNAL: 2.9}) == (SIGNAL, 2.9)
+    policy = InflectionPolicy()
+    policy.judge(both)
+    assert (policy.best["signal"], policy.best["value"]) == (
+        "finetune/lr=0.001/reference_loss_after",
+        2.7,
+    )
+    policy = InflectionPolicy()
+    policy.best = {"signal": SIGNAL, "value": 3.0, "tokens": 1.0}
+    assert not policy.judge({"tokens": 2.0, SIGNAL: 3.1}).best_moved
+    assert policy.best["tokens"] == 1.0
+    judgement = policy.judge({"tokens": 3.0, "step": 7, SIGNAL: 2.9}, best_path="b.ckpt")
+    assert judgement.best_moved
+    assert policy.best == {
+        "signal": SIGNAL,
+        "value": 2.9,
+        "tokens": 3.0,
+        "step": 7,
+        "path": "b.ckpt",
+    }
 
 
 @pytest.mark.parametrize(
@@ -254,7 +274,7 @@ def test_policy_must_be_an_inflection_policy():
 def test_policy_verdicts_are_finite_or_nan_numbers(tmp_path, code_text):
     monitor, *_ = scripted_run(tmp_path, code_text, "warn")
     keys = [k for k in monitor.history[-1] if k.startswith("inflection/")]
-    assert len(keys) == 8
+    assert len(keys) == len(metric_keys.INFLECTION_FIELDS) == 9
     assert all(isinstance(monitor.history[-1][k], float) for k in keys)
     assert not math.isnan(monitor.history[-1]["inflection/scripted/loss/bottom_tokens"])
 
@@ -269,23 +289,25 @@ def test_the_forecast_fits_the_reference_loss_and_delta_separately():
         "finetune/lr=0.001/reference_loss_after": 2.5,
         "finetune/lr=0.001/forgetting": 0.5,
     }
-    assert decomposed_terms(record, SIGNAL) == {
+    built_in = [*metric_keys.noise_signals([1.0]), *metric_keys.finetune_signals([1e-3])]
+    declared = {s.key: s for s in built_in}
+    assert decomposed_terms(record, declared[SIGNAL]) == {
         "base": 2.0,
         "sensitivity": 0.3,
         "sensitivity_stderr": 0.01,
     }
-    assert decomposed_terms(record, "finetune/lr=0.001/reference_loss_after") == {
+    assert decomposed_terms(record, declared["finetune/lr=0.001/reference_loss_after"]) == {
         "base": 2.0,
         "sensitivity": 0.5,
         "sensitivity_stderr": None,
     }
-    assert decomposed_terms(record, "finetune/lr=0.001/downstream_loss_after") == {}
+    assert decomposed_terms(record, declared["finetune/lr=0.001/downstream_loss_after"]) == {}
     curve = make_curve("u_shape", n_points=24, seed=4, noise=0.05, noise_unit="delta")
     policy = InflectionPolicy()
     for t, b, d, se in zip(curve.tokens, curve.base, curve.sensitivity, curve.sensitivity_stderrs):
         rec = {"tokens": float(t), "reference_loss": float(b), SIGNAL: float(b + d)}
         rec.update({"noise/gamma=1/delta": float(d), "noise/gamma=1/delta_stderr": float(se)})
-        policy.update(rec)
+        policy.judge(rec)
     assert policy.detectors[SIGNAL].state_dict()["sensitivities"][-1] == pytest.approx(
         curve.sensitivity[-1]
     )

@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 import lightning_overtrain.reporting.wandb as module
 from lightning_overtrain import OvertrainingMonitor
+from lightning_overtrain.reporting.base import RunView
 from lightning_overtrain.reporting.loggers import LoggerReporter
 from lightning_overtrain.reporting.png import PlotReporter
 from lightning_overtrain.reporting.wandb import WandbReporter
@@ -72,13 +73,17 @@ def trainer(*loggers, step=12):
     return SimpleNamespace(loggers=list(loggers), global_step=step, is_global_zero=True)
 
 
-def monitor(history=()):
-    return SimpleNamespace(
-        prefix="overtrain",
+def monitor(history=(), signals=()):
+    """A stand-in for the monitor's :class:`RunView`, with the same fields, that a test
+    can move on snapshot by snapshot."""
+    fields = RunView(
+        dirpath="unused",
         history=list(history),
         tokens=history[-1]["tokens"] if history else 0,
-        config=lambda: {"cadence": "every 2 steps", "probes": {"noise": {"pairs": 2}}},
+        config={"cadence": "every 2 steps", "probes": {"noise": {"pairs": 2}}},
+        signals=tuple(signals),
     )
+    return SimpleNamespace(**vars(fields))
 
 
 def record(i, **extra):

@@ -27,7 +27,7 @@ from lightning_overtrain.callbacks.cadence import Cadence
 from lightning_overtrain.checks import check_int
 from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.collectives import all_reduce_sum, world_size
-from lightning_overtrain.engine.contract import Probe, ProbeContext
+from lightning_overtrain.engine.contract import Probe, ProbeContext, declared_signals
 from lightning_overtrain.engine.data import (
     ReferenceData,
     check_batches_argument,
@@ -50,9 +50,10 @@ from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.engine.tokens import TokensFn, checked_token_count, count_tokens
 from lightning_overtrain.history import Record
 from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
+from lightning_overtrain.keys import Signal
 from lightning_overtrain.probes.cooldown import CooldownBranch
 from lightning_overtrain.probes.noise import NoiseProbe
-from lightning_overtrain.reporting.base import Reporter
+from lightning_overtrain.reporting.base import Reporter, RunView
 from lightning_overtrain.reporting.files import FileReporter
 from lightning_overtrain.reporting.loggers import LoggerReporter
 from lightning_overtrain.reporting.png import PlotReporter, matplotlib_available
@@ -110,8 +111,9 @@ class OvertrainingMonitor(Callback):
             callable); the first ``cooldown_steps`` are taken once, the same at every
             snapshot, and under DDP each batch is split across ranks.
         policy: when to warn or stop, and which snapshot to keep (an
-            :class:`~lightning_overtrain.inflection.policy.InflectionPolicy`). Default: watch the
-            perturbed and post-fine-tune losses, warn (never stop) once one turns
+            :class:`~lightning_overtrain.inflection.policy.InflectionPolicy`). Default: watch
+            every U-shaped signal the probes declare (``Probe.signals()``: the perturbed
+            and post-fine-tune losses of the built-in probes), warn (never stop) once one turns
             upward, and keep the snapshot at the bottom of the curve as
             ``<dirpath>/best.ckpt``. Stopping is opt-in: ``InflectionPolicy(action="stop")``.
 
@@ -219,6 +221,7 @@ class OvertrainingMonitor(Callback):
         self.cooldown_steps = cooldown_steps
         self.cooldown_data = cooldown_data
         self.reporters: list[Reporter] = []
+        self.signals: list[Signal] = [keys.reference_signal()]
 
         # Run state: all of it goes through state_dict().
         self.history: list[Record] = []
@@ -273,7 +276,21 @@ class OvertrainingMonitor(Callback):
             "prefix": self.prefix,
             "cooldown_steps": self.cooldown_steps,
             "policy": self.policy.config(),
+            "signals": [s.to_dict() for s in self.signals],
         }
+
+    def view(self) -> RunView:
+        """The read-only view of the run that reporters get."""
+        return RunView(
+            dirpath=self.dirpath,
+            prefix=self.prefix,
+            history=tuple(self.history),
+            tokens=self.tokens,
+            config=self.config(),
+            signals=tuple(self.signals),
+            best_path=self.best_path,
+            stop_reason=self.stop_reason,
+        )
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -303,9 +320,12 @@ class OvertrainingMonitor(Callback):
             self._cooldown = self._make_cooldown(trainer, pl_module, ctx)
         for probe in self.probes:
             probe.validate(ctx)
+        self.signals = declared_signals(self.probes)
+        self.policy.declare(self.signals)
         if trainer.is_global_zero:
+            view = self.view()
             for reporter in self.reporters:
-                reporter.setup(trainer, self)
+                reporter.setup(trainer, view)
         rank_zero_info(
             f"OvertrainingMonitor: {len(self.probes)} probe(s),"
             f" snapshots {self.cadence.describe()},"
@@ -340,8 +360,9 @@ class OvertrainingMonitor(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
+            view = self.view()
             for reporter in self.reporters:
-                reporter.teardown(trainer, self)
+                reporter.teardown(trainer, view)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -400,8 +421,9 @@ class OvertrainingMonitor(Callback):
         record[keys.PROBE_SECONDS] = time.perf_counter() - start
         self.history.append(record)
         if trainer.is_global_zero:
+            view = self.view()
             for reporter in self.reporters:
-                reporter.report(trainer, self, record)
+                reporter.report(trainer, view, record)
         self._act(trainer, decisions)
         return record
 
@@ -416,26 +438,14 @@ class OvertrainingMonitor(Callback):
         return self.policy.best["tokens"] if self.policy.best else None
 
     def _judge(self, trainer: pl.Trainer, record: Record) -> list[Decision]:
-        """Feed the record to the policy; add its verdicts; keep the best snapshot."""
-        additions, decisions = self.policy.update(record)
-        record.update(additions)
-        candidate = self.policy.best_candidate(record)
-        if candidate is not None:
-            path = os.path.join(self.dirpath, "best.ckpt")
+        """Let the policy judge the record; add its fields; keep the best snapshot."""
+        judgement = self.policy.judge(record, best_path=os.path.join(self.dirpath, "best.ckpt"))
+        if judgement.best_moved:
+            assert judgement.best is not None
             # Every rank calls it (a collective under sharded strategies); rank 0 writes.
-            trainer.save_checkpoint(path, weights_only=True)
-            signal, value = candidate
-            self.policy.best = {
-                "signal": signal,
-                "value": value,
-                "tokens": record[keys.TOKENS],
-                "step": record[keys.STEP],
-                "path": path,
-            }
-        if self.policy.best is not None:
-            record[keys.BEST_TOKENS] = self.policy.best["tokens"]
-            record[keys.BEST_VALUE] = self.policy.best["value"]
-        return decisions
+            trainer.save_checkpoint(judgement.best["path"], weights_only=True)
+        record.update(judgement.additions)
+        return judgement.decisions
 
     def _act(self, trainer: pl.Trainer, decisions: list[Decision]) -> None:
         """Warn and alert on rank zero; stop only if every rank agrees someone must."""
@@ -443,8 +453,9 @@ class OvertrainingMonitor(Callback):
             title = f"Overtraining {decision.trigger}: {decision.signal}"
             rank_zero_warn(f"OvertrainingMonitor ({decision.action}): {decision.message}")
             if trainer.is_global_zero:
+                view = self.view()
                 for reporter in self.reporters:
-                    reporter.alert(trainer, self, title, decision.message, decision.action)
+                    reporter.alert(trainer, view, title, decision.message, decision.action)
         stops = [d for d in decisions if d.action == "stop"]
         # Called at every snapshot on every rank, so the collective always pairs up.
         if trainer.strategy.reduce_boolean_decision(bool(stops), all=False):

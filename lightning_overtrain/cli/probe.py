@@ -27,7 +27,7 @@ from lightning_overtrain.cli.resume import resume_history, write_settings
 from lightning_overtrain.cli.series import Checkpoint, CheckpointError, SeriesError
 from lightning_overtrain.cli.setup import ProbeSetup, build_setup, collect_series
 from lightning_overtrain.engine.backup import ModelBackup
-from lightning_overtrain.engine.contract import Probe, ProbeContext
+from lightning_overtrain.engine.contract import Probe, ProbeContext, declared_signals
 from lightning_overtrain.engine.losses import check_loss
 from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.history import Record, write_history
@@ -78,8 +78,11 @@ def probe_command(args: argparse.Namespace) -> int:
     bar.close()
 
     policy = InflectionPolicy()
+    signals = declared_signals(setup.probes)
+    policy.declare(signals)
     settings = setup.settings
     settings["policy"] = policy.config()
+    settings["signals"] = [s.to_dict() for s in signals]
     settings["init_std_source"] = setup.init.source
     settings["checkpoints"] = [
         {"path": c.path, "tokens": c.tokens, "step": c.step, "tokens_from": c.tokens_source}
@@ -88,7 +91,7 @@ def probe_command(args: argparse.Namespace) -> int:
     if history or checked:  # an --out where nothing was ever measured stays unclaimed
         write_settings(args.out, settings)
     if history:
-        write_history(render_report(history, args.out, policy), args.out)
+        write_history(render_report(history, args.out, policy, signals), args.out)
         best = policy.best
         if best is not None:
             path = next(c.path for c in series if c.tokens == best["tokens"])

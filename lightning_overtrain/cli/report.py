@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,14 +14,16 @@ from lightning_overtrain.cli.series import (
     SeriesError,
 )
 from lightning_overtrain.history import PLOTS_DIR, SETTINGS_FILE, Record, columns, read_history
-from lightning_overtrain.inflection.crossing import DEFAULT_MIN_POINTS
-from lightning_overtrain.inflection.detector import InflectionState
+from lightning_overtrain.inflection.detector import DetectorConfig, InflectionState
 from lightning_overtrain.inflection.policy import InflectionPolicy
-
-# The summary table's columns; per-layer and diagnostic keys stay in history.csv.
-SUMMARY_COLUMNS = re.compile(
-    r"^(reference_loss|noise/gamma=[^/]+/(perturbed_loss|delta)|[^/]+/lr=[^/]+/forgetting)$"
+from lightning_overtrain.inflection.verdicts import (
+    bottom_text,
+    forecast_text,
+    latest_text,
+    tokens_text,
 )
+from lightning_overtrain.keys import Signal
+
 _JUDGED = ("inflection/", "best/")  # keys the policy adds; recomputed by `judge`
 _SUMMARY_FILE = "summary.md"
 _INFLECTION_FILE = "inflection.json"
@@ -35,22 +36,45 @@ def report_command(run_dir: str) -> int:
         directory = os.path.dirname(path)
         if len(paths) > 1:
             print(f"\n== {directory}")
-        render_report(read_history(path), directory, _run_policy(directory))
+        settings = _run_settings(directory)
+        signals = _run_signals(settings)
+        policy = _run_policy(settings)
+        policy.declare(signals or [])
+        render_report(read_history(path), directory, policy, signals)
     return EXIT_OK
 
 
-def _run_policy(directory: str) -> InflectionPolicy:
-    """The policy the run was judged with (from its ``monitor.json``), else the default."""
+def _run_settings(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, SETTINGS_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            config = json.load(f).get("policy")
-        if isinstance(config, dict):
-            try:
-                return InflectionPolicy(**config)
-            except (TypeError, ValueError) as exc:
-                print(f"the run's policy settings do not load ({exc}); using the defaults")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        settings = json.load(f)
+    return settings if isinstance(settings, dict) else {}
+
+
+def _run_policy(settings: dict[str, Any]) -> InflectionPolicy:
+    """The policy the run was judged with (from its ``monitor.json``), else the default."""
+    config = settings.get("policy")
+    if isinstance(config, dict):
+        try:
+            return InflectionPolicy(**config)
+        except (TypeError, ValueError) as exc:
+            print(f"the run's policy settings do not load ({exc}); using the defaults")
     return InflectionPolicy()
+
+
+def _run_signals(settings: dict[str, Any]) -> list[Signal] | None:
+    """The probes' declared signals saved in ``monitor.json``; None for an older run
+    (the built-in ones are then inferred from the history's keys)."""
+    saved = settings.get("signals")
+    if not isinstance(saved, list):
+        return None
+    try:
+        return [Signal.from_dict(s) for s in saved]
+    except (TypeError, ValueError) as exc:
+        print(f"the run's declared signals do not load ({exc}); inferring them from the keys")
+        return None
 
 
 def _find_histories(run_dir: str) -> list[str]:
@@ -73,7 +97,10 @@ def _find_histories(run_dir: str) -> list[str]:
 
 
 def render_report(
-    history: Sequence[Record], directory: str, policy: InflectionPolicy
+    history: Sequence[Record],
+    directory: str,
+    policy: InflectionPolicy,
+    signals: Sequence[Signal] | None = None,
 ) -> list[Record]:
     """Judge the history, print and write the summary and the verdicts; render the plots.
 
@@ -81,21 +108,28 @@ def render_report(
         history: the run's records, in token order (left as they are on disk).
         directory: where ``summary.md`` and ``inflection.json`` go (the plots: its ``plots/``).
         policy: a fresh policy, set up as the run's (its detectors fill up here).
+        signals: the probes' declarations; None infers the built-in ones from the keys.
 
     Returns:
         The judged history (see :func:`judge`).
     """
     history = judge(history, policy)
     states = {signal: d.state for signal, d in policy.detectors.items()}
-    lines = [summary_table(history), "", "Inflection (the detector's verdict per signal):"]
-    lines += [f"- {describe_inflection(k, s, policy.patience)}" for k, s in states.items()]
+    lines = [
+        summary_table(history, signals),
+        "",
+        "Inflection (the detector's verdict per signal; smoothed values are medians of 3"
+        " neighbouring snapshots):",
+    ]
+    config = policy.detector_config
+    lines += [f"- {describe_inflection(k, s, config)}" for k, s in states.items()]
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(directory, _SUMMARY_FILE), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(directory, _INFLECTION_FILE), "w") as f:
         json.dump({k: _json_ready(s.to_dict()) for k, s in states.items()}, f, indent=2)
-    for path in _render_plots(history, directory):
+    for path in _render_plots(history, directory, signals):
         print(f"plot: {path}")
     return history
 
@@ -114,60 +148,73 @@ def judge(history: Sequence[Record], policy: InflectionPolicy) -> list[Record]:
     judged = []
     for old in history:
         record = {k: v for k, v in old.items() if not k.startswith(_JUDGED)}
-        record.update(policy.update(record)[0])
-        candidate = policy.best_candidate(record)
-        if candidate is not None:
-            signal, value = candidate
-            policy.best = {"signal": signal, "value": value, "tokens": record[keys.TOKENS]}
-        if policy.best is not None:
-            record[keys.BEST_TOKENS] = policy.best["tokens"]
-            record[keys.BEST_VALUE] = policy.best["value"]
+        record.update(policy.judge(record).additions)
         judged.append(record)
     return judged
 
 
-def describe_inflection(key: str, state: InflectionState, patience: int) -> str:
-    """One line: crossed or not, the bottom, and the forecast."""
+def describe_inflection(
+    key: str, state: InflectionState, config: DetectorConfig | int | None = None
+) -> str:
+    """One line: crossed or not, the bottom, the latest value and the forecast.
+
+    The values quoted are the ones the summary table shows (measured at a named
+    snapshot), and "smoothed" where the detector's median of 3 snapshots is meant. A
+    forecast far beyond the observed tokens is called an extrapolation, not quoted.
+
+    Args:
+        key: the signal.
+        state: its detector's state.
+        config: the detector's settings (an int: its ``patience``); default the defaults.
+    """
+    if not isinstance(config, DetectorConfig):
+        config = DetectorConfig() if config is None else DetectorConfig(patience=config)
     if state.n_points == 0:
         return f"{key}: no finite values."
-    bottom = (
-        f"bottom at {_tokens(state.bottom_tokens)} tokens"
-        f" ({state.bottom_value:.4g} ± {state.bottom_stderr:.2g})"
-    )
+    bottom = bottom_text(state)
     if state.crossed:
-        verdict = f"CROSSED at {_tokens(state.crossed_at_tokens)} tokens; {bottom}"
+        verdict = f"CROSSED at {tokens_text(state.crossed_at_tokens)} tokens; {bottom}"
     elif state.consecutive_above:
         verdict = (
             f"not crossed yet: the latest {state.consecutive_above} snapshot(s) sit above the"
-            f" {bottom} (it takes {patience} in a row)"
+            f" {bottom} (it takes {config.patience} in a row)"
         )
     elif state.rise is not None and state.rise > 0:
         verdict = (
-            f"not crossed yet: {bottom}, latest +{state.rise:.3g} above it"
-            f" (within the noise threshold {state.rise_threshold:.3g})"
+            f"not crossed yet: {bottom}; {latest_text(state)}, within the noise threshold"
+            f" {state.rise_threshold:.3g}"
         )
     else:
         verdict = f"not crossed: no rise above the {bottom}"
-    if state.forecast_tokens is not None:
-        verdict += (
-            f"; forecast T* = {_tokens(state.forecast_tokens)} tokens"
-            f" [{_tokens(state.forecast_low)}, {_tokens(state.forecast_high, 'unbounded')}]"
-        )
-    if state.n_points < DEFAULT_MIN_POINTS:
+    if state.crossed or state.consecutive_above:
+        verdict += f"; {latest_text(state)}"
+    forecast = forecast_text(state)
+    if forecast is not None:
+        verdict += f"; {forecast}"
+    if state.n_points < config.min_points:
         verdict += f"; only {state.n_points} snapshot(s), the detector needs more to decide"
     return f"{key}: {verdict}."
 
 
-def summary_table(history: Sequence[Record]) -> str:
-    """A markdown table: tokens, step and the headline metrics (± their standard errors)."""
-    metrics = [k for k in columns(history) if SUMMARY_COLUMNS.match(k)]
-    header = ["tokens", "step", *metrics]
+def summary_table(history: Sequence[Record], signals: Sequence[Signal] | None = None) -> str:
+    """A markdown table: tokens, step and the declared summary signals (± their stderrs).
+
+    Args:
+        history: the records.
+        signals: the probes' declarations (their ``summary`` signals are the columns);
+            None infers the built-in ones from the keys. Per-layer and diagnostic keys
+            stay in ``history.csv``.
+    """
+    present = set(columns(history))
+    declared = keys.merge_signals(signals or (), present)
+    metrics = [s for s in declared if s.summary and s.key in present]
+    header = ["tokens", "step", *(s.key for s in metrics)]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in history:
-        cells = [_tokens(record.get(keys.TOKENS)), _number(record.get(keys.STEP), "d")]
-        for key in metrics:
-            cell = _number(record.get(key), ".4f")
-            stderr = record.get(key + "_stderr")
+        cells = [tokens_text(record.get(keys.TOKENS)), _number(record.get(keys.STEP), "d")]
+        for signal in metrics:
+            cell = _number(record.get(signal.key), ".4f")
+            stderr = record.get(signal.stderr)
             if _finite(stderr) and cell:
                 cell += f" ± {stderr:.4f}"
             cells.append(cell)
@@ -175,11 +222,14 @@ def summary_table(history: Sequence[Record]) -> str:
     return "\n".join(rows)
 
 
-def _render_plots(history: Sequence[Record], directory: str) -> list[str]:
+def _render_plots(
+    history: Sequence[Record], directory: str, signals: Sequence[Signal] | None
+) -> list[str]:
     from lightning_overtrain.reporting.figures import write_figures
 
     try:  # where a live run's PlotReporter writes them: one place per figure
-        return list(write_figures(history, os.path.join(directory, PLOTS_DIR)).values())
+        plots = os.path.join(directory, PLOTS_DIR)
+        return list(write_figures(history, plots, signals=signals).values())
     except ImportError:
         return []  # matplotlib (the `plots` extra) is optional
 
@@ -192,14 +242,3 @@ def _number(value: Any, fmt: str) -> str:
     if not _finite(value):
         return ""
     return format(int(value), fmt) if fmt == "d" else format(value, fmt)
-
-
-def _tokens(value: Any, infinite: str = "?") -> str:
-    if value == math.inf:
-        return infinite
-    if not _finite(value):
-        return "?"
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.0f}"

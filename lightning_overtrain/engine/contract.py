@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_overtrain import keys
 from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.losses import LossFn, loss_sums
+from lightning_overtrain.keys import Signal
 
 
 class ProbeFailure(RuntimeError):
@@ -114,7 +116,8 @@ class Probe:
     """Base class of the monitor's probes.
 
     Subclasses set :attr:`name` and implement :meth:`run`; :meth:`validate` may
-    check the model and data before training starts.
+    check the model and data before training starts, and :meth:`signals` declares
+    which of the keys :meth:`run` returns are curves to watch, draw and tabulate.
     """
 
     name: str = "probe"
@@ -129,3 +132,37 @@ class Probe:
     def config(self) -> dict[str, Any]:
         """The probe's settings, for the run's config and ``monitor.json``."""
         return {}
+
+    def signals(self) -> list[Signal]:
+        """The curves this probe measures, as :class:`~lightning_overtrain.keys.Signal` objects.
+
+        Called after :meth:`validate`. The default policy watches every ``u_shaped``
+        signal for an inflection (and may keep its bottom as the best snapshot); the
+        figures draw them, the summary table shows them and W&B plots them against
+        tokens. Keys :meth:`run` returns without a declaration are still recorded and
+        logged. Default: none.
+
+        Example::
+
+            def signals(self):
+                return [Signal("mine/loss", u_shaped=True, label="my loss")]
+        """
+        return []
+
+
+def declared_signals(probes: Sequence[Probe]) -> list[Signal]:
+    """The reference loss and every probe's :meth:`Probe.signals`, each key once.
+
+    Raises:
+        ValueError: when a probe's ``signals()`` returns something other than Signals.
+    """
+    out = {keys.REFERENCE_LOSS: keys.reference_signal()}
+    for probe in probes:
+        declared = list(probe.signals())
+        if not all(isinstance(s, Signal) for s in declared):
+            raise ValueError(
+                f"`{type(probe).__name__}.signals()` must return Signal objects, got"
+                f" {declared!r}. Return e.g. [Signal('{probe.name}/loss', u_shaped=True)]."
+            )
+        out.update({s.key: s for s in declared if s.key not in out})
+    return list(out.values())

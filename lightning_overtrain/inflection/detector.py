@@ -7,7 +7,7 @@ stays crossed) and goes through ``state_dict`` / ``load_state_dict``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from lightning_overtrain.inflection.crossing import (
 )
 from lightning_overtrain.inflection.forecast import (
     DEFAULT_FORECAST_LEVEL,
+    Forecast,
     fit_forecast,
     fit_forecast_decomposed,
 )
@@ -27,13 +28,20 @@ from lightning_overtrain.inflection.forecast import (
 
 @dataclass(frozen=True)
 class InflectionState:
-    """The detector's view after the latest snapshot."""
+    """The detector's view after the latest snapshot.
+
+    ``bottom_value`` is smoothed (the median of 3 neighbouring snapshots, robust to one
+    outlier); ``bottom_measured`` is the value measured at ``bottom_tokens``, as a table
+    of the records shows it. ``rise`` is ``latest_value - bottom_value``. A forecast
+    ``T*`` before ``latest_tokens`` is never given while the curve is still falling.
+    """
 
     crossed: bool
     crossed_at_tokens: float | None
     bottom_tokens: float | None
     bottom_value: float | None
     bottom_stderr: float | None
+    bottom_measured: float | None
     rise: float | None
     rise_threshold: float | None
     consecutive_above: int
@@ -41,6 +49,15 @@ class InflectionState:
     forecast_low: float | None
     forecast_high: float | None
     n_points: int
+    latest_tokens: float | None = None
+    latest_value: float | None = None
+
+    @property
+    def falling(self) -> bool:
+        """The latest snapshot is at (or below) the bottom: the curve has not turned yet."""
+        return self.n_points > 0 and (
+            self.bottom_tokens == self.latest_tokens or (self.rise is not None and self.rise <= 0)
+        )
 
     def to_dict(self) -> dict[str, float]:
         """Every field as a float for loggers: booleans as 0/1, None as NaN."""
@@ -102,6 +119,81 @@ def _check_terms(base: Any, base_stderr: Any, sensitivity: Any, sensitivity_stde
     )
 
 
+def _not_in_the_past(forecast: Forecast, latest: float) -> Forecast | None:
+    # A curve still falling at `latest` has not turned before it: a T* in the past is a
+    # misfit, not news, and an interval reaching into the past is cut at `latest`.
+    if forecast.tokens < latest or forecast.high < latest:
+        return None
+    return Forecast(forecast.tokens, max(forecast.low, latest), forecast.high)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """The detector's settings, in one place: the detector, the policy and the CLI read them.
+
+    Args:
+        patience: Snapshots in a row that must sit above the bottom to declare a crossing.
+        min_rise: Smallest rise above the bottom that counts, in the signal's units.
+        noise_sigmas: How many standard errors (of latest minus bottom) the rise must exceed.
+        min_points: Snapshots needed before crossing is declared or ``T*`` forecast (the
+            forecast needs 6 at least, and without stderrs the noise estimate needs 5).
+        forecast: Fit and forecast ``T*`` at every update (about 5-10 ms at 40 points).
+        forecast_level: Probability mass of the forecast interval.
+
+    Raises:
+        ValueError: On an out-of-range setting, naming it and the fix.
+        TypeError: On a setting of the wrong type.
+
+    Example::
+
+        config = DetectorConfig(patience=3, noise_sigmas=2.0)
+        InflectionDetector(config=config)
+        InflectionPolicy(detector=config)
+    """
+
+    patience: int = DEFAULT_PATIENCE
+    min_rise: float = 0.0
+    noise_sigmas: float = DEFAULT_NOISE_SIGMAS
+    min_points: int = DEFAULT_MIN_POINTS
+    forecast: bool = True
+    forecast_level: float = DEFAULT_FORECAST_LEVEL
+
+    def __post_init__(self) -> None:
+        checked = {
+            "patience": _check_int("patience", self.patience, 1),
+            "min_rise": _check_number(
+                "min_rise",
+                self.min_rise,
+                "a finite number >= 0",
+                "Pass min_rise=0.0 to rely on the noise alone.",
+                lambda v: v >= 0,
+            ),
+            "noise_sigmas": _check_number(
+                "noise_sigmas",
+                self.noise_sigmas,
+                "a finite number >= 0",
+                f"Pass e.g. noise_sigmas={DEFAULT_NOISE_SIGMAS} (the default).",
+                lambda v: v >= 0,
+            ),
+            "min_points": _check_int("min_points", self.min_points, 3),
+            "forecast_level": _check_number(
+                "forecast_level",
+                self.forecast_level,
+                "strictly between 0 and 1",
+                "Pass e.g. forecast_level=0.8 for an 80% interval.",
+                lambda v: 0 < v < 1,
+            ),
+        }
+        if not isinstance(self.forecast, bool):
+            raise TypeError(f"`forecast` must be a bool, got {self.forecast!r}.")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, for ``monitor.json``."""
+        return asdict(self)
+
+
 class InflectionDetector:
     """Watches one probe signal over tokens: has it crossed its inflection, and when will it?
 
@@ -113,13 +205,9 @@ class InflectionDetector:
     is far better determined.
 
     Args:
-        patience: Snapshots in a row that must sit above the bottom to declare a crossing.
-        min_rise: Smallest rise above the bottom that counts, in the signal's units.
-        noise_sigmas: How many standard errors (of latest minus bottom) the rise must exceed.
-        min_points: Snapshots needed before crossing is declared or ``T*`` forecast (the
-            forecast needs 6 at least, and without stderrs the noise estimate needs 5).
-        forecast: Fit and forecast ``T*`` at every update (about 5-10 ms at 40 points).
-        forecast_level: Probability mass of the forecast interval.
+        patience, min_rise, noise_sigmas, min_points, forecast, forecast_level: the
+            settings, as in :class:`DetectorConfig`.
+        config: all of them as one :class:`DetectorConfig` (then leave the others alone).
 
     Raises:
         ValueError: On an out-of-range argument, naming it and the fix.
@@ -145,33 +233,16 @@ class InflectionDetector:
         min_points: int = DEFAULT_MIN_POINTS,
         forecast: bool = True,
         forecast_level: float = DEFAULT_FORECAST_LEVEL,
+        *,
+        config: DetectorConfig | None = None,
     ) -> None:
-        self.patience = _check_int("patience", patience, 1)
-        self.min_rise = _check_number(
-            "min_rise",
-            min_rise,
-            "a finite number >= 0",
-            "Pass min_rise=0.0 to rely on the noise alone.",
-            lambda v: v >= 0,
-        )
-        self.noise_sigmas = _check_number(
-            "noise_sigmas",
-            noise_sigmas,
-            "a finite number >= 0",
-            f"Pass e.g. noise_sigmas={DEFAULT_NOISE_SIGMAS} (the default).",
-            lambda v: v >= 0,
-        )
-        self.min_points = _check_int("min_points", min_points, 3)
-        if not isinstance(forecast, bool):
-            raise TypeError(f"`forecast` must be a bool, got {forecast!r}.")
-        self.forecast = forecast
-        self.forecast_level = _check_number(
-            "forecast_level",
-            forecast_level,
-            "strictly between 0 and 1",
-            "Pass e.g. forecast_level=0.8 for an 80% interval.",
-            lambda v: 0 < v < 1,
-        )
+        if config is None:
+            config = DetectorConfig(
+                patience, min_rise, noise_sigmas, min_points, forecast, forecast_level
+            )
+        elif not isinstance(config, DetectorConfig):
+            raise TypeError(f"`config` must be a DetectorConfig or None, got {config!r}.")
+        self.config = config
         self.reset()
 
     def reset(self) -> None:
@@ -257,32 +328,29 @@ class InflectionDetector:
             tokens,
             values,
             stderrs,
-            patience=self.patience,
-            min_rise=self.min_rise,
-            noise_sigmas=self.noise_sigmas,
-            min_points=self.min_points,
+            patience=self.config.patience,
+            min_rise=self.config.min_rise,
+            noise_sigmas=self.config.noise_sigmas,
+            min_points=self.config.min_points,
         )
         if found.crossed and self._crossed_at is None:
             self._crossed_at = tokens[-1]
         forecast = None
-        if self.forecast and any(self._terms):
+        fit = {"level": self.config.forecast_level, "min_points": self.config.min_points}
+        if self.config.forecast and any(self._terms):
             with_terms = [(t, terms) for t, terms in zip(tokens, self._terms) if terms]
             forecast = fit_forecast_decomposed(
-                [t for t, _ in with_terms],
-                *zip(*(terms for _, terms in with_terms)),
-                level=self.forecast_level,
-                min_points=self.min_points,
+                [t for t, _ in with_terms], *zip(*(terms for _, terms in with_terms)), **fit
             )
-        elif self.forecast:
-            forecast = fit_forecast(
-                tokens, values, stderrs, level=self.forecast_level, min_points=self.min_points
-            )
-        return InflectionState(
+        elif self.config.forecast:
+            forecast = fit_forecast(tokens, values, stderrs, **fit)
+        state = InflectionState(
             crossed=self._crossed_at is not None,
             crossed_at_tokens=self._crossed_at,
             bottom_tokens=None if found.bottom_index is None else tokens[found.bottom_index],
             bottom_value=found.bottom_value,
             bottom_stderr=found.bottom_stderr,
+            bottom_measured=None if found.bottom_index is None else values[found.bottom_index],
             rise=found.rise,
             rise_threshold=found.rise_threshold,
             consecutive_above=found.consecutive_above,
@@ -290,7 +358,18 @@ class InflectionDetector:
             forecast_low=None if forecast is None else forecast.low,
             forecast_high=None if forecast is None else forecast.high,
             n_points=len(self._points),
+            latest_tokens=tokens[-1] if tokens else None,
+            latest_value=values[-1] if values else None,
         )
+        if forecast is not None and state.falling:
+            forecast = _not_in_the_past(forecast, tokens[-1])
+            state = replace(
+                state,
+                forecast_tokens=None if forecast is None else forecast.tokens,
+                forecast_low=None if forecast is None else forecast.low,
+                forecast_high=None if forecast is None else forecast.high,
+            )
+        return state
 
     def state_dict(self) -> dict[str, Any]:
         """The snapshots (with their terms, None where absent) and the latch, as plain values."""

@@ -1,10 +1,13 @@
 """When to warn or stop: an inflection detector per probe signal, and the user's thresholds.
 
-The policy reads each snapshot's record, feeds every watched signal to its own
+:meth:`InflectionPolicy.judge` reads each snapshot's record, feeds every watched
+signal (by default: every U-shaped signal the probes declare) to its own
 :class:`~lightning_overtrain.inflection.detector.InflectionDetector`, and returns the
-decisions that fired for the first time (each trigger fires once: an alert is news,
-not a heartbeat). It also tracks the snapshot at the bottom of the chosen signal,
-the one worth fine-tuning. It holds no Trainer: the monitor acts on its decisions.
+verdicts, the fields to add to the record, the decisions that fired for the first
+time (each trigger fires once: an alert is news, not a heartbeat) and whether the
+best snapshot (the bottom of the chosen signal, the one worth fine-tuning) moved.
+It holds no Trainer: the monitor and ``lightning-overtrain report`` both call it and
+act on what it returns.
 """
 
 from __future__ import annotations
@@ -16,34 +19,17 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_overtrain import keys
-from lightning_overtrain.inflection.crossing import DEFAULT_NOISE_SIGMAS
-from lightning_overtrain.inflection.detector import InflectionDetector, InflectionState
+from lightning_overtrain.inflection.detector import (
+    DetectorConfig,
+    InflectionDetector,
+    InflectionState,
+)
+from lightning_overtrain.inflection.signals import decomposed_terms, finite, stderr_of
+from lightning_overtrain.inflection.verdicts import bottom_text, forecast_text, latest_text
+from lightning_overtrain.keys import Signal
 
 Action = Literal["warn", "stop"]
 ACTIONS = ("warn", "stop")
-
-#: Signals watched by default: the U-shaped curves of the paper.
-DEFAULT_SIGNALS = (
-    "noise/gamma=*/perturbed_loss",
-    "finetune/lr=*/reference_loss_after",
-    "finetune/lr=*/downstream_loss_after",
-)
-#: What each signal's detector adds to the record, under ``inflection/<signal>/``.
-INFLECTION_FIELDS = (
-    "crossed",
-    "bottom_tokens",
-    "bottom_value",
-    "rise",
-    "rise_threshold",
-    "forecast_tokens",
-    "forecast_low",
-    "forecast_high",
-)
-
-
-def key_pattern(glob: str) -> re.Pattern[str]:
-    """A metric-key glob as a regex: ``*`` matches within one path part (not ``/``)."""
-    return re.compile("".join("[^/]*" if c == "*" else re.escape(c) for c in glob) + r"\Z")
 
 
 def _matches(patterns: Sequence[re.Pattern[str]], key: str) -> bool:
@@ -61,13 +47,36 @@ class Decision:
     message: str
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """What :meth:`InflectionPolicy.judge` made of one snapshot's record.
+
+    Attributes:
+        additions: the fields to add to the record: ``inflection/<signal>/...`` per
+            watched signal, and ``best/tokens``, ``best/value`` once there is a best.
+        decisions: the triggers that fired for the first time at this snapshot.
+        verdicts: the detector's state per watched signal in this record.
+        best_moved: this snapshot is the new best (keep its weights now).
+        best: the best snapshot so far (``signal``, ``value``, ``tokens``, ``step``,
+            ``path``), or None; the same dict as ``policy.best``.
+    """
+
+    additions: dict[str, float]
+    decisions: list[Decision]
+    verdicts: dict[str, InflectionState]
+    best_moved: bool
+    best: dict[str, Any] | None
+
+
 class InflectionPolicy:
     """Detect the inflection of each watched signal and decide to warn or stop.
 
     Args:
         signals: record keys (or globs, ``*`` within one path part) of the curves to
-            watch for a U: by default the perturbed loss per gamma and the
-            post-fine-tune reference and downstream losses per lr.
+            watch for a U; None (the default): every signal the probes declare
+            ``u_shaped`` (:meth:`declare`; the built-in probes' keys are recognised in
+            any record, e.g. the perturbed loss per gamma and the post-fine-tune
+            reference and downstream losses per lr of every fine-tune probe).
         action: what a trigger does by default: ``"warn"`` (log, console, alert
             hooks; the default) or ``"stop"`` (``trainer.should_stop``, agreed by all ranks).
         actions: per-signal (or per-threshold-key) overrides, ``{glob: action}``.
@@ -79,8 +88,12 @@ class InflectionPolicy:
         thresholds: ``{key or glob: limit}``: trigger when a record's value exceeds the
             limit, e.g. ``{"noise/gamma=1/relative_delta": 0.05}``.
         best_signal: the curve whose bottom marks the snapshot worth fine-tuning;
-            ``"auto"`` picks the post-fine-tune reference loss at the largest lr, else the
-            perturbed loss at the largest gamma; None keeps no best snapshot.
+            ``"auto"``: the U-shaped signal of highest ``rank`` (the post-fine-tune
+            reference loss at the largest lr, else the perturbed loss at the largest
+            gamma, else a probe's own); None keeps no best snapshot.
+        detector: every detector setting as one
+            :class:`~lightning_overtrain.inflection.detector.DetectorConfig` (or its
+            dict); then leave ``patience``, ``min_rise`` and ``noise_sigmas`` unset.
 
     Raises:
         ValueError: on a bad argument (named, with the value and the fix).
@@ -98,20 +111,24 @@ class InflectionPolicy:
 
     def __init__(
         self,
-        signals: Sequence[str] = DEFAULT_SIGNALS,
+        signals: Sequence[str] | None = None,
         action: Action = "warn",
         actions: Mapping[str, Action] | None = None,
-        patience: int = 2,
-        min_rise: float = 0.0,
-        noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
+        patience: int | None = None,
+        min_rise: float | None = None,
+        noise_sigmas: float | None = None,
         forecast_margin: float | None = None,
         thresholds: Mapping[str, float] | None = None,
         best_signal: str | None = "auto",
+        detector: DetectorConfig | Mapping[str, Any] | None = None,
     ) -> None:
-        if isinstance(signals, str) or not all(isinstance(s, str) and s for s in signals):
+        if signals is not None and (
+            isinstance(signals, str) or not all(isinstance(s, str) and s for s in signals)
+        ):
             raise ValueError(
-                f"`signals` must be a list of record keys or globs, got {signals!r}."
-                " Pass e.g. signals=['noise/gamma=*/perturbed_loss']."
+                f"`signals` must be a list of record keys or globs, or None, got {signals!r}."
+                " Pass e.g. signals=['noise/gamma=*/perturbed_loss'], or None for the"
+                " probes' U-shaped signals."
             )
         actions = dict(actions or {})
         named = [("action", action), *((f"actions[{k!r}]", v) for k, v in actions.items())]
@@ -136,36 +153,51 @@ class InflectionPolicy:
             raise ValueError(
                 f"`best_signal` must be a record key, 'auto' or None, got {best_signal!r}."
             )
-        # Built once to validate patience, min_rise and noise_sigmas with the detector's messages.
-        InflectionDetector(patience=patience, min_rise=min_rise, noise_sigmas=noise_sigmas)
-
-        self.signals = tuple(signals)
+        self.detector_config = _detector_config(
+            detector, patience=patience, min_rise=min_rise, noise_sigmas=noise_sigmas
+        )
+        self.signals = None if signals is None else tuple(signals)
         self.action: Action = action
         self.actions = actions
-        self.patience, self.min_rise, self.noise_sigmas = patience, min_rise, noise_sigmas
         self.forecast_margin = forecast_margin
         self.thresholds = thresholds
         self.best_signal = best_signal
-        self._signal_patterns = [key_pattern(s) for s in self.signals]
-        self._action_patterns = [(key_pattern(k), v) for k, v in actions.items()]
-        self._threshold_patterns = [(key_pattern(k), v) for k, v in thresholds.items()]
+        self._signal_patterns = [keys.key_pattern(s) for s in self.signals or ()]
+        self._action_patterns = [(keys.key_pattern(k), v) for k, v in actions.items()]
+        self._threshold_patterns = [(keys.key_pattern(k), v) for k, v in thresholds.items()]
+        self.declared: dict[str, Signal] = {}
 
         self.detectors: dict[str, InflectionDetector] = {}
         self.fired: set[str] = set()
         self.best: dict[str, Any] | None = None
 
+    @property
+    def patience(self) -> int:
+        return self.detector_config.patience
+
+    @property
+    def min_rise(self) -> float:
+        return self.detector_config.min_rise
+
+    @property
+    def noise_sigmas(self) -> float:
+        return self.detector_config.noise_sigmas
+
     def config(self) -> dict[str, Any]:
         return {
-            "signals": list(self.signals),
+            "signals": None if self.signals is None else list(self.signals),
             "action": self.action,
             "actions": dict(self.actions),
-            "patience": self.patience,
-            "min_rise": self.min_rise,
-            "noise_sigmas": self.noise_sigmas,
             "forecast_margin": self.forecast_margin,
             "thresholds": dict(self.thresholds),
             "best_signal": self.best_signal,
+            "detector": self.detector_config.to_dict(),
         }
+
+    def declare(self, signals: Sequence[Signal]) -> None:
+        """Take the probes' declarations: what to watch by default, each signal's terms,
+        and the candidates for the best snapshot. The monitor calls it before training."""
+        self.declared = {s.key: s for s in signals}
 
     def action_for(self, key: str) -> Action:
         for pattern, action in self._action_patterns:
@@ -173,34 +205,52 @@ class InflectionPolicy:
                 return action
         return self.action
 
-    def update(self, record: Mapping[str, float]) -> tuple[dict[str, float], list[Decision]]:
-        """Read one snapshot's record.
+    def judge(self, record: Mapping[str, float], best_path: str | None = None) -> Judgement:
+        """Read one snapshot's record: verdicts, the fields to add, decisions, the best snapshot.
 
-        Returns:
-            The ``inflection/<signal>/...`` values to add to the record, and the
-            decisions that fired for the first time at this snapshot.
+        Feeds every watched signal to its detector, fires each trigger once, and moves
+        :attr:`best` (with ``path=best_path``) when this record is the best signal's new
+        minimum. The record itself is left as it is.
+
+        Args:
+            record: the snapshot's record (with ``tokens``; ``step`` if known).
+            best_path: where the caller keeps the best snapshot's weights.
+
+        Raises:
+            ValueError: from the detector, e.g. on tokens that do not increase.
         """
         tokens = float(record[keys.TOKENS])
+        declared = {s.key: s for s in keys.merge_signals(self.declared.values(), record)}
         additions: dict[str, float] = {}
         decisions: list[Decision] = []
-        for signal, value in record.items():
-            if not _matches(self._signal_patterns, signal) or not _finite(value):
+        verdicts: dict[str, InflectionState] = {}
+        for key, value in record.items():
+            if not self._watches(key, declared) or not finite(value):
                 continue
-            state = self._detector(signal).update(
-                tokens, value, _stderr(record, signal), **decomposed_terms(record, signal)
+            signal = declared.get(key) or Signal(key)
+            state = self._detector(key).update(
+                tokens, value, stderr_of(record, signal.stderr), **decomposed_terms(record, signal)
             )
+            verdicts[key] = state
             fields = state.to_dict()
-            for field in INFLECTION_FIELDS:
-                additions[keys.inflection_key(signal, field)] = fields[field]
-            decisions += self._inflection_decisions(signal, state, tokens)
+            for field in keys.INFLECTION_FIELDS:
+                additions[keys.inflection_key(key, field)] = fields[field]
+            decisions += self._inflection_decisions(key, state, tokens)
         decisions += self._threshold_decisions(record, tokens)
-        return additions, decisions
+        moved = self._move_best(record, declared, best_path)
+        if self.best is not None:
+            additions[keys.BEST_TOKENS] = self.best["tokens"]
+            additions[keys.BEST_VALUE] = self.best["value"]
+        return Judgement(additions, decisions, verdicts, moved, self.best)
+
+    def _watches(self, key: str, declared: Mapping[str, Signal]) -> bool:
+        if self.signals is None:
+            return key in declared and declared[key].u_shaped
+        return _matches(self._signal_patterns, key)
 
     def _detector(self, signal: str) -> InflectionDetector:
         if signal not in self.detectors:
-            self.detectors[signal] = InflectionDetector(
-                patience=self.patience, min_rise=self.min_rise, noise_sigmas=self.noise_sigmas
-            )
+            self.detectors[signal] = InflectionDetector(config=self.detector_config)
         return self.detectors[signal]
 
     def _fire(self, key: str, decision: Decision) -> list[Decision]:
@@ -222,10 +272,9 @@ class InflectionPolicy:
                     "crossed",
                     action,
                     tokens,
-                    f"{signal} has turned upward: its bottom was {state.bottom_value:.4g} at"
-                    f" {state.bottom_tokens:,.0f} tokens and it has stayed above it for"
-                    f" {state.consecutive_above} snapshots (now {state.rise:+.4g},"
-                    f" more than the {state.rise_threshold:.3g} that noise explains).",
+                    f"{signal} has turned upward: {bottom_text(state)}; it has stayed above it"
+                    f" for {state.consecutive_above} snapshots ({latest_text(state)}, more"
+                    f" than the {state.rise_threshold:.3g} that noise explains).",
                 ),
             )
         forecast = state.forecast_tokens
@@ -242,9 +291,8 @@ class InflectionPolicy:
                     "forecast",
                     action,
                     tokens,
-                    f"{signal} is forecast to turn upward at {forecast:,.0f} tokens (interval"
-                    f" {_fmt(state.forecast_low)} to {_fmt(state.forecast_high)}), within"
-                    f" {self.forecast_margin:.0%} of the current {tokens:,.0f} tokens.",
+                    f"{signal}: {forecast_text(state)}, within {self.forecast_margin:.0%} of"
+                    f" the current {tokens:,.0f} tokens ({latest_text(state)}).",
                 ),
             )
         return out
@@ -253,7 +301,7 @@ class InflectionPolicy:
         out: list[Decision] = []
         for key, value in record.items():
             for pattern, limit in self._threshold_patterns:
-                if pattern.match(key) and _finite(value) and value > limit:
+                if pattern.match(key) and finite(value) and value > limit:
                     out += self._fire(
                         f"threshold:{key}",
                         Decision(
@@ -261,35 +309,43 @@ class InflectionPolicy:
                             "threshold",
                             self.action_for(key),
                             tokens,
-                            f"{key} = {value:.4g} exceeds its threshold {limit:.4g}.",
+                            f"{key} = {value:.4g} exceeds its threshold {limit:.4g} (at"
+                            f" {tokens:,.0f} tokens).",
                         ),
                     )
         return out
 
-    def best_candidate(self, record: Mapping[str, float]) -> tuple[str, float] | None:
-        """The best signal's value if this record is its new minimum, else None."""
-        signal = self._resolve_best_signal(record)
-        if signal is None or not _finite(record.get(signal)):
-            return None
+    def _move_best(
+        self, record: Mapping[str, float], declared: Mapping[str, Signal], path: str | None
+    ) -> bool:
+        signal = self._best_signal(record, declared)
+        if signal is None or not finite(record.get(signal)):
+            return False
         value = float(record[signal])
         if self.best is not None and self.best["signal"] == signal and value >= self.best["value"]:
-            return None
-        return signal, value
+            return False
+        self.best = {
+            "signal": signal,
+            "value": value,
+            "tokens": record[keys.TOKENS],
+            "step": record.get(keys.STEP),
+            "path": path,
+        }
+        return True
 
-    def _resolve_best_signal(self, record: Mapping[str, float]) -> str | None:
+    def _best_signal(
+        self, record: Mapping[str, float], declared: Mapping[str, Signal]
+    ) -> str | None:
         if self.best_signal != "auto":
             return self.best_signal
         if self.best is not None:
             return self.best["signal"]
-        for glob, number in (
-            ("finetune/lr=*/reference_loss_after", r"finetune/lr=([^/]+)/"),
-            ("noise/gamma=*/perturbed_loss", r"noise/gamma=([^/]+)/"),
-        ):
-            pattern = key_pattern(glob)
-            names = [k for k in record if pattern.match(k)]
-            if names:
-                return max(names, key=lambda k: _number_in(number, k))
-        return None
+        candidates = [
+            (s.rank, -i, s.key)
+            for i, s in enumerate(declared.values())
+            if s.u_shaped and s.rank is not None and finite(record.get(s.key))
+        ]
+        return max(candidates)[2] if candidates else None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -307,44 +363,19 @@ class InflectionPolicy:
         self.best = dict(best) if best is not None else None
 
 
-#: A U-shaped signal and its rising term: ``signal = reference_loss + term``.
-_RISING_TERMS = {"/perturbed_loss": "/delta", "/reference_loss_after": "/forgetting"}
-
-
-def decomposed_terms(record: Mapping[str, float], signal: str) -> dict[str, float | None]:
-    """The paper's two terms of ``signal``, for the detector's forecast, when the record has them.
-
-    A perturbed loss is ``reference_loss + delta`` and a post-fine-tune reference loss is
-    ``reference_loss + forgetting``: the falling base and the rising sensitivity are
-    measured separately, and fitting each on its own forecasts ``T*`` far better than
-    fitting their noisy sum (``benchmarks/detector_validation.py``).
-    """
-    for suffix, term in _RISING_TERMS.items():
-        if signal.endswith(suffix):
-            rising = signal[: -len(suffix)] + term
-            base, sensitivity = record.get(keys.REFERENCE_LOSS), record.get(rising)
-            if _finite(base) and _finite(sensitivity):
-                return {
-                    "base": float(base),
-                    "sensitivity": float(sensitivity),
-                    "sensitivity_stderr": _stderr(record, rising),
-                }
-    return {}
-
-
-def _stderr(record: Mapping[str, float], signal: str) -> float | None:
-    value = record.get(f"{signal}_stderr")
-    return float(value) if _finite(value) and value >= 0 else None
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _number_in(pattern: str, key: str) -> float:
-    match = re.match(pattern, key)
-    return float(match.group(1)) if match else -math.inf
-
-
-def _fmt(value: float | None) -> str:
-    return "never" if value is None or not math.isfinite(value) else f"{value:,.0f}"
+def _detector_config(
+    detector: DetectorConfig | Mapping[str, Any] | None, **settings: Any
+) -> DetectorConfig:
+    given = {k: v for k, v in settings.items() if v is not None}
+    if detector is None:
+        return DetectorConfig(**given)
+    if given:
+        raise ValueError(
+            f"`detector` and {sorted(given)} both set the detector. Pass the settings in"
+            " `detector=DetectorConfig(...)` only."
+        )
+    if isinstance(detector, DetectorConfig):
+        return detector
+    if isinstance(detector, Mapping):
+        return DetectorConfig(**detector)
+    raise ValueError(f"`detector` must be a DetectorConfig, a dict or None, got {detector!r}.")

@@ -41,6 +41,7 @@ from lightning_overtrain.engine.losses import LossFn, check_loss, loss_sums
 from lightning_overtrain.engine.rng import seeded_rng
 from lightning_overtrain.engine.tokens import TokensFn, checked_token_count, count_tokens
 from lightning_overtrain.engine.train_loop import train_steps
+from lightning_overtrain.keys import Signal
 
 OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
 MetricInputs = Callable[[nn.Module, Any], tuple[Any, ...]]
@@ -172,6 +173,12 @@ class FineTuneProbe(Probe):
         lrs = check_positive_numbers(
             "lrs", lrs, "one or more learning rates > 0", "Pass e.g. lrs=(1e-4, 1e-3)."
         )
+        lr_keys = [keys.lr_key(lr) for lr in lrs]
+        if len(set(lr_keys)) != len(lr_keys):
+            raise ValueError(
+                f"`lrs` must give distinct keys, got {tuple(lrs)!r} -> {lr_keys}. Pass"
+                " learning rates that differ in their first 6 significant digits."
+            )
         for argument, fn in (
             ("optimizer", optimizer),
             ("metric_inputs", metric_inputs),
@@ -222,6 +229,11 @@ class FineTuneProbe(Probe):
             "eval_batches": self.eval_batches,
             "seed": self.seed,
         }
+
+    def signals(self) -> list[Signal]:
+        """Per lr, under this probe's ``name``: forgetting, and the reference loss after
+        (U-shaped, ``reference_loss + forgetting``) and downstream loss after (U-shaped)."""
+        return keys.finetune_signals(self.lrs, self.name)
 
     def validate(self, ctx: ProbeContext) -> None:
         rank, size, loss_fn = _rank(), ctx.world_size, self._loss_fn(ctx)

@@ -23,6 +23,7 @@ import torch
 from lightning_overtrain import keys
 from lightning_overtrain.checks import check_positive_numbers
 from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
+from lightning_overtrain.keys import Signal
 from lightning_overtrain.probes.layers import LayerGroups, group_parameters
 
 
@@ -184,6 +185,14 @@ class NoiseProbe(Probe):
             config["layer_groups"] = list(self.layer_groups)
             config["layer_gammas"] = list(self.layer_gammas)
         return config
+
+    def signals(self) -> list[Signal]:
+        """Per gamma: the perturbed loss (U-shaped, ``reference_loss + delta``) and ``delta``;
+        per layer (once :meth:`validate` found the groups): ``delta``, drawn as a heatmap."""
+        groups = list(self.layer_groups)
+        return keys.noise_signals(
+            self.gammas, {g: groups for g in self.layer_gammas} if groups else None
+        )
 
     def validate(self, ctx: ProbeContext) -> None:
         if not any(s > 0 for s in ctx.sigmas):

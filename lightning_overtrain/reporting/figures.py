@@ -1,12 +1,15 @@
-"""The monitor's history as pictures: every probe curve against log tokens.
+"""The monitor's history as pictures: every declared signal against log tokens.
 
 Pure functions from history records (see :mod:`lightning_overtrain.keys`) to
-matplotlib figures. They draw whatever the records hold and skip the rest:
+matplotlib figures, laid out by the probes' :class:`~lightning_overtrain.keys.Signal`
+declarations (each names its figure, panel, label and unit; without declarations
+they are inferred from the keys). They draw whatever the records hold and skip the
+rest. The built-in probes give:
 
 - ``noise``: the reference loss and the perturbed loss per gamma (the U-shaped
   curves), and ``delta`` per gamma (the sensitivity, rising with tokens);
-- ``finetune``: forgetting, and the pretraining and downstream losses after
-  fine-tuning, per learning rate;
+- ``finetune`` (or the fine-tune probe's ``name``): forgetting, and the pretraining
+  and downstream losses after fine-tuning, per learning rate;
 - ``layers``: per-layer sensitivity as a tokens x layer heatmap, one per gamma.
 
 Where the records carry ``inflection/<signal>/...`` keys, the signal's curve gets
@@ -22,12 +25,12 @@ import io
 import itertools
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lightning_overtrain import keys
+from lightning_overtrain.keys import Signal
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -35,12 +38,6 @@ if TYPE_CHECKING:
 
 Records = Sequence[Mapping[str, Any]]
 
-NOISE = re.compile(r"^noise/gamma=(?P<gamma>[^/]+)/(?P<quantity>perturbed_loss|delta)$")
-LAYER = re.compile(r"^noise/gamma=(?P<gamma>[^/]+)/layer=(?P<layer>[^/]+)/delta$")
-FINETUNE = re.compile(
-    r"^finetune/lr=(?P<lr>[^/]+)/(?P<quantity>forgetting|reference_loss_after|downstream_loss_after)$"
-)
-INFLECTION_FIELDS = ("crossed", "bottom_tokens", "forecast_tokens", "forecast_low", "forecast_high")
 # A forecast far beyond the data would squash the measured curve into a corner.
 _MAX_FORECAST_REACH = 100.0
 _FIGSIZE_PER_PANEL = (4.6, 3.6)
@@ -91,9 +88,8 @@ def inflection(records: Records, signal: str) -> Inflection | None:
     A missing or infinite ``forecast_high`` ("it may never turn up") reads as None: the
     interval then runs to the right edge of the plot.
     """
-    prefix = f"inflection/{signal}/"
     for record in reversed(records):
-        fields = {f: record.get(prefix + f) for f in INFLECTION_FIELDS}
+        fields = {f: record.get(keys.inflection_key(signal, f)) for f in keys.INFLECTION_FIELDS}
         if all(v is None for v in fields.values()):
             continue
         return Inflection(
@@ -109,25 +105,6 @@ def inflection(records: Records, signal: str) -> Inflection | None:
 def _positive(value: Any) -> float | None:
     value = finite(value)
     return value if value is not None and value > 0 else None
-
-
-def _matching(records: Records, pattern: re.Pattern[str]) -> list[re.Match[str]]:
-    seen: dict[str, re.Match[str]] = {}
-    for record in records:
-        for key in record:
-            if key not in seen and (match := pattern.match(key)):
-                seen[key] = match
-    return list(seen.values())
-
-
-def _by_number(labels: Iterable[str]) -> list[str]:
-    def number(label: str) -> float:
-        try:
-            return float(label)
-        except ValueError:
-            return math.inf
-
-    return sorted(set(labels), key=lambda s: (number(s), s))
 
 
 def _colors(n: int, cmap: str) -> list[Any]:
@@ -238,62 +215,46 @@ def _has_marks(records: Records, names: Iterable[str]) -> bool:
     return any(inflection(records, k) is not None for k in names)
 
 
-def noise_figure(records: Records) -> Figure | None:
-    """Reference and perturbed loss per gamma, and ``delta`` per gamma; None if neither exists."""
-    matches = _matching(records, NOISE)
-    has_reference = bool(series(records, keys.REFERENCE_LOSS)[0])
-    if not matches and not has_reference:
+def _colors_by_label(figure: Sequence[Signal], bases: set[str]) -> dict[str, Any]:
+    # One colour per label across a figure's panels (the same gamma in both), the
+    # falling base terms in black.
+    labels = list(dict.fromkeys(s.label for s in figure if s.key not in bases))
+    cmap = "viridis" if figure[0].figure == "noise" else "plasma"
+    return dict(zip(labels, _colors(len(labels), cmap)))
+
+
+def _panels(figure: Sequence[Signal]) -> dict[str, list[Signal]]:
+    panels: dict[str, list[Signal]] = {}
+    for signal in figure:
+        panels.setdefault(signal.panel, []).append(signal)
+    return panels
+
+
+def line_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
+    """One panel per declared ``panel`` with data, each signal a curve; None without data.
+
+    A panel's signals that share a ``base`` not drawn in the figure get it as a dotted
+    black curve; a signal that is another's ``base`` is drawn in black.
+    """
+    present = [s for s in figure if series(records, s.key)[0]]
+    if not present:
         return None
-    gammas = _by_number(m["gamma"] for m in matches)
-    colors = dict(zip(gammas, _colors(len(gammas), "viridis")))
-    has_delta = any(m["quantity"] == "delta" for m in matches)
-    fig, axes = _new_figure(2 if has_delta else 1, "Sensitivity to Gaussian noise")
-
-    loss_ax = axes[0]
-    plot_signal(loss_ax, records, keys.REFERENCE_LOSS, label="reference", color="black")
-    loss_keys = [f"noise/gamma={g}/perturbed_loss" for g in gammas]
-    for gamma, key in zip(gammas, loss_keys):
-        plot_signal(loss_ax, records, key, label=f"γ={gamma}", color=colors[gamma])
-    _tokens_axis(loss_ax, "loss", "reference and perturbed loss")
-    _legend(loss_ax, _has_marks(records, [keys.REFERENCE_LOSS, *loss_keys]))
-
-    if has_delta:
-        delta_ax = axes[1]
-        delta_keys = [f"noise/gamma={g}/delta" for g in gammas]
-        for gamma, key in zip(gammas, delta_keys):
-            plot_signal(delta_ax, records, key, label=f"γ={gamma}", color=colors[gamma])
-        _tokens_axis(delta_ax, "perturbed − reference loss", "sensitivity δ")
-        _legend(delta_ax, _has_marks(records, delta_keys))
-    return fig
-
-
-def finetune_figure(records: Records) -> Figure | None:
-    """Forgetting and the losses after fine-tuning, per learning rate; None if none exist."""
-    matches = _matching(records, FINETUNE)
-    if not matches:
-        return None
-    lrs = _by_number(m["lr"] for m in matches)
-    colors = dict(zip(lrs, _colors(len(lrs), "plasma")))
-    panels = [
-        (q, title)
-        for q, title in (
-            ("forgetting", "forgetting (pretraining loss rise)"),
-            ("reference_loss_after", "pretraining loss after fine-tuning"),
-            ("downstream_loss_after", "downstream loss after fine-tuning"),
-        )
-        if any(m["quantity"] == q for m in matches)
-    ]
-    fig, axes = _new_figure(len(panels), "Fine-tuning probe")
-    for ax, (quantity, title) in zip(axes, panels):
-        names = [f"finetune/lr={lr}/{quantity}" for lr in lrs]
-        if quantity == "reference_loss_after":
-            plot_signal(
-                ax, records, keys.REFERENCE_LOSS, label="before", color="black", linestyle=":"
-            )
-        for lr, key in zip(lrs, names):
-            plot_signal(ax, records, key, label=f"lr={lr}", color=colors[lr])
-        _tokens_axis(ax, "loss", title)
-        _legend(ax, _has_marks(records, names))
+    in_figure = {s.key for s in present}
+    bases = {s.base for s in figure if s.base is not None}
+    colors = _colors_by_label(present, bases)
+    panels = _panels(present)
+    fig, axes = _new_figure(len(panels), present[0].title)
+    for ax, (title, signals) in zip(axes, panels.items()):
+        shared = {s.base for s in signals}
+        base = shared.pop() if len(shared) == 1 else None
+        if base is not None and base not in in_figure:
+            plot_signal(ax, records, base, label="reference", color="black", linestyle=":")
+        for signal in signals:
+            black = signal.key in bases
+            color = "black" if black else colors[signal.label]
+            plot_signal(ax, records, signal.key, label=signal.label, color=color)
+        _tokens_axis(ax, signals[-1].unit, title)
+        _legend(ax, _has_marks(records, [s.key for s in signals]))
     return fig
 
 
@@ -306,18 +267,19 @@ def _log_edges(tokens: Sequence[float]) -> list[float]:
     return [math.exp(x) for x in [2 * logs[0] - mids[0], *mids, 2 * logs[-1] - mids[-1]]]
 
 
-def layers_figure(records: Records) -> Figure | None:
-    """Per-layer ``delta`` as a tokens x layer heatmap, one panel per gamma; None if absent."""
-    matches = _matching(records, LAYER)
-    if not matches:
+def heatmap_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
+    """Tokens x signals heatmaps, one panel per declared ``panel`` (rows: the panel's
+    signals by label, e.g. per-layer ``delta`` per gamma); None without data."""
+    present = [s for s in figure if series(records, s.key)[0]]
+    if not present:
         return None
     import numpy as np
 
-    gammas = _by_number(m["gamma"] for m in matches)
-    fig, axes = _new_figure(len(gammas), "Per-layer sensitivity δ", left=0.9)
-    for ax, gamma in zip(axes, gammas):
-        layers = list(dict.fromkeys(m["layer"] for m in matches if m["gamma"] == gamma))
-        names = [f"noise/gamma={gamma}/layer={layer}/delta" for layer in layers]
+    panels = _panels(present)
+    fig, axes = _new_figure(len(panels), present[0].title, left=0.9)
+    for ax, (title, signals) in zip(axes, panels.items()):
+        layers = [s.label for s in signals]
+        names = [s.key for s in signals]
         rows = [
             r
             for r in records
@@ -340,16 +302,31 @@ def layers_figure(records: Records) -> Figure | None:
         ax.set_yticks(np.arange(len(layers)) + 0.5, layers, fontsize=7)
         ax.invert_yaxis()  # the first layer on top, as in the model
         ax.set_xlabel("tokens")
-        ax.set_title(f"γ={gamma}", fontsize=10)
-        fig.colorbar(mesh, ax=ax, label="δ")
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(mesh, ax=ax, label=signals[0].unit)
     return fig
 
 
-FIGURES = {"noise": noise_figure, "finetune": finetune_figure, "layers": layers_figure}
+def figure_signals(
+    records: Records, signals: Sequence[Signal] | None = None
+) -> dict[str, list[Signal]]:
+    """The drawn signals by figure name: ``signals`` (default: inferred from the records'
+    keys), then the built-in declarations of keys they leave out."""
+    names = dict.fromkeys(k for r in records for k in r)
+    out: dict[str, list[Signal]] = {}
+    for signal in keys.merge_signals(signals or (), names):
+        if signal.plot is not None and signal.figure:
+            out.setdefault(signal.figure, []).append(signal)
+    return out
 
 
-def render_figures(records: Records) -> dict[str, Figure]:
-    """Every figure the records have data for, by name (``noise``, ``finetune``, ``layers``).
+def render_figures(records: Records, signals: Sequence[Signal] | None = None) -> dict[str, Figure]:
+    """Every figure the records have data for, by name (``noise``, ``finetune``, ``layers``...).
+
+    Args:
+        records: the history.
+        signals: the probes' declarations (as saved in ``monitor.json``); None infers
+            the built-in ones from the keys.
 
     Example::
 
@@ -357,8 +334,9 @@ def render_figures(records: Records) -> dict[str, Figure]:
         figures["noise"].savefig("noise.png")
     """
     out = {}
-    for name, draw in FIGURES.items():
-        fig = draw(records)
+    for name, figure in figure_signals(records, signals).items():
+        draw = heatmap_figure if figure[0].plot == "heatmap" else line_figure
+        fig = draw(records, figure)
         if fig is not None:
             out[name] = fig
     return out
@@ -376,22 +354,26 @@ def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
 _last_render: tuple[tuple[Any, ...], dict[str, bytes]] | None = None
 
 
-def render_pngs(records: Records, dpi: int = 100) -> dict[str, bytes]:
+def render_pngs(
+    records: Records, dpi: int = 100, signals: Sequence[Signal] | None = None
+) -> dict[str, bytes]:
     """Every figure of :func:`render_figures` as PNG bytes, by name.
 
     Rendering the same history twice in a row (same list, same length, same last
     record) returns the first result.
     """
     global _last_render
-    key = (id(records), len(records), repr(records[-1]) if records else None, dpi)
+    key = (id(records), len(records), repr(records[-1]) if records else None, dpi, repr(signals))
     if _last_render is not None and _last_render[0] == key:
         return _last_render[1]
-    pngs = {name: png_bytes(fig, dpi) for name, fig in render_figures(records).items()}
+    pngs = {name: png_bytes(fig, dpi) for name, fig in render_figures(records, signals).items()}
     _last_render = (key, pngs)
     return pngs
 
 
-def write_figures(records: Records, directory: str, dpi: int = 100) -> dict[str, str]:
+def write_figures(
+    records: Records, directory: str, dpi: int = 100, signals: Sequence[Signal] | None = None
+) -> dict[str, str]:
     """Render the figures and write each as ``<directory>/<name>.png``, replacing old ones.
 
     Files are replaced atomically, so a reader never sees half a PNG.
@@ -401,7 +383,7 @@ def write_figures(records: Records, directory: str, dpi: int = 100) -> dict[str,
     """
     os.makedirs(directory, exist_ok=True)
     paths = {}
-    for name, png in render_pngs(records, dpi).items():
+    for name, png in render_pngs(records, dpi, signals).items():
         path = os.path.join(directory, f"{name}.png")
         with open(path + ".tmp", "wb") as f:
             f.write(png)

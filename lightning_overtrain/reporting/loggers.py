@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lightning_overtrain import keys
-from lightning_overtrain.reporting.base import Reporter
+from lightning_overtrain.reporting.base import Reporter, RunView
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-    from lightning_overtrain.callbacks.monitor import OvertrainingMonitor
 
 
 class LoggerReporter(Reporter):
@@ -20,9 +18,7 @@ class LoggerReporter(Reporter):
     and is logged at the trainer's global step.
     """
 
-    def report(
-        self, trainer: pl.Trainer, monitor: OvertrainingMonitor, record: dict[str, float]
-    ) -> None:
-        metrics = keys.prefixed(monitor.prefix, record)
+    def report(self, trainer: pl.Trainer, view: RunView, record: dict[str, float]) -> None:
+        metrics = keys.prefixed(view.prefix, record)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

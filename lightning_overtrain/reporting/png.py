@@ -10,12 +10,10 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_overtrain.history import PLOTS_DIR
-from lightning_overtrain.reporting.base import Reporter
+from lightning_overtrain.reporting.base import Reporter, RunView
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-    from lightning_overtrain.callbacks.monitor import OvertrainingMonitor
 
 
 def matplotlib_available() -> bool:
@@ -29,7 +27,7 @@ def matplotlib_available() -> bool:
 class PlotReporter(Reporter):
     """Writes ``noise.png``, ``finetune.png`` and ``layers.png`` (those with data).
 
-    The files go to ``<monitor.dirpath>/<subdir>`` (``plots/`` by default, where
+    The files go to ``<view.dirpath>/<subdir>`` (``plots/`` by default, where
     ``lightning-overtrain report`` writes them too) and always show the whole
     history (see :mod:`lightning_overtrain.reporting.figures` for what each figure holds). They
     are redrawn at a snapshot when ``every_s`` seconds have passed since the last
@@ -77,7 +75,7 @@ class PlotReporter(Reporter):
     def config(self) -> dict[str, Any]:
         return {"subdir": self.subdir, "dpi": self.dpi, "every_s": self.every_s}
 
-    def setup(self, trainer: pl.Trainer, monitor: OvertrainingMonitor) -> None:
+    def setup(self, trainer: pl.Trainer, view: RunView) -> None:
         self._drawn_at, self._drawn_snapshots = monotonic(), 0
         self._enabled = matplotlib_available()
         if not self._enabled:
@@ -86,26 +84,24 @@ class PlotReporter(Reporter):
                 " Install it with `pip install 'lightning-overtrain[plots]'`."
             )
 
-    def report(
-        self, trainer: pl.Trainer, monitor: OvertrainingMonitor, record: dict[str, float]
-    ) -> None:
+    def report(self, trainer: pl.Trainer, view: RunView, record: dict[str, float]) -> None:
         if monotonic() - self._drawn_at >= self.every_s:
-            self.draw(monitor)
+            self.draw(view)
 
-    def teardown(self, trainer: pl.Trainer, monitor: OvertrainingMonitor) -> None:
-        if len(monitor.history) != self._drawn_snapshots:
-            self.draw(monitor)
+    def teardown(self, trainer: pl.Trainer, view: RunView) -> None:
+        if len(view.history) != self._drawn_snapshots:
+            self.draw(view)
 
-    def draw(self, monitor: OvertrainingMonitor) -> None:
+    def draw(self, view: RunView) -> None:
         """Write the PNGs of the monitor's whole history now."""
-        if not self._enabled or not monitor.history:
+        if not self._enabled or not view.history:
             return
         from lightning_overtrain.reporting.figures import write_figures
 
-        directory = os.path.join(monitor.dirpath, self.subdir)
+        directory = os.path.join(view.dirpath, self.subdir)
         try:
-            self.paths = write_figures(monitor.history, directory, dpi=self.dpi)
-            self._drawn_at, self._drawn_snapshots = monotonic(), len(monitor.history)
+            self.paths = write_figures(view.history, directory, dpi=self.dpi, signals=view.signals)
+            self._drawn_at, self._drawn_snapshots = monotonic(), len(view.history)
         except Exception as exc:  # a broken plot must never stop a pretraining run
             self._enabled = False
             rank_zero_warn(

@@ -23,14 +23,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_overtrain import keys
 from lightning_overtrain.history import columns
-from lightning_overtrain.reporting.base import Reporter
+from lightning_overtrain.reporting.base import Reporter, RunView
 from lightning_overtrain.reporting.figures import finite
 from lightning_overtrain.reporting.png import matplotlib_available
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-    from lightning_overtrain.callbacks.monitor import OvertrainingMonitor
 
 TABLE_KEY = "snapshots"
 PLOTS_KEY = "plots"
@@ -60,7 +58,8 @@ class WandbReporter(Reporter):
     On rank zero (the monitor calls reporters nowhere else), with the run of the
     trainer's ``WandbLogger`` (or the run passed as ``run``, or ``wandb.run``):
 
-    - every ``<prefix>/...`` metric is plotted against ``<prefix>/tokens``;
+    - every ``<prefix>/...`` metric is plotted against ``<prefix>/tokens`` (the probes'
+      declared signals are defined at set-up, any other key before its first row);
     - ``<prefix>/snapshots``: a ``wandb.Table`` with one row per snapshot and every
       number the probes produced, logged whole at each snapshot;
     - ``<prefix>/plots/<name>``: the figures of :mod:`lightning_overtrain.reporting.figures` as
@@ -131,7 +130,7 @@ class WandbReporter(Reporter):
         }
 
     # ------------------------------------------------------------------ events
-    def setup(self, trainer: pl.Trainer, monitor: OvertrainingMonitor) -> None:
+    def setup(self, trainer: pl.Trainer, view: RunView) -> None:
         self.run, self._defined = None, set()
         try:
             import wandb
@@ -159,24 +158,22 @@ class WandbReporter(Reporter):
                 " Install it with `pip install 'lightning-overtrain[wandb]'`."
             )
         self.run, self._wandb = run, wandb
-        tokens = f"{monitor.prefix}/{keys.TOKENS}"
+        tokens = f"{view.prefix}/{keys.TOKENS}"
+        declared = [k for s in view.signals for k in (s.key, s.stderr)]
         self._call(
             "setting up the W&B run",
             self._define_axes,
             tokens,
-            f"{monitor.prefix}/*",
-            {monitor.prefix: {**monitor.config(), "wandb": self.config()}},
+            f"{view.prefix}/*",
+            list(keys.prefixed(view.prefix, dict.fromkeys(declared))),
+            {view.prefix: {**dict(view.config), "wandb": self.config()}},
         )
 
-    def report(
-        self, trainer: pl.Trainer, monitor: OvertrainingMonitor, record: dict[str, float]
-    ) -> None:
+    def report(self, trainer: pl.Trainer, view: RunView, record: dict[str, float]) -> None:
         if self.run is not None:
-            self._call("logging the snapshot to W&B", self._log_snapshot, monitor, record)
+            self._call("logging the snapshot to W&B", self._log_snapshot, view, record)
 
-    def alert(
-        self, trainer: pl.Trainer, monitor: OvertrainingMonitor, title: str, text: str, level: str
-    ) -> None:
+    def alert(self, trainer: pl.Trainer, view: RunView, title: str, text: str, level: str) -> None:
         """Send ``wandb.alert``, unless one with this title and level went out recently.
 
         The text gets the run's position (tokens, step) and how many alerts were held
@@ -190,7 +187,7 @@ class WandbReporter(Reporter):
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return
         held = self._suppressed.pop(key, 0)
-        text = f"{text}\n\nAt {monitor.tokens:,} tokens, step {trainer.global_step}."
+        text = f"{text}\n\nAt {view.tokens:,} tokens, step {trainer.global_step}."
         if held:
             text += f" {held} similar alert(s) held back since the last one."
         short = title if len(title) <= MAX_TITLE else title[: MAX_TITLE - 1] + "…"
@@ -206,12 +203,16 @@ class WandbReporter(Reporter):
             self._last_alert[key] = now
 
     # ------------------------------------------------------------------ W&B calls
-    def _define_axes(self, tokens: str, glob: str, config: dict[str, Any]) -> None:
+    def _define_axes(
+        self, tokens: str, glob: str, declared: list[str], config: dict[str, Any]
+    ) -> None:
         assert self.run is not None
         self.run.define_metric(tokens)  # the x-axis itself: no step metric of its own
         self._defined.add(tokens)
         # For keys logged by others under the prefix; ours are defined by name below.
         self.run.define_metric(glob, step_metric=tokens, step_sync=True)
+        # The probes' declared signals, before any is logged; other keys as they appear.
+        self._define(declared, tokens)
         self.run.config.update(config, allow_val_change=True)
 
     def _define(self, names: list[str], tokens: str) -> None:
@@ -221,24 +222,24 @@ class WandbReporter(Reporter):
                 self.run.define_metric(key, step_metric=tokens, step_sync=True)
                 self._defined.add(key)
 
-    def _log_snapshot(self, monitor: OvertrainingMonitor, record: dict[str, float]) -> None:
+    def _log_snapshot(self, view: RunView, record: dict[str, float]) -> None:
         assert self.run is not None and self._wandb is not None
-        tokens = f"{monitor.prefix}/{keys.TOKENS}"
-        self._define(list(keys.prefixed(monitor.prefix, record)), tokens)
+        tokens = f"{view.prefix}/{keys.TOKENS}"
+        self._define(list(keys.prefixed(view.prefix, record)), tokens)
         row: dict[str, Any] = {}
         if self.table:
-            names = columns(monitor.history)
-            data = [[_cell(r.get(c)) for c in names] for r in monitor.history]
-            row[f"{monitor.prefix}/{TABLE_KEY}"] = self._wandb.Table(columns=names, data=data)
+            names = columns(view.history)
+            data = [[_cell(r.get(c)) for c in names] for r in view.history]
+            row[f"{view.prefix}/{TABLE_KEY}"] = self._wandb.Table(columns=names, data=data)
         if self.images:
-            row.update(self._images(monitor))
+            row.update(self._images(view))
         if not row:
             return
         self._define(list(row), tokens)
         row[tokens] = record[keys.TOKENS]
         self.run.log(row)
 
-    def _images(self, monitor: OvertrainingMonitor) -> dict[str, Any]:
+    def _images(self, view: RunView) -> dict[str, Any]:
         import io
 
         from PIL import Image
@@ -247,8 +248,8 @@ class WandbReporter(Reporter):
 
         assert self._wandb is not None
         return {
-            f"{monitor.prefix}/{PLOTS_KEY}/{name}": self._wandb.Image(Image.open(io.BytesIO(png)))
-            for name, png in render_pngs(monitor.history, self.dpi).items()
+            f"{view.prefix}/{PLOTS_KEY}/{name}": self._wandb.Image(Image.open(io.BytesIO(png)))
+            for name, png in render_pngs(view.history, self.dpi, view.signals).items()
         }
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> bool:
