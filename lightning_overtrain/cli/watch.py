@@ -1,0 +1,402 @@
+"""``lightning-overtrain watch DIR``: probe a live run's checkpoints from another process.
+
+The same engine, options and files as ``probe`` (each checkpoint measured by
+:func:`~lightning_overtrain.cli.probe._probe_checkpoint`, the history re-judged by
+the policy in token order), run in a loop over a directory the training job is
+still writing. What it remembers across its own restarts lives in ``--out``:
+the history (a checkpoint whose tokens are in it is never probed again) and
+``watch.json`` (the decisions already acted on, the W&B run id). What it tells
+the run goes through ``DIR/overtrain_stop.json``; what the run tells it, through
+``DIR/overtrain_run.json`` (see :mod:`lightning_overtrain.callbacks.remote`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from lightning_overtrain import keys
+from lightning_overtrain.callbacks.remote import (
+    RUN_FILE,
+    STOP_FILE,
+    read_json,
+    write_json_atomic,
+)
+from lightning_overtrain.cli.follow import Follower, Signature
+from lightning_overtrain.cli.loading import SeriesInitStd, import_object, load_model, order_series
+from lightning_overtrain.cli.main import EXIT_FAILURES, EXIT_OK
+from lightning_overtrain.cli.probe import (
+    _forward_context,
+    _module_class,
+    _probe_checkpoint,
+    _probes,
+    _progress,
+    _resume,
+)
+from lightning_overtrain.cli.report import render_report
+from lightning_overtrain.cli.series import (
+    TRANSFORMERS,
+    Checkpoint,
+    CheckpointError,
+    SeriesError,
+    find_checkpoints,
+    read_metadata,
+    tokens_from_checkpoint,
+    tokens_from_mapping,
+    tokens_from_pattern,
+)
+from lightning_overtrain.cli.text import reference_set, tokenizer
+from lightning_overtrain.engine.losses import transformers_loss
+from lightning_overtrain.history import SETTINGS_FILE, Record, write_history
+from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
+
+STATE_FILE = "watch.json"
+PREFIX = "overtrain"
+
+
+def watch_command(args: argparse.Namespace) -> int:
+    """``lightning-overtrain watch DIR``: see ``lightning-overtrain watch --help``."""
+    if not os.path.isdir(args.dir):
+        raise SeriesError(
+            f"DIR {args.dir!r}: no such directory. Check the path, or create it (mkdir -p) and"
+            " start the watcher again: it waits for the run's checkpoints."
+        )
+    if args.idle_timeout is not None and args.idle_timeout < 0:
+        raise SeriesError(f"--idle-timeout must be >= 0 seconds, got {args.idle_timeout}.")
+    return Watcher(args).run()
+
+
+def policy_from_args(args: argparse.Namespace) -> InflectionPolicy:
+    """The policy of ``--action`` and ``--threshold KEY=LIMIT``.
+
+    Raises:
+        SeriesError: on a threshold that is not ``KEY=LIMIT`` with a number.
+    """
+    thresholds = {}
+    for item in args.threshold:
+        key, sep, limit = item.rpartition("=")
+        try:
+            thresholds[key] = float(limit)
+        except ValueError:
+            sep = ""
+        if not sep or not key:
+            raise SeriesError(
+                f"--threshold {item!r}: write it as KEY=LIMIT, e.g. reference_loss=4.5 or"
+                " noise/gamma=1/relative_delta=0.05."
+            )
+    return InflectionPolicy(action=args.action, thresholds=thresholds)
+
+
+class Watcher:
+    """The loop of ``watch``: poll, probe what is complete in token order, judge, report, act."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        policy_from_args(args)  # bad thresholds fail before anything is loaded
+        if args.tokens_pattern is not None:
+            self.rule = tokens_from_pattern(args.tokens_pattern, args.tokens_per_step)
+        elif args.tokens_map is not None:
+            self.rule = tokens_from_mapping(args.tokens_map)
+        else:
+            self.rule = tokens_from_checkpoint(args.tokens_per_step)
+        present, _ = find_checkpoints([args.dir])
+        tokenize = tokenizer(args, present)
+        self.batches, self.weights = reference_set(args, tokenize, self.device)
+        self.probes = _probes(args, tokenize)
+        self.loss_fn = (
+            import_object(args.loss_fn, "--loss-fn") if args.loss_fn else transformers_loss
+        )
+        self.settings: dict[str, Any] = {
+            "cadence": "checkpoint series",
+            "probes": {p.name: p.config() for p in self.probes},
+            "reference_batches": len(self.batches),
+            "reference_tokens": sum(self.weights),
+            "loss_fn": getattr(self.loss_fn, "__name__", repr(self.loss_fn)),
+            "token_offset": 0,
+            "precision": args.precision,
+            "prefix": PREFIX,
+            "source": "lightning-overtrain watch",
+            "watching": os.path.abspath(args.dir),
+            "policy": policy_from_args(args).config(),
+        }
+        self.history = _resume(args.out, self.settings)  # other settings: refused here
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, SETTINGS_FILE), "w") as f:
+            json.dump(self.settings, f, indent=2, default=str)
+        self.state: dict[str, Any] = read_json(os.path.join(args.out, STATE_FILE)) or {}
+        self.state.setdefault("decisions", [])
+        self.state.setdefault("paths", {})  # tokens -> the path probed at them
+        self.wandb = WandbLog(args, self.state, self.settings) if args.wandb_project else None
+        self._save_state()
+        self.init: SeriesInitStd | None = None
+        self.module_class: Any = None
+        self.auto_class: Any = None
+        self.validated = False
+        self.handled: dict[str, Signature] = {}  # path -> the files' state when last tried
+        # Kept across restarts (and tried again: a fault may have been a half-written file).
+        self.failures: dict[str, str] = self.state.setdefault("failures", {})
+        self.backwards: list[str] = []
+        self.deleted: list[str] = []
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        args, follower = self.args, Follower(self.args.dir)
+        done = self._done_tokens()
+        print(
+            f"watching {args.dir} every {args.poll:g} s on {self.device}: {len(done)} checkpoint(s)"
+            f" already probed, reference set of {sum(self.weights):,} tokens",
+            flush=True,
+        )
+        last_activity = time.monotonic()
+        while True:
+            poll = follower.poll()
+            for path in poll.vanished:
+                if path not in self.handled:
+                    self.deleted.append(path)
+                    print(
+                        f"{path} was deleted before it could be probed (ModelCheckpoint's"
+                        " save_top_k?): it is missing from the curves",
+                        flush=True,
+                    )
+                self.handled.pop(path, None)
+            todo = [(c, s) for c, s in poll.ready if self.handled.get(os.path.abspath(c.path)) != s]
+            if todo:
+                self._process(todo)
+            if poll.changed or todo:
+                last_activity = time.monotonic()
+            settled = not poll.changed and not todo
+            status = (read_json(os.path.join(args.dir, RUN_FILE)) or {}).get("status")
+            if settled and status in ("finished", "failed"):
+                print(f"the run has {status}; every checkpoint written is handled", flush=True)
+                break
+            if args.idle_timeout is not None and time.monotonic() - last_activity >= max(
+                args.idle_timeout, args.poll
+            ):
+                print(f"no new checkpoint for {args.idle_timeout:g} s: stopping", flush=True)
+                break
+            time.sleep(args.poll)
+        return self._finish()
+
+    def _done_tokens(self) -> set[int]:
+        return {int(r[keys.TOKENS]) for r in self.history}
+
+    def _process(self, ready: list[tuple[Checkpoint, Signature]]) -> None:
+        """Probe the complete, not yet probed checkpoints of one poll, in token order."""
+        readable = []
+        for ckpt, sig in ready:
+            path = os.path.abspath(ckpt.path)
+            self.handled[path] = sig
+            try:
+                read_metadata(ckpt, self.args.unsafe_load)
+                readable.append(ckpt)
+            except CheckpointError as exc:
+                self._failed(ckpt.path, str(exc))
+        ordered, unknown, duplicates = order_series(readable, self.rule)
+        for path, reason in unknown:
+            self._failed(path, reason)
+        for dropped, kept in duplicates:
+            print(f"skipping {dropped.path}: same tokens ({dropped.tokens:,}) as {kept.path}")
+        if self.init is None and ordered:
+            self.init = SeriesInitStd(self.args.init_std, ordered, self._load)
+        for ckpt in ordered:
+            self._probe(ckpt)
+
+    def _probe(self, ckpt: Checkpoint) -> None:
+        assert ckpt.tokens is not None
+        done = self._done_tokens()
+        if ckpt.tokens == 0:
+            return  # no place on a log axis: a step-0 checkpoint only gives the init std
+        if ckpt.tokens in done:
+            known = self.state["paths"].get(str(ckpt.tokens))
+            if known != os.path.abspath(ckpt.path):
+                print(f"skipping {ckpt.path}: its {ckpt.tokens:,} tokens are already probed")
+            return
+        if done and ckpt.tokens < max(done):
+            message = (
+                f"{ckpt.path}: {ckpt.tokens:,} tokens, fewer than the {max(done):,} already"
+                " probed: the token count went backwards (a run resumed from an earlier"
+                " checkpoint, or a tokens rule that does not fit?). Probed and placed in"
+                " token order; check the curves"
+            )
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+            self.backwards.append(message)
+        try:
+            record = _probe_checkpoint(
+                ckpt,
+                self._load,
+                self.probes,
+                _progress(0, True),
+                validate=not self.validated,
+                init=self.init,
+                batches=self.batches,
+                weights=self.weights,
+                loss_fn=self.loss_fn,
+                forward_context=_forward_context(self.args.precision, self.device),
+            )
+        except CheckpointError as exc:
+            self._failed(ckpt.path, str(exc))
+            return
+        self.validated = True
+        self.failures.pop(os.path.abspath(ckpt.path), None)
+        record[keys.PROBE_FAILURES] = len(self.failures)  # checkpoints that fail to probe, now
+        self.history = sorted([*self.history, record], key=lambda r: r[keys.TOKENS])
+        self.history, decisions = self._judge(self.history)
+        write_history(self.history, self.args.out)
+        judged = next(r for r in self.history if r[keys.TOKENS] == ckpt.tokens)
+        loss = judged.get(keys.REFERENCE_LOSS, float("nan"))
+        print(
+            f"probed {ckpt.path}: {ckpt.tokens:,} tokens (step {ckpt.step}), reference_loss"
+            f" {loss:.4f}, {record[keys.PROBE_SECONDS]:.1f} s; {len(self.history)} in the history",
+            flush=True,
+        )
+        for decision in decisions:  # before the state names the checkpoint: the run waits on it
+            self._act(decision)
+        self.state["paths"][str(ckpt.tokens)] = os.path.abspath(ckpt.path)
+        self._save_state()
+        if self.wandb is not None:
+            self.wandb.log(judged)
+
+    def _load(self, ckpt: Checkpoint) -> Any:
+        if self.module_class is None and ckpt.kind != TRANSFORMERS:
+            self.module_class = _module_class(self.args, [ckpt])
+        if self.auto_class is None and ckpt.kind == TRANSFORMERS:
+            self.auto_class = import_object(self.args.auto_class, "--auto-class")
+        return load_model(
+            ckpt, self.module_class, self.auto_class, self.device, self.args.unsafe_load
+        )
+
+    def _failed(self, path: str, reason: str) -> None:
+        self.failures[os.path.abspath(path)] = reason
+        self._save_state()
+        print(
+            f"cannot probe {path}: {reason} (tried again if its files change)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    # ------------------------------------------------------------------ judge and act
+    def _judge(self, history: list[Record]) -> tuple[list[Record], list[Decision]]:
+        """The history judged by a fresh policy (as ``report`` does), and decisions new here."""
+        policy = policy_from_args(self.args)
+        fired: list[Decision] = []
+        update = policy.update
+
+        def update_and_keep(record: Any) -> Any:  # the replay's decisions, which judge drops
+            additions, decisions = update(record)
+            fired.extend(decisions)
+            return additions, decisions
+
+        policy.update = update_and_keep  # type: ignore[method-assign]
+        with contextlib.redirect_stdout(io.StringIO()):  # the full report is printed at the end
+            judged = render_report(history, self.args.out, policy)
+        new = []
+        for decision in fired:
+            key = f"{decision.trigger}:{decision.signal}"
+            if key not in self.state["decisions"]:
+                self.state["decisions"].append(key)
+                new.append(decision)
+        return judged, new
+
+    def _act(self, decision: Decision) -> None:
+        line = {"tokens": decision.tokens, "level": decision.action, "signal": decision.signal}
+        line.update(trigger=decision.trigger, text=decision.message, time=time.time())
+        with open(os.path.join(self.args.out, "alerts.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(f"{decision.action.upper()}: {decision.message}", file=sys.stderr, flush=True)
+        if self.wandb is not None:
+            self.wandb.alert(decision)
+        if decision.action != "stop":
+            return
+        write_json_atomic(
+            os.path.join(self.args.dir, STOP_FILE), {"reason": decision.message, **line}
+        )
+        if not os.path.isfile(os.path.join(self.args.dir, RUN_FILE)):
+            print(
+                f"the run has no WatcherStop callback writing {RUN_FILE} in {self.args.dir}, so"
+                " this decision only warns. Add WatcherStop(dirpath=<its checkpoint directory>)"
+                " to the Trainer's callbacks to let the watcher stop it.",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    # ------------------------------------------------------------------ end
+    def _save_state(self) -> None:
+        write_json_atomic(os.path.join(self.args.out, STATE_FILE), self.state)
+
+    def _finish(self) -> int:
+        if self.history:
+            render_report(self.history, self.args.out, policy_from_args(self.args))
+        if self.wandb is not None:
+            self.wandb.finish()
+        problems = [f"  {p}: {r}" for p, r in self.failures.items()] + self.backwards
+        if self.deleted:
+            print(f"{len(self.deleted)} checkpoint(s) deleted before they could be probed")
+        if problems:
+            print(f"\n{len(problems)} problem(s) to look at:", file=sys.stderr)
+            print("\n".join(problems), file=sys.stderr)
+            return EXIT_FAILURES
+        return EXIT_OK
+
+
+class WandbLog:
+    """One W&B run for the watcher, against ``overtrain/tokens``; resumed by id on restart.
+
+    W&B trouble (not installed, no login, no network) is a warning: the files still
+    get every number.
+    """
+
+    def __init__(self, args: argparse.Namespace, state: dict[str, Any], settings: dict) -> None:
+        self.run: Any = None
+        try:
+            import wandb
+
+            state.setdefault("wandb_run_id", wandb.util.generate_id())
+            self.run = wandb.init(
+                project=args.wandb_project,
+                entity=args.wandb_entity,
+                id=state["wandb_run_id"],
+                resume="allow",
+                dir=args.out,
+                job_type="overtrain-watch",
+                config={PREFIX: settings},
+            )
+            self.run.define_metric(f"{PREFIX}/{keys.TOKENS}")
+            self.run.define_metric(f"{PREFIX}/*", step_metric=f"{PREFIX}/{keys.TOKENS}")
+        except Exception as exc:  # W&B is optional: the history files have everything
+            self._disable("starting the W&B run", exc)
+
+    def log(self, record: Record) -> None:
+        if self.run is not None:
+            try:
+                self.run.log(keys.prefixed(PREFIX, record))
+            except Exception as exc:
+                self._disable("logging to W&B", exc)
+
+    def alert(self, decision: Decision) -> None:
+        if self.run is not None:
+            title = f"Overtraining {decision.trigger}: {decision.signal}"[:63]
+            level = "ERROR" if decision.action == "stop" else "WARN"
+            with contextlib.suppress(Exception):
+                self.run.alert(title=title, text=decision.message, level=level)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            with contextlib.suppress(Exception):
+                self.run.finish()
+
+    def _disable(self, what: str, exc: Exception) -> None:
+        self.run = None
+        print(
+            f"warning: {what} failed ({type(exc).__name__}: {exc}); nothing more goes to W&B,"
+            " the history files still get every number",
+            file=sys.stderr,
+        )
