@@ -37,6 +37,7 @@ BATCH, EVERY, STEPS = 8, 4, 12
 GAMMAS, PAIRS = ("0.5", "1.0"), 2
 MODULE_CLASS = "lightning_overtrain.testing.demo:TinyCausalLM"
 HERE = Path(__file__).parent
+ENV = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -278,23 +279,22 @@ def test_watcher_stop_rejects_bad_arguments(tmp_path):
 
 # ---------------------------------------------------------------------- two processes
 def _watcher(run: dict[str, Any], directory: Path, out: Path, log: Path) -> subprocess.Popen:
-    args = watch_args(run, directory, out, "--action", "stop", "--threshold", "step=11")
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lightning_overtrain.cli", *args[:-2], "--poll", "0.2"]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    args = watch_args(run, directory, out, "--poll", "0.2", "--action", "stop")
+    cmd = [sys.executable, "-m", "lightning_overtrain.cli", *args, "--threshold", "step=11"]
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=ENV)
 
 
 @pytest.mark.slow
 def test_live_watcher_matches_the_monitor_survives_a_kill_and_stops_the_run(run, tmp_path):
     directory, out, mon = tmp_path / "ckpt", tmp_path / "out", tmp_path / "monitor"
     directory.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
+    script = [sys.executable, str(HERE / "watch_run.py"), "--dir", str(directory)]
+    settings = ["--monitor-dir", str(mon), "--steps", "20", "--every", str(EVERY)]
     training = subprocess.Popen(
-        [sys.executable, str(HERE / "watch_run.py"), "--dir", str(directory)]
-        + ["--monitor-dir", str(mon), "--steps", "20", "--every", str(EVERY), "--pace", str(out)],
+        [*script, *settings, "--pace", str(out)],
         stdout=(tmp_path / "train.log").open("w"),
         stderr=subprocess.STDOUT,
-        env=env,
+        env=ENV,
     )
     try:
         first = _watcher(run, directory, out, tmp_path / "watch1.log")
@@ -312,9 +312,10 @@ def test_live_watcher_matches_the_monitor_survives_a_kill_and_stops_the_run(run,
         for proc in (training, first, second if "second" in locals() else None):
             if proc is not None and proc.poll() is None:
                 proc.kill()
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.log")))
     result = json.loads((mon / "result.json").read_text())
     # The decision came at the step-12 checkpoint; the run stopped at the next step.
-    assert result["global_step"] == 13 and "step = 12 exceeds" in result["stop_reason"]
+    assert result["global_step"] == 13 and "step = 12 exceeds" in result["stop_reason"], logs
     watched = read_history(str(out / "history.jsonl"))
     assert_same_numbers(watched, read_history(str(mon / "history.jsonl")))
     assert [r[keys.STEP] for r in watched] == [4, 8, 12]  # none skipped, none twice
