@@ -191,6 +191,21 @@ def test_tokens_that_go_backwards_are_probed_in_order_and_flagged(run, tmp_path,
     assert_same_numbers(read_history(str(out / "history.jsonl")), run["history"][:2])
 
 
+def test_save_pretrained_directories_are_followed_too(run, tmp_path):
+    from lightning_overtrain.testing.demo import TinyCausalLM
+
+    for step in (4, 8):
+        module = TinyCausalLM.load_from_checkpoint(run["ckpt_dir"] / f"step={step}.ckpt")
+        module.model.save_pretrained(tmp_path / "hf" / f"step-{step:04d}")
+    tokens = ["--tokens-pattern", r"step-(?P<step>\d+)", "--tokens-per-step", str(BATCH * CONTEXT)]
+    args = watch_args(run, tmp_path / "hf", tmp_path / "out", "--idle-timeout", "0", *tokens)
+    assert main([*args, "--init-std", "0.02"]) == 0
+    watched = read_history(str(tmp_path / "out" / "history.jsonl"))
+    assert [r[keys.STEP] for r in watched] == [4, 8]
+    for got, want in zip(watched, run["history"]):
+        assert math.isclose(got[keys.REFERENCE_LOSS], want[keys.REFERENCE_LOSS], rel_tol=1e-9)
+
+
 # ---------------------------------------------------------------------- bad input
 def test_a_directory_that_does_not_exist_is_a_usage_error(run, tmp_path, capsys):
     assert main(watch_args(run, tmp_path / "nope", tmp_path / "out")) == 2
