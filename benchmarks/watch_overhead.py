@@ -8,10 +8,11 @@ every ``--every`` steps, interleaved in each repeat:
 - ``watched``: plus a ``lightning-overtrain watch`` process beside it, probing every
   checkpoint as it lands (on this machine's CPUs, so it competes with training).
 
-Reported: the median training-step time of each (checkpoint steps included), and
-the ratios callback/plain and watched/plain per repeat.
+Reported: the median training-step time of each (checkpoint steps included; wall
+and this process's CPU time), the ratios callback/plain and watched/plain per
+repeat, and their range. One warm-up run first; the order rotates each repeat.
 
-Usage: nice -n 19 python benchmarks/watch_overhead.py [--repeats 3]
+Usage: nice -n 19 python benchmarks/watch_overhead.py [--repeats 6]
 Writes benchmarks/results/watch_overhead.json and .md.
 """
 
@@ -40,18 +41,23 @@ CONTEXT, BATCH = 128, 8
 
 
 class StepTimes(pl.Callback):
+    """Wall and CPU seconds of each step (this process's CPU time: what a stat costs)."""
+
     def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
+        self.times: list[tuple[float, float]] = []
+        self._start = (0.0, 0.0)
 
     def on_train_batch_start(self, *args) -> None:
-        self._start = time.perf_counter()
+        self._start = (time.perf_counter(), time.process_time())
 
     def on_train_batch_end(self, *args) -> None:
-        self.times.append(time.perf_counter() - self._start)
+        wall, cpu = self._start
+        self.times.append((time.perf_counter() - wall, time.process_time() - cpu))
 
 
-def train(directory: str, steps: int, every: int, callback: bool, text: bytes) -> list[float]:
+def train(
+    directory: str, steps: int, every: int, callback: bool, text: bytes
+) -> list[tuple[float, float]]:
     pl.seed_everything(0, verbose=False)
     model = TinyCausalLM(n_layer=2, n_embd=64, n_head=2, context=CONTEXT, warmup_steps=4)
     times = StepTimes()
@@ -87,7 +93,7 @@ def start_watcher(directory: str, out: str, ref: str) -> subprocess.Popen:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", type=int, default=10)
     args = parser.parse_args()
@@ -98,9 +104,11 @@ def main() -> None:
         ref = os.path.join(tmp, "ref.bin")
         with open(ref, "wb") as f:
             f.write(text[-CONTEXT * BATCH * 4 :])
+        train(os.path.join(tmp, "warmup"), args.steps, args.every, False, text)
+        modes = ["plain", "callback", "watched"]
         for repeat in range(args.repeats):
             medians = {}
-            for mode in ("plain", "callback", "watched"):
+            for mode in modes[repeat % 3 :] + modes[: repeat % 3]:  # each order in turn
                 directory = os.path.join(tmp, f"{mode}{repeat}")
                 os.makedirs(directory)
                 watcher = None
@@ -112,15 +120,22 @@ def main() -> None:
                     if watcher is not None:
                         watcher.kill()
                         watcher.wait()
-                medians[mode] = statistics.median(times)
+                medians[mode] = statistics.median(t for t, _ in times)
+                medians[mode + "_cpu"] = statistics.median(c for _, c in times)
             row = {f"{m}_step_s": v for m, v in medians.items()}
-            row["callback/plain"] = medians["callback"] / medians["plain"]
-            row["watched/plain"] = medians["watched"] / medians["plain"]
+            for mode in ("callback", "watched"):
+                row[f"{mode}/plain"] = medians[mode] / medians["plain"]
+                row[f"{mode}/plain_cpu"] = medians[mode + "_cpu"] / medians["plain_cpu"]
             rows.append(row)
             print(json.dumps(row), flush=True)
+    ratios = ("callback/plain", "watched/plain", "callback/plain_cpu", "watched/plain_cpu")
     summary = {
-        key: [min(r[key] for r in rows), max(r[key] for r in rows)]
-        for key in ("callback/plain", "watched/plain")
+        key: {
+            "min": min(r[key] for r in rows),
+            "median": statistics.median(r[key] for r in rows),
+            "max": max(r[key] for r in rows),
+        }
+        for key in ratios
     }
     result = {"settings": vars(args), "cpus": os.cpu_count(), "repeats": rows, "range": summary}
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
@@ -133,14 +148,20 @@ def main() -> None:
         f" {args.steps} steps, ModelCheckpoint every {args.every}; {os.cpu_count()} CPUs"
         " shared with other jobs; median step time per run, runs interleaved.",
         "",
-        "| repeat | plain (s) | + WatcherStop (s) | + watcher process (s) | callback/plain |"
-        " watched/plain |",
-        "|---|---|---|---|---|---|",
+        "| ratio (wall unless _cpu) | min | median | max |",
+        "|---|---|---|---|",
+    ]
+    for key, v in summary.items():
+        lines.append(f"| {key} | {v['min']:.3f} | {v['median']:.3f} | {v['max']:.3f} |")
+    lines += [
+        "",
+        "| repeat | plain (s) | + WatcherStop (s) | + watcher process (s) |",
+        "|---|---|---|---|",
     ]
     for i, r in enumerate(rows):
         lines.append(
             f"| {i} | {r['plain_step_s']:.4f} | {r['callback_step_s']:.4f} |"
-            f" {r['watched_step_s']:.4f} | {r['callback/plain']:.3f} | {r['watched/plain']:.3f} |"
+            f" {r['watched_step_s']:.4f} |"
         )
     with open(os.path.join(HERE, "results", "watch_overhead.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

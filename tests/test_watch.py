@@ -336,3 +336,18 @@ def test_live_watcher_matches_the_monitor_survives_a_kill_and_stops_the_run(run,
     assert [r[keys.STEP] for r in watched] == [4, 8, 12]  # none skipped, none twice
     kept = {r[keys.TOKENS]: r[keys.PROBE_SECONDS] for r in watched}
     assert all(kept[r[keys.TOKENS]] == r[keys.PROBE_SECONDS] for r in before)  # not re-probed
+
+
+@pytest.mark.slow
+def test_watcher_stop_under_ddp_stops_every_rank_at_the_same_step(tmp_path):
+    directory, mon = tmp_path / "ckpt", tmp_path / "monitor"
+    cmd = [sys.executable, str(HERE / "watch_run.py"), "--dir", str(directory)]
+    cmd += ["--monitor-dir", str(mon), "--steps", "20", "--no-monitor", "--devices", "2"]
+    proc = subprocess.run(
+        [*cmd, "--stop-at-step", "3"], capture_output=True, text=True, timeout=240, env=ENV
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((mon / name).read_text()) for name in ("result.json", "result_rank1.json")]
+    # Rank 0 alone sees the file after step 3; one agreement at step 4 stops both there.
+    assert [r["global_step"] for r in ranks] == [4, 4]
+    assert [r["stop_reason"] for r in ranks] == ["forced", "forced"]  # rank 0's, broadcast

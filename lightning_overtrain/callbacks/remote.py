@@ -152,8 +152,9 @@ class WatcherStop(Callback):
         self._last_step = step
         seen = self._look() if trainer.is_global_zero else False
         if trainer.strategy.reduce_boolean_decision(seen, all=False):
-            decision = self._seen or {}
-            self.stop_reason = str(decision.get("reason") or "the watcher decided to stop")
+            reason = str((self._seen or {}).get("reason") or "the watcher decided to stop")
+            # Every rank is here at this step: one broadcast gives them all rank 0's reason.
+            self.stop_reason = trainer.strategy.broadcast(reason, src=0)
             trainer.should_stop = True
             rank_zero_info(
                 f"WatcherStop: stopping at step {step}: the watcher decided to stop"

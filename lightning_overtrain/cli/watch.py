@@ -54,12 +54,12 @@ from lightning_overtrain.cli.series import (
     tokens_from_pattern,
 )
 from lightning_overtrain.cli.text import reference_set, tokenizer
+from lightning_overtrain.cli.watch_wandb import PREFIX, WandbLog
 from lightning_overtrain.engine.losses import transformers_loss
 from lightning_overtrain.history import SETTINGS_FILE, Record, write_history
 from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
 
 STATE_FILE = "watch.json"
-PREFIX = "overtrain"
 
 
 def watch_command(args: argparse.Namespace) -> int:
@@ -129,9 +129,7 @@ class Watcher:
             "policy": policy_from_args(args).config(),
         }
         self.history = _resume(args.out, self.settings)  # other settings: refused here
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, SETTINGS_FILE), "w") as f:
-            json.dump(self.settings, f, indent=2, default=str)
+        self._write_settings()  # before the first checkpoint: a restart checks against it
         self.state: dict[str, Any] = read_json(os.path.join(args.out, STATE_FILE)) or {}
         self.state.setdefault("decisions", [])
         self.state.setdefault("paths", {})  # tokens -> the path probed at them
@@ -207,6 +205,8 @@ class Watcher:
             print(f"skipping {dropped.path}: same tokens ({dropped.tokens:,}) as {kept.path}")
         if self.init is None and ordered:
             self.init = SeriesInitStd(self.args.init_std, ordered, self._load)
+            self.settings["init_std_source"] = self.init.source
+            self._write_settings()
         for ckpt in ordered:
             self._probe(ckpt)
 
@@ -329,6 +329,11 @@ class Watcher:
             )
 
     # ------------------------------------------------------------------ end
+    def _write_settings(self) -> None:
+        os.makedirs(self.args.out, exist_ok=True)
+        with open(os.path.join(self.args.out, SETTINGS_FILE), "w") as f:
+            json.dump(self.settings, f, indent=2, default=str)
+
     def _save_state(self) -> None:
         write_json_atomic(os.path.join(self.args.out, STATE_FILE), self.state)
 
@@ -345,58 +350,3 @@ class Watcher:
             print("\n".join(problems), file=sys.stderr)
             return EXIT_FAILURES
         return EXIT_OK
-
-
-class WandbLog:
-    """One W&B run for the watcher, against ``overtrain/tokens``; resumed by id on restart.
-
-    W&B trouble (not installed, no login, no network) is a warning: the files still
-    get every number.
-    """
-
-    def __init__(self, args: argparse.Namespace, state: dict[str, Any], settings: dict) -> None:
-        self.run: Any = None
-        try:
-            import wandb
-
-            state.setdefault("wandb_run_id", wandb.util.generate_id())
-            self.run = wandb.init(
-                project=args.wandb_project,
-                entity=args.wandb_entity,
-                id=state["wandb_run_id"],
-                resume="allow",
-                dir=args.out,
-                job_type="overtrain-watch",
-                config={PREFIX: settings},
-            )
-            self.run.define_metric(f"{PREFIX}/{keys.TOKENS}")
-            self.run.define_metric(f"{PREFIX}/*", step_metric=f"{PREFIX}/{keys.TOKENS}")
-        except Exception as exc:  # W&B is optional: the history files have everything
-            self._disable("starting the W&B run", exc)
-
-    def log(self, record: Record) -> None:
-        if self.run is not None:
-            try:
-                self.run.log(keys.prefixed(PREFIX, record))
-            except Exception as exc:
-                self._disable("logging to W&B", exc)
-
-    def alert(self, decision: Decision) -> None:
-        if self.run is not None:
-            title = f"Overtraining {decision.trigger}: {decision.signal}"[:63]
-            level = "ERROR" if decision.action == "stop" else "WARN"
-            with contextlib.suppress(Exception):
-                self.run.alert(title=title, text=decision.message, level=level)
-
-    def finish(self) -> None:
-        if self.run is not None:
-            with contextlib.suppress(Exception):
-                self.run.finish()
-
-    def _disable(self, what: str, exc: Exception) -> None:
-        self.run = None
-        print(
-            f"warning: {what} failed ({type(exc).__name__}: {exc}); nothing more goes to W&B,"
-            " the history files still get every number",
-            file=sys.stderr,
-        )
