@@ -206,6 +206,14 @@ def test_save_pretrained_directories_are_followed_too(run, tmp_path):
         assert math.isclose(got[keys.REFERENCE_LOSS], want[keys.REFERENCE_LOSS], rel_tol=1e-9)
 
 
+def test_help_names_the_files_between_the_run_and_the_watcher(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["watch", "--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--idle-timeout" in text and "--threshold" in text
+    assert "overtrain_stop.json" in text and "WatcherStop" in text and "examples:" in text
+
+
 # ---------------------------------------------------------------------- bad input
 def test_a_directory_that_does_not_exist_is_a_usage_error(run, tmp_path, capsys):
     assert main(watch_args(run, tmp_path / "nope", tmp_path / "out")) == 2

@@ -60,6 +60,7 @@ from lightning_overtrain.history import SETTINGS_FILE, Record, write_history
 from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
 
 STATE_FILE = "watch.json"
+EXIT_INTERRUPTED = 130  # as a shell reports Ctrl-C
 
 
 def watch_command(args: argparse.Namespace) -> int:
@@ -71,7 +72,12 @@ def watch_command(args: argparse.Namespace) -> int:
         )
     if args.idle_timeout is not None and args.idle_timeout < 0:
         raise SeriesError(f"--idle-timeout must be >= 0 seconds, got {args.idle_timeout}.")
-    return Watcher(args).run()
+    watcher = Watcher(args)
+    try:
+        return watcher.run()
+    except KeyboardInterrupt:
+        print("interrupted: every record so far is in --out; run it again to resume")
+        return EXIT_INTERRUPTED
 
 
 def policy_from_args(args: argparse.Namespace) -> InflectionPolicy:
@@ -140,8 +146,11 @@ class Watcher:
         self.auto_class: Any = None
         self.validated = False
         self.handled: dict[str, Signature] = {}  # path -> the files' state when last tried
-        # Kept across restarts (and tried again: a fault may have been a half-written file).
-        self.failures: dict[str, str] = self.state.setdefault("failures", {})
+        # Kept across restarts and tried again (a fault may have been a half-written file);
+        # a file that is gone since is left to the user's earlier report.
+        failures = self.state.get("failures", {})
+        self.failures = {p: r for p, r in failures.items() if os.path.exists(p)}
+        self.state["failures"] = self.failures
         self.backwards: list[str] = []
         self.deleted: list[str] = []
 
