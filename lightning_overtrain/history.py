@@ -16,6 +16,7 @@ from typing import Any
 
 Record = dict[str, float]
 SETTINGS_FILE = "monitor.json"  # the run's settings, beside its history
+PLOTS_DIR = "plots"  # the figures, under the run's directory (a live run and `report` alike)
 
 
 def columns(records: Sequence[Record]) -> list[str]:

@@ -165,6 +165,10 @@ def test_lightning_checkpoints_give_the_live_monitors_numbers(series, tmp_path, 
     best = int(series["history"][-1]["best/tokens"])
     (path,) = [c["path"] for c in settings["checkpoints"] if c["tokens"] == best]
     assert f"(to fine-tune): {path}" in capsys.readouterr().out
+    # The live run and the CLI fingerprint the same reference set alike.
+    live = json.loads(Path(series["monitor_dir"], "monitor.json").read_text())
+    assert settings["reference_fingerprint"] == live["reference_fingerprint"]
+    assert settings["reference_fingerprint"].startswith("sha256:")
 
 
 def test_save_pretrained_dirs_give_the_live_monitors_numbers(series, tmp_path, capsys):
@@ -307,6 +311,10 @@ def test_report_renders_a_live_monitors_run(series, capsys):
         "finetune/lr=0.001/downstream_loss_after",
     }
     assert all(v["n_points"] == len(series["history"]) for v in inflection.values())
+    # The figures go where the live run's PlotReporter put them, not beside the history.
+    pytest.importorskip("matplotlib")
+    assert f"plot: {Path(series['monitor_dir'], 'plots', 'noise.png')}" in out
+    assert not list(Path(series["monitor_dir"]).glob("*.png"))
 
 
 def test_report_on_a_directory_without_history_is_a_clear_error(tmp_path, capsys):

@@ -31,6 +31,7 @@ from lightning_overtrain.engine.contract import Probe, ProbeContext
 from lightning_overtrain.engine.data import (
     ReferenceData,
     check_batches_argument,
+    fingerprint_batches,
     take_batches,
     take_reference_set,
 )
@@ -232,6 +233,7 @@ class OvertrainingMonitor(Callback):
         self._batches: list[Any] = []
         self._weights: list[int] = []
         self.reference_tokens = 0
+        self.reference_fingerprint: str | None = None
         self._backup: ModelBackup | None = None
         self._cooldown: CooldownBranch | None = None
         self._pending_tokens = 0
@@ -263,6 +265,7 @@ class OvertrainingMonitor(Callback):
             if self.reference_batches is None
             else self.reference_batches,
             "reference_tokens": self.reference_tokens,
+            "reference_fingerprint": self.reference_fingerprint,
             "loss_fn": getattr(self.loss_fn, "__name__", repr(self.loss_fn)),
             "token_offset": self.token_offset,
             "init_std_source": self.init_std_source,
@@ -483,6 +486,7 @@ class OvertrainingMonitor(Callback):
         )
         rank, size = trainer.global_rank, trainer.world_size
         self.reference_tokens = sum(weights)
+        self.reference_fingerprint = fingerprint_batches(batches)  # what a resume compares
         self._batches = [move_data_to_device(b, pl_module.device) for b in batches[rank::size]]
         self._weights = weights[rank::size]
 

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import pickle
 import re
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,8 +32,22 @@ from lightning_overtrain.engine.init_std import (
 def import_object(spec: str, what: str) -> Any:
     """Import ``package.module:name``, ``package.module.name`` or ``path/to/file.py:name``.
 
+    A module name resolves as ``python -m`` would: the current directory comes first
+    (it is put on ``sys.path`` for the rest of the process, so the module's own
+    imports and pickled objects in a checkpoint resolve too). A file's directory is
+    put on ``sys.path`` as ``python path/to/file.py`` would, for its sibling imports.
+
+    Args:
+        spec: what the user wrote.
+        what: the option, for the message (``--module-class``).
+
     Raises:
-        SeriesError: naming ``what`` (the option) if the import fails.
+        SeriesError: naming ``what`` (the option) if the import fails; a module that is
+            not found gets the ``path/to/module.py:name`` form to pass instead.
+
+    Example::
+
+        cls = import_object("mygpt:MyGPT", "--module-class")  # ./mygpt.py
     """
     module_name, sep, attr = spec.partition(":")
     if not sep:
@@ -41,22 +56,51 @@ def import_object(spec: str, what: str) -> Any:
         raise SeriesError(f"{what} {spec!r}: write it as `package.module:name`.")
     try:
         if module_name.endswith(".py"):
-            name = "_lightning_overtrain_user_" + re.sub(r"\W", "_", module_name)
-            loader = importlib.util.spec_from_file_location(name, module_name)
-            if loader is None or loader.loader is None or not os.path.isfile(module_name):
-                raise ImportError(f"no such file {module_name!r}")
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
+            module = _import_file(module_name)
         else:
+            _on_path(os.getcwd())
             module = importlib.import_module(module_name)
         obj = module
         for part in attr.split("."):
             obj = getattr(obj, part)
+    except ModuleNotFoundError as exc:
+        hint = ""
+        if exc.name and module_name.split(".")[0] == exc.name.split(".")[0]:
+            hint = (
+                f" (looked in the current directory {os.getcwd()} and on sys.path). If the"
+                f" file is elsewhere, pass its path: {what}"
+                f" path/to/{module_name.replace('.', '/')}.py:{attr}"
+            )
+        raise SeriesError(f"{what} {spec!r} cannot be imported: {exc}{hint}.") from exc
     except (ImportError, AttributeError, SyntaxError) as exc:
         raise SeriesError(
             f"{what} {spec!r} cannot be imported: {type(exc).__name__}: {exc}."
         ) from exc
     return obj
+
+
+def _import_file(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise ImportError(f"no such file {path!r}")
+    name = "_lightning_overtrain_user_" + re.sub(r"\W", "_", path)
+    loader = importlib.util.spec_from_file_location(name, path)
+    if loader is None or loader.loader is None:
+        raise ImportError(f"{path!r} cannot be loaded as a Python module")
+    _on_path(os.path.dirname(os.path.abspath(path)))
+    module = importlib.util.module_from_spec(loader)
+    sys.modules[name] = module  # so pickle and dataclasses find the module by its name
+    try:
+        loader.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _on_path(directory: str) -> None:
+    """Put ``directory`` first on ``sys.path`` unless it is there already."""
+    if not any(os.path.abspath(p or os.curdir) == directory for p in sys.path):
+        sys.path.insert(0, directory)
 
 
 def load_model(

@@ -81,7 +81,8 @@ def add_series_options(probe: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--module-class",
         metavar="CLASS",
-        help="the LightningModule class of .ckpt files, as package.module:Class or file.py:Class",
+        help="the LightningModule class of .ckpt files: package.module:Class (resolved from"
+        " the current directory first, as `python -m` would) or path/to/file.py:Class",
     )
     group.add_argument(
         "--auto-class",
@@ -131,14 +132,25 @@ def add_series_options(probe: argparse.ArgumentParser) -> None:
     )
 
     group = probe.add_argument_group(
-        "reference data", "Held-out pretraining text, evaluated identically at every checkpoint."
+        "reference data",
+        "Held-out pretraining text, evaluated identically at every checkpoint."
+        " --reference-text (and --downstream-text) is tokenized by --tokenizer and cut into"
+        " non-overlapping sequences of --context tokens; each batch is a dict"
+        " {'input_ids': LongTensor[--batch-size, --context]}, which the default loss passes"
+        " as model(input_ids=..., labels=input_ids) and a --loss-fn receives as it is.",
     )
     ref = group.add_mutually_exclusive_group(required=True)
-    ref.add_argument("--reference-text", nargs="+", metavar="FILE", help="text files")
+    ref.add_argument(
+        "--reference-text",
+        nargs="+",
+        metavar="FILE",
+        help="text files, made into {'input_ids': LongTensor[B, T]} batches (see above)",
+    )
     ref.add_argument(
         "--reference-fn",
         metavar="CALLABLE",
-        help="package.module:fn or file.py:fn returning batches (a list or a DataLoader)",
+        help="package.module:fn or file.py:fn returning batches in your model's format (a"
+        " list or a DataLoader), e.g. (x, y) tuples with a --loss-fn for them",
     )
     group.add_argument(
         "--tokenizer",
@@ -216,7 +228,9 @@ def add_series_options(probe: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--loss-fn",
         metavar="CALLABLE",
-        help="loss_fn(model, batch) -> scalar mean loss (default: model(**batch).loss)",
+        help="package.module:fn or file.py:fn, loss_fn(model, batch) -> scalar mean"
+        " next-token loss of a reference batch; needed for a model that is not a transformers"
+        " model (default: model(**batch).loss, checked on the first checkpoint)",
     )
     group.add_argument(
         "--init-std",

@@ -14,7 +14,7 @@ from lightning_overtrain.cli.main import EXIT_OK
 from lightning_overtrain.cli.series import (
     SeriesError,
 )
-from lightning_overtrain.history import SETTINGS_FILE, Record, columns, read_history
+from lightning_overtrain.history import PLOTS_DIR, SETTINGS_FILE, Record, columns, read_history
 from lightning_overtrain.inflection.crossing import DEFAULT_MIN_POINTS
 from lightning_overtrain.inflection.detector import InflectionState
 from lightning_overtrain.inflection.policy import InflectionPolicy
@@ -79,7 +79,7 @@ def render_report(
 
     Args:
         history: the run's records, in token order (left as they are on disk).
-        directory: where ``summary.md``, ``inflection.json`` and the plots go.
+        directory: where ``summary.md`` and ``inflection.json`` go (the plots: its ``plots/``).
         policy: a fresh policy, set up as the run's (its detectors fill up here).
 
     Returns:
@@ -178,8 +178,8 @@ def summary_table(history: Sequence[Record]) -> str:
 def _render_plots(history: Sequence[Record], directory: str) -> list[str]:
     from lightning_overtrain.reporting.figures import write_figures
 
-    try:
-        return list(write_figures(history, directory).values())
+    try:  # where a live run's PlotReporter writes them: one place per figure
+        return list(write_figures(history, os.path.join(directory, PLOTS_DIR)).values())
     except ImportError:
         return []  # matplotlib (the `plots` extra) is optional
 

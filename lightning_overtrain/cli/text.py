@@ -65,7 +65,11 @@ def read_text(args: argparse.Namespace, option: str) -> bytes:
 
 
 def windows(ids: torch.Tensor, args: argparse.Namespace, what: str) -> list[dict[str, Any]]:
-    """Non-overlapping sequences of ``--context`` tokens, in batches of ``--batch-size``."""
+    """Non-overlapping sequences of ``--context`` tokens, in batches of ``--batch-size``.
+
+    Each batch is ``{"input_ids": LongTensor[batch_size, context]}`` (the last one may
+    hold fewer sequences): the format of the default loss, ``model(**batch).loss``.
+    """
     n = len(ids) // args.context
     if n == 0:
         raise SeriesError(
@@ -107,6 +111,3 @@ def tokenizer(
         return torch.tensor(ids, dtype=torch.long)
 
     return tokenize
-
-
-# ---------------------------------------------------------------------- report

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -177,3 +178,48 @@ def _batch_rows(batch: Any, what: str) -> int:
             f" each batch can be split across ranks; got first dimensions {sorted(sizes)}."
         )
     return sizes.pop()
+
+
+def fingerprint_batches(batches: Iterable[Any]) -> str:
+    """A short hash of the batches' content, in order: what a resumed run compares.
+
+    Every tensor of every batch counts (its dtype, shape and values, read on the
+    CPU), with the batch's structure (dict keys, tuple positions); other leaves
+    count by their ``repr``. Two sets with the same token count but other tokens,
+    or the same batches in another order, get different fingerprints.
+
+    Args:
+        batches: the batches, e.g. the reference set from :func:`take_reference_set`.
+
+    Returns:
+        ``"sha256:"`` and the first 16 hex digits of the digest.
+
+    Example::
+
+        >>> ids = torch.arange(6).view(2, 3)
+        >>> fingerprint_batches([{"input_ids": ids}]) == fingerprint_batches([{"input_ids": ids}])
+        True
+    """
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"tensor {value.dtype} {tuple(value.shape)}|".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, Mapping):
+            digest.update(f"dict {len(value)}|".encode())
+            for key in sorted(value, key=str):  # key order is not content
+                digest.update(f"{key!s}=".encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__} {len(value)}|".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"{value!r}|".encode())
+
+    for batch in batches:
+        digest.update(b"batch|")
+        feed(batch)
+    return "sha256:" + digest.hexdigest()[:16]

@@ -19,12 +19,16 @@ class FileReporter(Reporter):
     """Writes ``history.jsonl``, ``history.csv``, ``monitor.json`` and ``alerts.jsonl``.
 
     All go to ``monitor.dirpath``; ``alerts.jsonl`` gets one line per warning or stop.
+    A resumed run writes the history it carries at once, so its new log directory
+    holds the curves from the start before its next snapshot.
     """
 
     def setup(self, trainer: pl.Trainer, monitor: OvertrainingMonitor) -> None:
         os.makedirs(monitor.dirpath, exist_ok=True)
         with open(os.path.join(monitor.dirpath, SETTINGS_FILE), "w") as f:
             json.dump(monitor.config(), f, indent=2, default=str)
+        if monitor.history:
+            write_history(monitor.history, monitor.dirpath)
 
     def report(
         self, trainer: pl.Trainer, monitor: OvertrainingMonitor, record: dict[str, float]

@@ -1,4 +1,4 @@
-"""The probe curves as PNG files next to the history, whatever the logger (or none)."""
+"""The probe curves as PNG files under the run's directory, whatever the logger (or none)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_overtrain.history import PLOTS_DIR
 from lightning_overtrain.reporting.base import Reporter
 
 if TYPE_CHECKING:
@@ -28,7 +29,8 @@ def matplotlib_available() -> bool:
 class PlotReporter(Reporter):
     """Writes ``noise.png``, ``finetune.png`` and ``layers.png`` (those with data).
 
-    The files go to ``<monitor.dirpath>/<subdir>`` and always show the whole
+    The files go to ``<monitor.dirpath>/<subdir>`` (``plots/`` by default, where
+    ``lightning-overtrain report`` writes them too) and always show the whole
     history (see :mod:`lightning_overtrain.reporting.figures` for what each figure holds). They
     are redrawn at a snapshot when ``every_s`` seconds have passed since the last
     drawing (or since training started), and once more when training ends. The
@@ -54,7 +56,7 @@ class PlotReporter(Reporter):
         )
     """
 
-    def __init__(self, subdir: str = "plots", dpi: int = 100, every_s: float = 60.0) -> None:
+    def __init__(self, subdir: str = PLOTS_DIR, dpi: int = 100, every_s: float = 60.0) -> None:
         if not isinstance(subdir, str) or not subdir:
             raise ValueError(f"`subdir` must be a non-empty folder name, got {subdir!r}.")
         if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
