@@ -29,7 +29,7 @@ from lightning_overtrain.callbacks.remote import RUN_FILE, STOP_FILE, WatcherSto
 from lightning_overtrain.cli import watch as watch_module
 from lightning_overtrain.cli.follow import Follower
 from lightning_overtrain.cli.main import main
-from lightning_overtrain.cli.probe import _probe_checkpoint
+from lightning_overtrain.cli.probe import probe_checkpoint
 from lightning_overtrain.history import read_history
 from lightning_overtrain.probes.noise import NoiseProbe
 
@@ -115,7 +115,8 @@ def test_a_finished_run_is_probed_like_the_monitor_and_the_watcher_stops(run, tm
     assert_same_numbers(read_history(str(out / "history.jsonl")), run["history"])
     text = capsys.readouterr().out
     assert text.count("probed ") == 3 and "the run has finished" in text
-    assert {"summary.md", "inflection.json", "noise.png", "watch.json"} <= set(os.listdir(out))
+    assert {"summary.md", "inflection.json", "watch.json"} <= set(os.listdir(out))
+    assert (out / "plots" / "noise.png").is_file()
 
 
 def test_a_restart_probes_nothing_twice_and_skips_nothing(run, tmp_path, monkeypatch):
@@ -126,11 +127,11 @@ def test_a_restart_probes_nothing_twice_and_skips_nothing(run, tmp_path, monkeyp
     copy_ckpts(run, directory, 12)
     probed = []
 
-    def counted(ckpt, *a, **kw):
+    def counted(setup, ckpt, *a, **kw):
         probed.append(os.path.basename(ckpt.path))
-        return _probe_checkpoint(ckpt, *a, **kw)
+        return probe_checkpoint(setup, ckpt, *a, **kw)
 
-    monkeypatch.setattr(watch_module, "_probe_checkpoint", counted)
+    monkeypatch.setattr(watch_module, "probe_checkpoint", counted)
     assert main(args) == 0
     second = read_history(str(out / "history.jsonl"))
     assert probed == ["step=12.ckpt"]

@@ -1,7 +1,7 @@
 """``lightning-overtrain watch DIR``: probe a live run's checkpoints from another process.
 
 The same engine, options and files as ``probe`` (each checkpoint measured by
-:func:`~lightning_overtrain.cli.probe._probe_checkpoint`, the history re-judged by
+:func:`~lightning_overtrain.cli.probe.probe_checkpoint`, the history re-judged by
 the policy in token order), run in a loop over a directory the training job is
 still writing. What it remembers across its own restarts lives in ``--out``:
 the history (a checkpoint whose tokens are in it is never probed again) and
@@ -33,15 +33,9 @@ from lightning_overtrain.callbacks.remote import (
 from lightning_overtrain.cli.follow import Follower, Signature
 from lightning_overtrain.cli.loading import SeriesInitStd, import_object, load_model, order_series
 from lightning_overtrain.cli.main import EXIT_FAILURES, EXIT_OK
-from lightning_overtrain.cli.probe import (
-    _forward_context,
-    _module_class,
-    _probe_checkpoint,
-    _probes,
-    _progress,
-    _resume,
-)
+from lightning_overtrain.cli.probe import probe_checkpoint
 from lightning_overtrain.cli.report import render_report
+from lightning_overtrain.cli.resume import resume_history, write_settings
 from lightning_overtrain.cli.series import (
     TRANSFORMERS,
     Checkpoint,
@@ -53,10 +47,9 @@ from lightning_overtrain.cli.series import (
     tokens_from_mapping,
     tokens_from_pattern,
 )
-from lightning_overtrain.cli.text import reference_set, tokenizer
-from lightning_overtrain.cli.watch_wandb import PREFIX, WandbLog
-from lightning_overtrain.engine.losses import transformers_loss
-from lightning_overtrain.history import SETTINGS_FILE, Record, write_history
+from lightning_overtrain.cli.setup import build_setup, module_class_from
+from lightning_overtrain.cli.watch_wandb import WandbLog
+from lightning_overtrain.history import Record, write_history
 from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
 
 STATE_FILE = "watch.json"
@@ -106,7 +99,6 @@ class Watcher:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         policy_from_args(args)  # bad thresholds fail before anything is loaded
         if args.tokens_pattern is not None:
             self.rule = tokens_from_pattern(args.tokens_pattern, args.tokens_per_step)
@@ -114,28 +106,20 @@ class Watcher:
             self.rule = tokens_from_mapping(args.tokens_map)
         else:
             self.rule = tokens_from_checkpoint(args.tokens_per_step)
+        # Built as `probe` builds it, from what is there now (a saved tokenizer, say); the
+        # loader and the init std are set again from the first checkpoints that come.
         present, _ = find_checkpoints([args.dir])
-        tokenize = tokenizer(args, present)
-        self.batches, self.weights = reference_set(args, tokenize, self.device)
-        self.probes = _probes(args, tokenize)
-        self.loss_fn = (
-            import_object(args.loss_fn, "--loss-fn") if args.loss_fn else transformers_loss
+        self.setup = build_setup(args, present)
+        self.setup.load = self._load
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.settings = self.setup.settings
+        self.settings.update(
+            source="lightning-overtrain watch",
+            watching=os.path.abspath(args.dir),
+            policy=policy_from_args(args).config(),
         )
-        self.settings: dict[str, Any] = {
-            "cadence": "checkpoint series",
-            "probes": {p.name: p.config() for p in self.probes},
-            "reference_batches": len(self.batches),
-            "reference_tokens": sum(self.weights),
-            "loss_fn": getattr(self.loss_fn, "__name__", repr(self.loss_fn)),
-            "token_offset": 0,
-            "precision": args.precision,
-            "prefix": PREFIX,
-            "source": "lightning-overtrain watch",
-            "watching": os.path.abspath(args.dir),
-            "policy": policy_from_args(args).config(),
-        }
-        self.history = _resume(args.out, self.settings)  # other settings: refused here
-        self._write_settings()  # before the first checkpoint: a restart checks against it
+        self.history = resume_history(args.out, self.settings)  # other settings: refused
+        os.makedirs(args.out, exist_ok=True)
         self.state: dict[str, Any] = read_json(os.path.join(args.out, STATE_FILE)) or {}
         self.state.setdefault("decisions", [])
         self.state.setdefault("paths", {})  # tokens -> the path probed at them
@@ -144,7 +128,7 @@ class Watcher:
         self.init: SeriesInitStd | None = None
         self.module_class: Any = None
         self.auto_class: Any = None
-        self.validated = False
+        self.checked = False  # the loss and the probes are checked on the first checkpoint
         self.handled: dict[str, Signature] = {}  # path -> the files' state when last tried
         # Kept across restarts and tried again (a fault may have been a half-written file);
         # a file that is gone since is left to the user's earlier report.
@@ -160,7 +144,7 @@ class Watcher:
         done = self._done_tokens()
         print(
             f"watching {args.dir} every {args.poll:g} s on {self.device}: {len(done)} checkpoint(s)"
-            f" already probed, reference set of {sum(self.weights):,} tokens",
+            f" already probed, reference set of {sum(self.setup.weights):,} tokens",
             flush=True,
         )
         last_activity = time.monotonic()
@@ -213,9 +197,7 @@ class Watcher:
         for dropped, kept in duplicates:
             print(f"skipping {dropped.path}: same tokens ({dropped.tokens:,}) as {kept.path}")
         if self.init is None and ordered:
-            self.init = SeriesInitStd(self.args.init_std, ordered, self._load)
-            self.settings["init_std_source"] = self.init.source
-            self._write_settings()
+            self.init = self.setup.init = SeriesInitStd(self.args.init_std, ordered, self._load)
         for ckpt in ordered:
             self._probe(ckpt)
 
@@ -239,22 +221,15 @@ class Watcher:
             print(f"warning: {message}", file=sys.stderr, flush=True)
             self.backwards.append(message)
         try:
-            record = _probe_checkpoint(
-                ckpt,
-                self._load,
-                self.probes,
-                _progress(0, True),
-                validate=not self.validated,
-                init=self.init,
-                batches=self.batches,
-                weights=self.weights,
-                loss_fn=self.loss_fn,
-                forward_context=_forward_context(self.args.precision, self.device),
-            )
+            record = probe_checkpoint(self.setup, ckpt, _NoBar(), check=not self.checked)
         except CheckpointError as exc:
             self._failed(ckpt.path, str(exc))
             return
-        self.validated = True
+        if not self.checked:
+            print(f"init std from {self.setup.init.source}", flush=True)
+            self.settings["init_std_source"] = self.setup.init.source
+            write_settings(self.args.out, self.settings)
+            self.checked = True
         self.failures.pop(os.path.abspath(ckpt.path), None)
         record[keys.PROBE_FAILURES] = len(self.failures)  # checkpoints that fail to probe, now
         self.history = sorted([*self.history, record], key=lambda r: r[keys.TOKENS])
@@ -275,8 +250,9 @@ class Watcher:
             self.wandb.log(judged)
 
     def _load(self, ckpt: Checkpoint) -> Any:
+        """``setup.load``, resolving each class when the first checkpoint needing it comes."""
         if self.module_class is None and ckpt.kind != TRANSFORMERS:
-            self.module_class = _module_class(self.args, [ckpt])
+            self.module_class = module_class_from(self.args, [ckpt])
         if self.auto_class is None and ckpt.kind == TRANSFORMERS:
             self.auto_class = import_object(self.args.auto_class, "--auto-class")
         return load_model(
@@ -338,11 +314,6 @@ class Watcher:
             )
 
     # ------------------------------------------------------------------ end
-    def _write_settings(self) -> None:
-        os.makedirs(self.args.out, exist_ok=True)
-        with open(os.path.join(self.args.out, SETTINGS_FILE), "w") as f:
-            json.dump(self.settings, f, indent=2, default=str)
-
     def _save_state(self) -> None:
         write_json_atomic(os.path.join(self.args.out, STATE_FILE), self.state)
 
@@ -359,3 +330,10 @@ class Watcher:
             print("\n".join(problems), file=sys.stderr)
             return EXIT_FAILURES
         return EXIT_OK
+
+
+class _NoBar:
+    """The progress bar ``probe_checkpoint`` announces to: ``watch`` prints a line instead."""
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
