@@ -115,6 +115,8 @@ def test_a_finished_run_is_probed_like_the_monitor_and_the_watcher_stops(run, tm
     assert_same_numbers(read_history(str(out / "history.jsonl")), run["history"])
     text = capsys.readouterr().out
     assert text.count("probed ") == 3 and "the run has finished" in text
+    best = int(run["history"][-1]["best/tokens"]) // (BATCH * CONTEXT)
+    assert f"(to fine-tune): {os.path.abspath(run['ckpt_dir'] / f'step={best}.ckpt')}" in text
     assert {"summary.md", "inflection.json", "watch.json"} <= set(os.listdir(out))
     assert (out / "plots" / "noise.png").is_file()
 

@@ -319,7 +319,12 @@ class Watcher:
 
     def _finish(self) -> int:
         if self.history:
-            render_report(self.history, self.args.out, policy_from_args(self.args))
+            policy = policy_from_args(self.args)
+            render_report(self.history, self.args.out, policy)
+            best = policy.best
+            path = best and self.state["paths"].get(str(int(best["tokens"])))
+            if best and path:
+                print(f"the checkpoint at the bottom of {best['signal']} (to fine-tune): {path}")
         if self.wandb is not None:
             self.wandb.finish()
         problems = [f"  {p}: {r}" for p, r in self.failures.items()] + self.backwards
