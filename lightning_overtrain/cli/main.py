@@ -14,6 +14,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from lightning_overtrain.cli.series import (
     DEFAULT_AUTO_CLASS,
@@ -25,7 +26,7 @@ EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    """The ``lightning-overtrain`` argument parser (``probe`` and ``report``)."""
+    """The ``lightning-overtrain`` argument parser (``probe``, ``watch`` and ``report``)."""
     parser = argparse.ArgumentParser(
         prog="lightning-overtrain",
         description="Measure catastrophic overtraining (Springer et al., arXiv 2503.19206)"
@@ -55,7 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="Lightning .ckpt files, save_pretrained directories, or directories holding them",
     )
     probe.add_argument("--out", required=True, metavar="RUN_DIR", help="where results go")
+    add_series_options(probe)
+    add_watch_parser(sub, fmt)
 
+    report = sub.add_parser(
+        "report",
+        help="re-render the summary table, inflection and plots of a run",
+        description="Read a run's history.jsonl (written by OvertrainingMonitor or by"
+        " `probe`), print a summary table and the detector's verdict per signal, and"
+        " re-render the plots next to it.",
+        formatter_class=fmt,
+    )
+    report.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a directory holding history.jsonl, or a log directory with it one level down",
+    )
+    return parser
+
+
+def add_series_options(probe: argparse.ArgumentParser) -> None:
+    """The options `probe` and `watch` share: loading, tokens, reference data, probes."""
     group = probe.add_argument_group("loading")
     group.add_argument(
         "--module-class",
@@ -220,20 +241,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    report = sub.add_parser(
-        "report",
-        help="re-render the summary table, inflection and plots of a run",
-        description="Read a run's history.jsonl (written by OvertrainingMonitor or by"
-        " `probe`), print a summary table and the detector's verdict per signal, and"
-        " re-render the plots next to it.",
+
+def add_watch_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    """``watch DIR``: the options of ``probe``, plus following a live run and acting on it."""
+    watch = sub.add_parser(
+        "watch",
+        help="probe a live run's checkpoints as they are written, from another process",
+        description="Follow DIR while a run writes checkpoints into it; probe each one once it"
+        " is completely written, in token order, on --device; keep history.jsonl/csv, the"
+        " summary, the detector's verdict and the plots in --out up to date (and a W&B run"
+        " with --wandb-project). When the policy decides to stop, write"
+        " DIR/overtrain_stop.json: a run with the WatcherStop callback stops at its next"
+        " check; without it, the decision is a warning. Stops when the run's"
+        " DIR/overtrain_run.json says it has ended and every checkpoint is probed, or after"
+        " --idle-timeout. Restarting it resumes: nothing is probed twice.",
+        epilog="examples:\n"
+        "  # the training job: ModelCheckpoint(dirpath='ckpt', every_n_train_steps=1000,\n"
+        "  #     save_top_k=-1) and WatcherStop('ckpt') in its callbacks\n"
+        "  lightning-overtrain watch ckpt --out runs/watch --device cuda:1 \\\n"
+        "      --module-class my_project.model:MyLM --reference-text held_out.txt \\\n"
+        "      --tokenizer bytes --tokens-per-step 524288 --action stop \\\n"
+        "      --wandb-project pretrain",
         formatter_class=fmt,
     )
-    report.add_argument(
-        "run_dir",
-        metavar="RUN_DIR",
-        help="a directory holding history.jsonl, or a log directory with it one level down",
+    watch.add_argument("dir", metavar="DIR", help="the directory the run writes checkpoints to")
+    watch.add_argument("--out", required=True, metavar="RUN_DIR", help="where results go")
+    add_series_options(watch)
+    group = watch.add_argument_group("following")
+    group.add_argument(
+        "--poll",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="look at DIR this often; a checkpoint is probed once it is unchanged over one poll",
     )
-    return parser
+    group.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="stop after this long without a new checkpoint (default: wait until the run's"
+        " overtrain_run.json says it has ended)",
+    )
+    group = watch.add_argument_group("policy")
+    group.add_argument(
+        "--action",
+        choices=("warn", "stop"),
+        default="warn",
+        help="what an inflection or a --threshold does: warn, or stop the run (WatcherStop)",
+    )
+    group.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="KEY=LIMIT",
+        help="act when a record's value exceeds LIMIT (repeat the option for more keys), e.g."
+        " --threshold noise/gamma=1/relative_delta=0.05",
+    )
+    group = watch.add_argument_group("W&B")
+    group.add_argument("--wandb-project", metavar="NAME", help="log every record to W&B")
+    group.add_argument("--wandb-entity", metavar="NAME", help="the W&B entity (team)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -277,6 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lightning_overtrain.cli.report import report_command
 
     try:
+        if args.command == "watch":
+            from lightning_overtrain.cli.watch import watch_command
+
+            return watch_command(args)
         return probe_command(args) if args.command == "probe" else report_command(args.run_dir)
     except SeriesError as exc:
         print(f"lightning-overtrain {args.command}: error: {exc}", file=sys.stderr)
