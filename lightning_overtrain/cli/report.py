@@ -15,7 +15,7 @@ from lightning_overtrain.cli.series import (
 )
 from lightning_overtrain.history import PLOTS_DIR, SETTINGS_FILE, Record, columns, read_history
 from lightning_overtrain.inflection.detector import DetectorConfig, InflectionState
-from lightning_overtrain.inflection.policy import InflectionPolicy
+from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
 from lightning_overtrain.inflection.verdicts import (
     bottom_text,
     forecast_text,
@@ -101,6 +101,7 @@ def render_report(
     directory: str,
     policy: InflectionPolicy,
     signals: Sequence[Signal] | None = None,
+    decisions: list[Decision] | None = None,
 ) -> list[Record]:
     """Judge the history, print and write the summary and the verdicts; render the plots.
 
@@ -109,11 +110,12 @@ def render_report(
         directory: where ``summary.md`` and ``inflection.json`` go (the plots: its ``plots/``).
         policy: a fresh policy, set up as the run's (its detectors fill up here).
         signals: the probes' declarations; None infers the built-in ones from the keys.
+        decisions: if given, the replay's decisions are appended to it (see :func:`judge`).
 
     Returns:
         The judged history (see :func:`judge`).
     """
-    history = judge(history, policy)
+    history = judge(history, policy, decisions)
     states = {signal: d.state for signal, d in policy.detectors.items()}
     lines = [
         summary_table(history, signals),
@@ -138,17 +140,30 @@ def _json_ready(values: dict[str, float]) -> dict[str, float | None]:
     return {k: (v if math.isfinite(v) else None) for k, v in values.items()}
 
 
-def judge(history: Sequence[Record], policy: InflectionPolicy) -> list[Record]:
+def judge(
+    history: Sequence[Record],
+    policy: InflectionPolicy,
+    decisions: list[Decision] | None = None,
+) -> list[Record]:
     """Replay the history through ``policy`` in token order, as the live monitor judges it.
 
     Every record gets the policy's ``inflection/<signal>/...`` verdicts and the
     ``best/...`` snapshot so far, computed afresh (a resumed series may have gained
     checkpoints in the middle), so a probed series carries the same keys as a live run.
+
+    Args:
+        history: the records, in token order.
+        policy: a fresh policy.
+        decisions: if given, every decision the replay fires is appended to it (the
+            watcher acts on the ones it has not acted on before).
     """
     judged = []
     for old in history:
         record = {k: v for k, v in old.items() if not k.startswith(_JUDGED)}
-        record.update(policy.judge(record).additions)
+        judgement = policy.judge(record)
+        record.update(judgement.additions)
+        if decisions is not None:
+            decisions.extend(judgement.decisions)
         judged.append(record)
     return judged
 

@@ -273,16 +273,8 @@ class Watcher:
         """The history judged by a fresh policy (as ``report`` does), and decisions new here."""
         policy = policy_from_args(self.args)
         fired: list[Decision] = []
-        update = policy.update
-
-        def update_and_keep(record: Any) -> Any:  # the replay's decisions, which judge drops
-            additions, decisions = update(record)
-            fired.extend(decisions)
-            return additions, decisions
-
-        policy.update = update_and_keep  # type: ignore[method-assign]
         with contextlib.redirect_stdout(io.StringIO()):  # the full report is printed at the end
-            judged = render_report(history, self.args.out, policy)
+            judged = render_report(history, self.args.out, policy, decisions=fired)
         new = []
         for decision in fired:
             key = f"{decision.trigger}:{decision.signal}"
