@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from functools import partial
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_overtrain import keys
 from lightning_overtrain.callbacks.cadence import Cadence
 from lightning_overtrain.checks import check_int
-from lightning_overtrain.engine.backup import ModelBackup
+from lightning_overtrain.engine.backup import ModelBackup, presented
 from lightning_overtrain.engine.collectives import all_reduce_sum, world_size
 from lightning_overtrain.engine.contract import Probe, ProbeContext
 from lightning_overtrain.engine.data import (
@@ -59,6 +60,10 @@ from lightning_overtrain.reporting.progress import SnapshotProgress, counted
 from lightning_overtrain.reporting.wandb import WandbReporter
 
 _ON_PROBE_ERROR = ("warn", "raise")
+_JUDGING = "judging the snapshot (detector and policy)"
+BEST_FILE = "best.ckpt"
+#: With a cooldown the probes measure the cooled branch: the kept snapshot holds its weights.
+BEST_COOLED_FILE = "best-cooled.ckpt"
 
 
 class OvertrainingMonitor(Callback):
@@ -112,7 +117,8 @@ class OvertrainingMonitor(Callback):
             :class:`~lightning_overtrain.inflection.policy.InflectionPolicy`). Default: watch the
             perturbed and post-fine-tune losses, warn (never stop) once one turns
             upward, and keep the snapshot at the bottom of the curve as
-            ``<dirpath>/best.ckpt``. Stopping is opt-in: ``InflectionPolicy(action="stop")``.
+            ``<dirpath>/best.ckpt`` (with a cooldown, the cooled weights that were measured,
+            as ``best-cooled.ckpt``). Stopping is opt-in: ``InflectionPolicy(action="stop")``.
 
     Raises:
         ValueError: on bad arguments (the message names the argument, the value and
@@ -237,6 +243,7 @@ class OvertrainingMonitor(Callback):
         self._pending_tokens = 0
         self._last_step = 0
         self._progress = SnapshotProgress()
+        self._state_before_snapshot: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -341,6 +348,16 @@ class OvertrainingMonitor(Callback):
                 reporter.teardown(trainer, self)
 
     def state_dict(self) -> dict[str, Any]:
+        """The run state; during a snapshot, the state as it was before the snapshot began.
+
+        A checkpoint written while a probe holds the model (a SLURM requeue handler,
+        a user's hook) then pairs the live weights with the state that goes with them.
+        """
+        if self._state_before_snapshot is not None:
+            return self._state_before_snapshot
+        return self._current_state()
+
+    def _current_state(self) -> dict[str, Any]:
         return {
             "version": 1,
             "history": [dict(r) for r in self.history],
@@ -380,20 +397,31 @@ class OvertrainingMonitor(Callback):
         def failed(what: str, exc: Exception) -> None:
             self._probe_failed(what, exc, record)
 
-        ctx = self._context(trainer, pl_module)
-        with self._progress.track(trainer, f"Probing at {self.tokens:,} tokens") as tick:
-            ctx.loss_fn = counted(ctx.loss_fn, tick)
-            cooldown = None
-            if self._cooldown is not None:
-                cooldown = partial(
-                    self._cooldown.branch,
-                    optimizer=trainer.optimizers[0],
-                    gradient_clip_val=trainer.gradient_clip_val,
-                    gradient_clip_algorithm=trainer.gradient_clip_algorithm,
-                )
-            record.update(measure_snapshot(ctx, self.probes, failed, cooldown))
-        record[keys.PROBE_FAILURES] = self.probe_failures
-        decisions = self._judge(trainer, record)
+        before = self._current_state()
+        self._state_before_snapshot = before
+        try:
+            ctx = self._context(trainer, pl_module)
+            with self._progress.track(trainer, f"Probing at {self.tokens:,} tokens") as tick:
+                ctx.loss_fn = counted(ctx.loss_fn, tick)
+                cooldown = None
+                if self._cooldown is not None:
+                    cooldown = partial(
+                        self._cooldown.branch,
+                        optimizer=trainer.optimizers[0],
+                        gradient_clip_val=trainer.gradient_clip_val,
+                        gradient_clip_algorithm=trainer.gradient_clip_algorithm,
+                    )
+                record.update(measure_snapshot(ctx, self.probes, failed, cooldown))
+            record[keys.PROBE_FAILURES] = self.probe_failures
+            try:
+                decisions = self._judge(trainer, record)
+            except Exception as exc:  # e.g. a repeated token count: the policy skips this one
+                self.policy.load_state_dict(before["policy"])
+                failed(_JUDGING, exc)
+                record[keys.PROBE_FAILURES] = self.probe_failures
+                decisions = []
+        finally:
+            self._state_before_snapshot = None
         record[keys.PROBE_SECONDS] = time.perf_counter() - start
         self.history.append(record)
         if trainer.is_global_zero:
@@ -418,9 +446,7 @@ class OvertrainingMonitor(Callback):
         record.update(additions)
         candidate = self.policy.best_candidate(record)
         if candidate is not None:
-            path = os.path.join(self.dirpath, "best.ckpt")
-            # Every rank calls it (a collective under sharded strategies); rank 0 writes.
-            trainer.save_checkpoint(path, weights_only=True)
+            path = self._save_best(trainer, record)
             signal, value = candidate
             self.policy.best = {
                 "signal": signal,
@@ -433,6 +459,37 @@ class OvertrainingMonitor(Callback):
             record[keys.BEST_TOKENS] = self.policy.best["tokens"]
             record[keys.BEST_VALUE] = self.policy.best["value"]
         return decisions
+
+    def _save_best(self, trainer: pl.Trainer, record: Record) -> str:
+        """Keep the weights that ``record`` measured as the best snapshot; return the path.
+
+        Without a cooldown they are the live weights: ``<dirpath>/best.ckpt``. With one,
+        the probes measured the cooled branch, whose weights are still in the backup
+        (the probes borrowed them last): ``<dirpath>/best-cooled.ckpt``, so nobody
+        mistakes it for the raw run. Weights only (no optimizer state), plus the
+        monitor's state (its ``tokens``, what ``lightning-overtrain probe`` reads) and
+        settings, under the monitor's state key as in a full checkpoint.
+        """
+        cooled = keys.COOLDOWN_TRAIN_LOSS in record
+        path = os.path.join(self.dirpath, BEST_COOLED_FILE if cooled else BEST_FILE)
+        if cooled and self.policy.best is None:
+            rank_zero_info(
+                f"OvertrainingMonitor: keeping the best snapshot's cooled weights (the"
+                f" cooldown branch the probes measured), not the live run's, as {path}."
+            )
+        assert self._backup is not None
+        with presented(trainer.lightning_module, self._backup) if cooled else nullcontext():
+            # Every rank builds it (a collective under sharded strategies); rank 0 writes.
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
+        state = {
+            **self.state_dict(),
+            "config": self.config(),
+            "weights": "cooled" if cooled else "live",
+        }
+        checkpoint["callbacks"] = {self.state_key: state}
+        trainer.strategy.save_checkpoint(checkpoint, path)
+        trainer.strategy.barrier("OvertrainingMonitor._save_best")
+        return path
 
     def _act(self, trainer: pl.Trainer, decisions: list[Decision]) -> None:
         """Warn and alert on rank zero; stop only if every rank agrees someone must."""
@@ -455,8 +512,9 @@ class OvertrainingMonitor(Callback):
         if self.on_probe_error == "raise":
             raise exc
         self.probe_failures += 1
+        subject = what if what == _JUDGING else f"the {what} probe"
         rank_zero_warn(
-            f"OvertrainingMonitor: the {what} probe failed at {record[keys.TOKENS]:,} tokens"
+            f"OvertrainingMonitor: {subject} failed at {record[keys.TOKENS]:,} tokens"
             f" (step {record[keys.STEP]}) and was skipped ({type(exc).__name__}: {exc})."
             f" Failures so far: {self.probe_failures}. Training goes on; pass"
             " on_probe_error='raise' to stop instead."
