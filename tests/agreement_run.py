@@ -21,7 +21,7 @@ from test_noise import Quadratic
 
 from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.collectives import all_reduce_sum
-from lightning_overtrain.engine.contract import Probe, ProbeContext
+from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
 from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.probes.noise import NoiseProbe
 
@@ -61,10 +61,37 @@ class OneMoreCollectiveOnRankOne(Probe):
         return {"one_more_collective/ok": 1.0}
 
 
+class PartialOnRankZero(Probe):
+    """Rank 1 raises; rank 0 catches the engine's failure and reports a partial result."""
+
+    name = "partial_on_rank_zero"
+
+    def run(self, ctx):
+        if dist.get_rank() == 1:
+            raise RuntimeError("rank 1 fails before its collective")
+        try:
+            ctx.reduce_sum(torch.ones(1, dtype=torch.float64))
+        except ProbeFailure as exc:
+            raise ProbeFailure(str(exc), partial={"partial_on_rank_zero/half": 1.0}) from exc
+        return {}
+
+
+class FailsAlikeWithPartial(Probe):
+    """Fails on every rank alike after its sum: its partial result is the same everywhere."""
+
+    name = "fails_alike"
+
+    def run(self, ctx):
+        total = ctx.reduce_sum(torch.ones(1, dtype=torch.float64))
+        raise ProbeFailure("both ranks fail alike", partial={"fails_alike/sum": float(total)})
+
+
 SCENARIOS = {
     "before": lambda: [RaisesOnRankOne("before")],
     "after": lambda: [RaisesOnRankOne("after")],
     "uneven": lambda: [OneMoreCollectiveOnRankOne()],
+    "partial": lambda: [PartialOnRankZero()],
+    "alike": lambda: [FailsAlikeWithPartial()],
 }
 
 

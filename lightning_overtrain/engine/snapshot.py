@@ -85,9 +85,9 @@ def run_probe(probe: Probe, ctx: ProbeContext) -> dict[str, float]:
     probe that raises on some ranks only fails on all of them, without a hang.
 
     Raises:
-        Exception: the probe's own error, where every rank failed (or in one process);
-            :class:`ProbeFailure` (without partial results) on every rank where only
-            some failed.
+        Exception: the probe's own error, where it failed alike on every rank (or in
+            one process); else, where any rank failed, :class:`ProbeFailure` without
+            partial results on every rank (they may differ between ranks).
     """
     if ctx.world_size <= 1:
         try:
@@ -104,14 +104,26 @@ def run_probe(probe: Probe, ctx: ProbeContext) -> dict[str, float]:
     finally:
         ctx.reduce_sum = agreement.inner
         _hand_back(ctx)
-    failed = agreement.finish(error is not None)
-    if error is not None and failed == ctx.world_size:
-        raise error  # a failure every rank saw: its partial results agree too
+    failed, cut = agreement.finish(error is not None)
+    if error is not None and failed == ctx.world_size and not cut:
+        raise error  # the probe's own failure, alike on every rank: its partial results too
     if failed:
-        where = f"failed on {failed} of {ctx.world_size} rank(s)"
-        detail = f": {type(error).__name__}: {error}" if error is not None else " (not on this one)"
-        raise ProbeFailure(f"the probe {where}{detail}") from error
+        message = _failure_message(error, agreement.cut, failed, cut, ctx.world_size)
+        raise ProbeFailure(message) from error
     return result
+
+
+def _failure_message(
+    error: Exception | None, cut_here: bool, failed: int, cut: int, world_size: int
+) -> str:
+    if cut_here:  # the engine's own ProbeFailure says why
+        return f"the probe was stopped on this rank: {error}"
+    own = failed - cut  # ranks whose probe raised by itself
+    if error is not None:
+        return f"the probe failed on {own} of {world_size} rank(s): {type(error).__name__}: {error}"
+    if own:
+        return f"the probe failed on {own} of {world_size} rank(s), not on this one"
+    return f"the probe was stopped on {cut} other rank(s): the ranks made different collectives"
 
 
 def _hand_back(ctx: ProbeContext) -> None:
