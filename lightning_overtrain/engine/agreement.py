@@ -39,6 +39,7 @@ class Agreement:
 
         agreement = Agreement(all_reduce_sum, world_size, device)
         ctx.reduce_sum = agreement.reduce_sum
+        failed_here = False
         try:
             result = probe.run(ctx)
         except Exception:
