@@ -32,12 +32,10 @@ class FailsOnOneRank(Probe):
         self.rank = rank
 
     def run(self, ctx):
-        def local():
-            if int(os.environ.get("LOCAL_RANK", 0)) == self.rank:
-                raise RuntimeError("only this rank fails")
-            return ctx.local_loss_sums()
-
-        ctx.reduce_or_fail(local, (2,))
+        # No reduce_or_fail: the engine's agreement alone keeps the other rank from waiting.
+        if int(os.environ.get("LOCAL_RANK", 0)) == self.rank:
+            raise RuntimeError("only this rank fails")
+        ctx.reduce_sum(ctx.local_loss_sums())
         return {"fails_on_one_rank/ok": 1.0}
 
 

@@ -180,6 +180,18 @@ def test_save_pretrained_dirs_give_the_live_monitors_numbers(series, tmp_path, c
     assert "init std from the weights of the step-0 checkpoint" in capsys.readouterr().out
 
 
+def test_the_kept_best_snapshot_is_probed_at_its_own_tokens(series, tmp_path):
+    best = os.path.join(series["monitor_dir"], "best.ckpt")
+    out = tmp_path / "out"
+    assert main([*probe_args(series, out, best), "--module-class", MODULE_CLASS]) == 0
+    (record,) = read_history(str(out / "history.jsonl"))
+    tokens = series["history"][-1]["best/tokens"]
+    assert record[keys.TOKENS] == tokens
+    (live,) = [r for r in series["history"] if r[keys.TOKENS] == tokens]
+    for key in ("reference_loss", "noise/gamma=1/delta", "finetune/lr=0.001/forgetting"):
+        assert math.isclose(record[key], live[key], rel_tol=1e-9), key
+
+
 def test_rerun_skips_checkpoints_already_probed(series, tmp_path, monkeypatch):
     out = tmp_path / "out"
     hf = sorted(Path(series["hf_dir"]).iterdir())

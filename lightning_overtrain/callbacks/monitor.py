@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from functools import partial
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_overtrain import keys
 from lightning_overtrain.callbacks.cadence import Cadence
 from lightning_overtrain.checks import check_int
-from lightning_overtrain.engine.backup import ModelBackup
+from lightning_overtrain.engine.backup import ModelBackup, presented
 from lightning_overtrain.engine.collectives import all_reduce_sum, world_size
 from lightning_overtrain.engine.contract import Probe, ProbeContext, declared_signals
 from lightning_overtrain.engine.data import (
@@ -61,6 +62,10 @@ from lightning_overtrain.reporting.progress import SnapshotProgress, counted
 from lightning_overtrain.reporting.wandb import WandbReporter
 
 _ON_PROBE_ERROR = ("warn", "raise")
+_JUDGING = "judging the snapshot (detector and policy)"
+BEST_FILE = "best.ckpt"
+#: With a cooldown the probes measure the cooled branch: the kept snapshot holds its weights.
+BEST_COOLED_FILE = "best-cooled.ckpt"
 
 
 class OvertrainingMonitor(Callback):
@@ -115,7 +120,8 @@ class OvertrainingMonitor(Callback):
             every U-shaped signal the probes declare (``Probe.signals()``: the perturbed
             and post-fine-tune losses of the built-in probes), warn (never stop) once one turns
             upward, and keep the snapshot at the bottom of the curve as
-            ``<dirpath>/best.ckpt``. Stopping is opt-in: ``InflectionPolicy(action="stop")``.
+            ``<dirpath>/best.ckpt`` (with a cooldown, the cooled weights that were measured,
+            as ``best-cooled.ckpt``). Stopping is opt-in: ``InflectionPolicy(action="stop")``.
 
     Raises:
         ValueError: on bad arguments (the message names the argument, the value and
@@ -231,6 +237,7 @@ class OvertrainingMonitor(Callback):
         self.init_std_source: str | None = None
         self.policy = policy if policy is not None else InflectionPolicy()
         self.stop_reason: str | None = None
+        self._kept_cooled = False  # said once that best-cooled.ckpt is the cooled branch
 
         # Per-fit working state, rebuilt in on_fit_start.
         self._batches: list[Any] = []
@@ -242,6 +249,7 @@ class OvertrainingMonitor(Callback):
         self._pending_tokens = 0
         self._last_step = 0
         self._progress = SnapshotProgress()
+        self._state_before_snapshot: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -365,6 +373,16 @@ class OvertrainingMonitor(Callback):
                 reporter.teardown(trainer, view)
 
     def state_dict(self) -> dict[str, Any]:
+        """The run state; during a snapshot, the state as it was before the snapshot began.
+
+        A checkpoint written while a probe holds the model (a SLURM requeue handler,
+        a user's hook) then pairs the live weights with the state that goes with them.
+        """
+        if self._state_before_snapshot is not None:
+            return self._state_before_snapshot
+        return self._current_state()
+
+    def _current_state(self) -> dict[str, Any]:
         return {
             "version": 1,
             "history": [dict(r) for r in self.history],
@@ -404,20 +422,31 @@ class OvertrainingMonitor(Callback):
         def failed(what: str, exc: Exception) -> None:
             self._probe_failed(what, exc, record)
 
-        ctx = self._context(trainer, pl_module)
-        with self._progress.track(trainer, f"Probing at {self.tokens:,} tokens") as tick:
-            ctx.loss_fn = counted(ctx.loss_fn, tick)
-            cooldown = None
-            if self._cooldown is not None:
-                cooldown = partial(
-                    self._cooldown.branch,
-                    optimizer=trainer.optimizers[0],
-                    gradient_clip_val=trainer.gradient_clip_val,
-                    gradient_clip_algorithm=trainer.gradient_clip_algorithm,
-                )
-            record.update(measure_snapshot(ctx, self.probes, failed, cooldown))
-        record[keys.PROBE_FAILURES] = self.probe_failures
-        decisions = self._judge(trainer, record)
+        before = self._current_state()
+        self._state_before_snapshot = before
+        try:
+            ctx = self._context(trainer, pl_module)
+            with self._progress.track(trainer, f"Probing at {self.tokens:,} tokens") as tick:
+                ctx.loss_fn = counted(ctx.loss_fn, tick)
+                cooldown = None
+                if self._cooldown is not None:
+                    cooldown = partial(
+                        self._cooldown.branch,
+                        optimizer=trainer.optimizers[0],
+                        gradient_clip_val=trainer.gradient_clip_val,
+                        gradient_clip_algorithm=trainer.gradient_clip_algorithm,
+                    )
+                record.update(measure_snapshot(ctx, self.probes, failed, cooldown))
+            record[keys.PROBE_FAILURES] = self.probe_failures
+            try:
+                decisions = self._judge(trainer, record)
+            except Exception as exc:  # e.g. a repeated token count: the policy skips this one
+                self.policy.load_state_dict(before["policy"])
+                failed(_JUDGING, exc)
+                record[keys.PROBE_FAILURES] = self.probe_failures
+                decisions = []
+        finally:
+            self._state_before_snapshot = None
         record[keys.PROBE_SECONDS] = time.perf_counter() - start
         self.history.append(record)
         if trainer.is_global_zero:
@@ -439,13 +468,42 @@ class OvertrainingMonitor(Callback):
 
     def _judge(self, trainer: pl.Trainer, record: Record) -> list[Decision]:
         """Let the policy judge the record; add its fields; keep the best snapshot."""
-        judgement = self.policy.judge(record, best_path=os.path.join(self.dirpath, "best.ckpt"))
+        cooled = keys.COOLDOWN_TRAIN_LOSS in record
+        path = os.path.join(self.dirpath, BEST_COOLED_FILE if cooled else BEST_FILE)
+        judgement = self.policy.judge(record, best_path=path)
         if judgement.best_moved:
-            assert judgement.best is not None
-            # Every rank calls it (a collective under sharded strategies); rank 0 writes.
-            trainer.save_checkpoint(judgement.best["path"], weights_only=True)
+            self._save_best(trainer, path, cooled)
         record.update(judgement.additions)
         return judgement.decisions
+
+    def _save_best(self, trainer: pl.Trainer, path: str, cooled: bool) -> None:
+        """Keep the weights the current record measured as the best snapshot, at ``path``.
+
+        Without a cooldown they are the live weights: ``<dirpath>/best.ckpt``. With one,
+        the probes measured the cooled branch, whose weights are still in the backup
+        (the probes borrowed them last): ``<dirpath>/best-cooled.ckpt``, so nobody
+        mistakes it for the raw run. Weights only (no optimizer state), plus the
+        monitor's state (its ``tokens``, what ``lightning-overtrain probe`` reads) and
+        settings, under the monitor's state key as in a full checkpoint.
+        """
+        if cooled and not self._kept_cooled:
+            self._kept_cooled = True
+            rank_zero_info(
+                f"OvertrainingMonitor: keeping the best snapshot's cooled weights (the"
+                f" cooldown branch the probes measured), not the live run's, as {path}."
+            )
+        assert self._backup is not None
+        with presented(trainer.lightning_module, self._backup) if cooled else nullcontext():
+            # Every rank builds it (a collective under sharded strategies); rank 0 writes.
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
+        state = {
+            **self.state_dict(),
+            "config": self.config(),
+            "weights": "cooled" if cooled else "live",
+        }
+        checkpoint["callbacks"] = {self.state_key: state}
+        trainer.strategy.save_checkpoint(checkpoint, path)
+        trainer.strategy.barrier("OvertrainingMonitor._save_best")
 
     def _act(self, trainer: pl.Trainer, decisions: list[Decision]) -> None:
         """Warn and alert on rank zero; stop only if every rank agrees someone must."""
@@ -469,8 +527,9 @@ class OvertrainingMonitor(Callback):
         if self.on_probe_error == "raise":
             raise exc
         self.probe_failures += 1
+        subject = what if what == _JUDGING else f"the {what} probe"
         rank_zero_warn(
-            f"OvertrainingMonitor: the {what} probe failed at {record[keys.TOKENS]:,} tokens"
+            f"OvertrainingMonitor: {subject} failed at {record[keys.TOKENS]:,} tokens"
             f" (step {record[keys.STEP]}) and was skipped ({type(exc).__name__}: {exc})."
             f" Failures so far: {self.probe_failures}. Training goes on; pass"
             " on_probe_error='raise' to stop instead."

@@ -43,13 +43,15 @@ class ProbeContext:
 
     Attributes:
         module: the live model (in eval mode under ``no_grad`` unless a probe asks).
-        backup: the saved weights; ``backup.restore()`` undoes any perturbation.
+        backup: the saved weights; ``backup.restore()`` undoes any perturbation (the
+            engine also does, after each probe).
         sigmas: ``sigma_t`` per parameter, aligned with ``backup.params``.
         batches: this rank's shard of the reference set, on the module's device.
         weights: tokens per batch in ``batches``.
         loss_fn: ``loss_fn(module, batch) -> scalar mean loss``.
         reference_loss: ``L(theta_T)`` over the whole reference set (all ranks).
-        reduce_sum: adds a tensor across ranks (identity in one process).
+        reduce_sum: adds a tensor across ranks in place (identity in one process);
+            while a probe runs under several ranks, guarded by the engine.
         forward_context: the trainer's precision context.
         world_size: number of ranks.
     """
@@ -85,6 +87,8 @@ class ProbeContext:
         raised (it sends zeros and a failure flag), so a fault on one rank never
         leaves the others waiting. If any rank failed, every rank raises
         :class:`ProbeFailure`, and the monitor skips the probe on all of them alike.
+        The weights are left as ``compute`` left them (the engine restores them
+        after the probe; call ``backup.restore()`` to start over within it).
 
         Args:
             compute: returns a float64 tensor of ``shape`` on :attr:`device`.
@@ -96,8 +100,6 @@ class ProbeContext:
         except Exception as exc:  # any probe fault is reported, never a hang
             error = exc
             local = torch.zeros(shape, dtype=torch.float64, device=self.device)
-        finally:
-            self.backup.restore()
         flag = torch.tensor(
             [0.0 if error is None else 1.0], dtype=torch.float64, device=self.device
         )
@@ -118,6 +120,38 @@ class Probe:
     Subclasses set :attr:`name` and implement :meth:`run`; :meth:`validate` may
     check the model and data before training starts, and :meth:`signals` declares
     which of the keys :meth:`run` returns are curves to watch, draw and tabulate.
+
+    What every probe can rely on (the engine keeps it, built-in or user-written):
+
+    - :meth:`run` starts from the live weights and buffers, in eval mode, under
+      ``no_grad``, with every ``.grad`` None; afterwards the engine puts all of
+      that back, whatever the probe did (perturbing in place without restoring,
+      raising halfway), so the next probe and training never see it.
+    - A probe that raises on some ranks only is agreed on by the engine: the
+      other ranks' next collective through the context raises
+      :class:`ProbeFailure`, every rank skips the probe, and none waits forever.
+      The rule that makes this work: **make collectives only through the
+      context** (``ctx.reduce_sum``, ``ctx.reduce_or_fail``, or functions given
+      ``reduce_sum=ctx.reduce_sum``), never ``torch.distributed`` directly, and
+      the same ones on every rank.
+    - A failure is logged, counted and skipped (unless ``on_probe_error="raise"``);
+      a :class:`ProbeFailure` raised alike on every rank keeps its ``partial``.
+    - While the probe holds the model, ``module.state_dict()`` (so any checkpoint
+      written meanwhile) shows the live weights, not the probe's.
+
+    Example::
+
+        class ShrunkLoss(Probe):
+            name = "shrunk"  # the reference loss with every weight scaled by 0.9
+
+            def run(self, ctx):
+                def local():
+                    for p in ctx.backup.params:
+                        p.mul_(0.9)  # no need to undo: the engine restores the weights
+                    return ctx.local_loss_sums()
+
+                loss_sum, tokens = ctx.reduce_or_fail(local, (2,)).tolist()
+                return {"shrunk/reference_loss": loss_sum / tokens}
     """
 
     name: str = "probe"

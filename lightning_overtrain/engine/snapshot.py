@@ -2,7 +2,9 @@
 
 This is the engine shared by the live monitor and anything that probes a model
 outside a training loop (a checkpoint series, a benchmark): it needs a
-:class:`ProbeContext`, not a Trainer.
+:class:`ProbeContext`, not a Trainer. It keeps the contract every probe relies
+on (:class:`~lightning_overtrain.engine.contract.Probe`): each probe starts from
+the live weights, and a failure on any rank is agreed by all of them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from contextlib import AbstractContextManager, ExitStack
 import torch
 
 from lightning_overtrain import keys
+from lightning_overtrain.engine.agreement import Agreement
 from lightning_overtrain.engine.backup import borrowed
 from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
 from lightning_overtrain.history import Record
@@ -32,7 +35,8 @@ def measure_snapshot(
 
     Args:
         ctx: the model, its backup, the reference shard and the reduction to use.
-        probes: run in order, each on the unperturbed model.
+        probes: run in order, each from the unperturbed model (the engine puts the
+            weights back after each one, whatever it did).
         on_failure: called with ``(what, exception)`` for a probe that failed (on every
             rank alike); it may re-raise to stop, or return to skip that probe.
         cooldown: a branch to measure instead of the live weights (see
@@ -42,7 +46,8 @@ def measure_snapshot(
 
     Returns:
         ``{"reference_loss": ..., <probe metrics>...}``; a failed probe adds only
-        what it measured before failing (:attr:`ProbeFailure.partial`).
+        what it measured before failing (:attr:`ProbeFailure.partial`), and only when
+        it failed on every rank alike (so every rank records the same).
     """
     record: Record = {}
     with ExitStack() as stack:
@@ -63,12 +68,71 @@ def measure_snapshot(
             record[keys.REFERENCE_LOSS] = ctx.reference_loss
             for probe in probes:
                 try:
-                    record.update(probe.run(ctx))
+                    record.update(run_probe(probe, ctx))
                 except Exception as exc:
                     if isinstance(exc, ProbeFailure):
                         record.update(exc.partial)
                     on_failure(probe.name, exc)
     return record
+
+
+def run_probe(probe: Probe, ctx: ProbeContext) -> dict[str, float]:
+    """Run one probe on the borrowed ``ctx.module`` under the engine's contract.
+
+    Afterwards, whatever the probe did, the module is as :func:`borrowed` lent it:
+    the saved weights and buffers, eval mode, grad mode off, ``.grad`` None. Under
+    several ranks the probe's collectives are guarded (:class:`Agreement`), so a
+    probe that raises on some ranks only fails on all of them, without a hang.
+
+    Raises:
+        Exception: the probe's own error, where it failed alike on every rank (or in
+            one process); else, where any rank failed, :class:`ProbeFailure` without
+            partial results on every rank (they may differ between ranks).
+    """
+    if ctx.world_size <= 1:
+        try:
+            return probe.run(ctx)
+        finally:
+            _hand_back(ctx)
+    agreement = Agreement(ctx.reduce_sum, ctx.world_size, ctx.device)
+    error: Exception | None = None
+    ctx.reduce_sum = agreement.reduce_sum
+    try:
+        result = probe.run(ctx)
+    except Exception as exc:  # agreed below with the other ranks
+        error = exc
+    finally:
+        ctx.reduce_sum = agreement.inner
+        _hand_back(ctx)
+    failed, cut = agreement.finish(error is not None)
+    if error is not None and failed == ctx.world_size and not cut:
+        raise error  # the probe's own failure, alike on every rank: its partial results too
+    if failed:
+        message = _failure_message(error, agreement.cut, failed, cut, ctx.world_size)
+        raise ProbeFailure(message) from error
+    return result
+
+
+def _failure_message(
+    error: Exception | None, cut_here: bool, failed: int, cut: int, world_size: int
+) -> str:
+    if cut_here:  # the engine's own ProbeFailure says why
+        return f"the probe was stopped on this rank: {error}"
+    own = failed - cut  # ranks whose probe raised by itself
+    if error is not None:
+        return f"the probe failed on {own} of {world_size} rank(s): {type(error).__name__}: {error}"
+    if own:
+        return f"the probe failed on {own} of {world_size} rank(s), not on this one"
+    return f"the probe was stopped on {cut} other rank(s): the ranks made different collectives"
+
+
+def _hand_back(ctx: ProbeContext) -> None:
+    """Put the module back as it was lent, for the next probe."""
+    ctx.backup.restore()
+    ctx.module.train(False)
+    torch.set_grad_enabled(False)
+    for param in ctx.backup.params:
+        param.grad = None
 
 
 def _reference_loss(ctx: ProbeContext) -> float:

@@ -291,6 +291,7 @@ class FineTuneProbe(Probe):
 
     def _fine_tune(self, ctx: ProbeContext, lr: float) -> None:
         assert self._train is not None
+        ctx.backup.restore()  # every lr fine-tunes the live weights (the engine restores after)
         params = [p for p in ctx.backup.params if p.requires_grad]
         try:
             optimizer = self.optimizer(params, lr)
@@ -307,9 +308,6 @@ class FineTuneProbe(Probe):
                     world_size=ctx.world_size,
                     label=f"the fine-tune at lr={lr:g}",
                 )
-        except BaseException:
-            ctx.backup.restore()
-            raise
         finally:
             # Free the fine-tune's gradients before measuring (its optimizer goes on return).
             for param in params:
@@ -317,7 +315,7 @@ class FineTuneProbe(Probe):
             ctx.module.eval()
 
     def _evaluate(self, ctx: ProbeContext, reference: bool) -> dict[str, float]:
-        """Losses (and the metric) of the current weights; the backup is restored after."""
+        """Losses (and the metric) of the current weights."""
         callable_metric = self.metric is not None and not _is_torchmetric(self.metric)
         size = 2 * (reference + 1 + callable_metric)
 

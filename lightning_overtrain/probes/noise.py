@@ -240,6 +240,7 @@ class NoiseProbe(Probe):
             summary = summarize_noise(ctx.reference_loss, losses[gi, :, 0], losses[gi, :, 1])
             record.update({keys.noise_key(gamma, q): v for q, v in summary.items()})
         if self.layer_groups:
+            ctx.backup.restore()  # each group is perturbed with the others at the saved weights
             try:
                 record.update(self._run_per_layer(ctx, saved, seeds))
             except ProbeFailure as exc:
