@@ -46,7 +46,7 @@ from lightning_overtrain.engine.init_std import (
 )
 from lightning_overtrain.engine.losses import LossFn, check_loss, transformers_loss
 from lightning_overtrain.engine.snapshot import measure_snapshot
-from lightning_overtrain.engine.tokens import TokensFn, checked_token_count, count_tokens
+from lightning_overtrain.engine.tokens import TokenCounter, TokensFn, count_tokens
 from lightning_overtrain.history import Record
 from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
 from lightning_overtrain.probes.cooldown import CooldownBranch
@@ -221,7 +221,7 @@ class OvertrainingMonitor(Callback):
 
         # Run state: all of it goes through state_dict().
         self.history: list[Record] = []
-        self.counted_tokens = 0
+        self._counter = TokenCounter(self.tokens_fn)
         self.probe_failures = 0
         self.init_stds: dict[str, float] | None = None
         self.init_std_source: str | None = None
@@ -234,14 +234,23 @@ class OvertrainingMonitor(Callback):
         self.reference_tokens = 0
         self._backup: ModelBackup | None = None
         self._cooldown: CooldownBranch | None = None
-        self._pending_tokens = 0
         self._last_step = 0
         self._progress = SnapshotProgress()
+        self._trainer_world, self._device = 1, torch.device("cpu")
 
     # ------------------------------------------------------------------ properties
     @property
     def state_key(self) -> str:
         return self._generate_state_key(prefix=self.prefix)
+
+    @property
+    def counted_tokens(self) -> int:
+        """Tokens of every optimizer step up to the last exact count (all ranks)."""
+        return self._counter.counted
+
+    @counted_tokens.setter
+    def counted_tokens(self, value: int) -> None:
+        self._counter.counted = value
 
     @property
     def tokens(self) -> int:
@@ -312,6 +321,7 @@ class OvertrainingMonitor(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step
+        self._trainer_world, self._device = trainer.world_size, pl_module.device
 
     def on_train_batch_end(
         self,
@@ -321,19 +331,35 @@ class OvertrainingMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self._pending_tokens += checked_token_count(self.tokens_fn, batch)
+        # The hot path: no host sync and no collective unless a snapshot may be due.
+        self._counter.add(batch)
         step = trainer.global_step
         if step == self._last_step:
             return  # inside a gradient-accumulation window: no optimizer step yet
         self._last_step = step
-        pending = self._pending_tokens
-        if trainer.world_size > 1:
-            counts = torch.tensor([float(pending)], dtype=torch.float64, device=pl_module.device)
-            pending = int(all_reduce_sum(counts).item())
-        self.counted_tokens += pending
-        self._pending_tokens = 0
+        self._counter.end_step()
+        if self.cadence.every_n_steps is not None:
+            if not self.cadence.due(step, self.tokens):
+                return
+        else:
+            bound = self.token_offset + self._counter.upper_bound(trainer.world_size)
+            if bound < self.cadence.threshold(self.cadence.next_index):
+                return
+        self._sync_tokens(trainer.world_size, pl_module.device)
         if self.cadence.due(step, self.tokens):
             self.snapshot(trainer, pl_module)
+
+    def _sync_tokens(self, world: int, device: torch.device) -> None:
+        """The exact token count, on every rank at the same step (one collective)."""
+        if not self._counter.pending_steps:
+            return  # the same on every rank: either all sum or none does
+        self._counter.sync(all_reduce_sum, world, device)
+        if self._counter.outgrown:
+            rank_zero_warn(
+                "OvertrainingMonitor: a rank's batch held more tokens than any it had before, so"
+                " the exact count came late and a snapshot may land a few steps after its"
+                " threshold. Keep batch shapes fixed (pad to the context length) to avoid it."
+            )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -341,13 +367,15 @@ class OvertrainingMonitor(Callback):
                 reporter.teardown(trainer, self)
 
     def state_dict(self) -> dict[str, Any]:
+        # Lightning builds a checkpoint on every rank, so every rank reaches this sum.
+        self._sync_tokens(self._trainer_world, self._device)
         return {
             "version": 1,
             "history": [dict(r) for r in self.history],
             "counted_tokens": self.counted_tokens,
             # T with the token_offset: what `lightning-overtrain probe` reads from a checkpoint.
             "tokens": self.tokens,
-            "pending_tokens": self._pending_tokens,
+            "pending_tokens": self._counter.window_tokens(),
             "probe_failures": self.probe_failures,
             "cadence": self.cadence.state_dict(),
             "init_stds": dict(self.init_stds) if self.init_stds is not None else None,
@@ -358,8 +386,9 @@ class OvertrainingMonitor(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(r) for r in state_dict.get("history", [])]
-        self.counted_tokens = int(state_dict.get("counted_tokens", 0))
-        self._pending_tokens = int(state_dict.get("pending_tokens", 0))
+        self._counter = TokenCounter(self.tokens_fn)
+        self._counter.counted = int(state_dict.get("counted_tokens", 0))
+        self._counter.set_window(int(state_dict.get("pending_tokens", 0)))
         self.probe_failures = int(state_dict.get("probe_failures", 0))
         self.cadence.load_state_dict(state_dict.get("cadence", {}))
         stds = state_dict.get("init_stds")
@@ -375,6 +404,7 @@ class OvertrainingMonitor(Callback):
         Called by the cadence; call it yourself for an extra snapshot (on every rank).
         """
         start = time.perf_counter()
+        self._sync_tokens(trainer.world_size, pl_module.device)
         record: Record = {keys.TOKENS: self.tokens, keys.STEP: trainer.global_step}
 
         def failed(what: str, exc: Exception) -> None:
