@@ -24,6 +24,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_overtrain import keys
 from lightning_overtrain.callbacks.cadence import Cadence
+from lightning_overtrain.callbacks.strategies import (
+    check_precision,
+    check_strategy,
+    precision_extras,
+)
 from lightning_overtrain.checks import check_int
 from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.collectives import all_reduce_sum, world_size
@@ -31,6 +36,7 @@ from lightning_overtrain.engine.contract import Probe, ProbeContext
 from lightning_overtrain.engine.data import (
     ReferenceData,
     check_batches_argument,
+    split_for_rank,
     take_batches,
     take_reference_set,
 )
@@ -45,6 +51,7 @@ from lightning_overtrain.engine.init_std import (
     init_std_from_weights,
 )
 from lightning_overtrain.engine.losses import LossFn, check_loss, transformers_loss
+from lightning_overtrain.engine.sharding import any_sharded
 from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.engine.tokens import TokenCounter, TokensFn, count_tokens
 from lightning_overtrain.history import Record
@@ -254,7 +261,11 @@ class OvertrainingMonitor(Callback):
 
     @property
     def tokens(self) -> int:
-        """``T``: tokens seen by the whole run (all ranks, all accumulation steps)."""
+        """``T``: tokens seen by the whole run (all ranks, all accumulation steps).
+
+        Counted exactly at every snapshot, checkpoint and the end of training; in
+        between, the count waits on the device (no host sync on ordinary steps).
+        """
         return self.token_offset + self.counted_tokens
 
     @property
@@ -283,6 +294,8 @@ class OvertrainingMonitor(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy)
+        check_precision(trainer.precision_plugin)
         if self._dirpath is None:
             # trainer.log_dir broadcasts from rank zero, so every rank agrees.
             self._dirpath = os.path.join(trainer.log_dir or trainer.default_root_dir, self.prefix)
@@ -362,6 +375,7 @@ class OvertrainingMonitor(Callback):
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_tokens(trainer.world_size, pl_module.device)  # every rank ends here
         if trainer.is_global_zero:
             for reporter in self.reporters:
                 reporter.teardown(trainer, self)
@@ -504,6 +518,7 @@ class OvertrainingMonitor(Callback):
             reduce_sum=all_reduce_sum,
             forward_context=trainer.precision_plugin.forward_context,
             world_size=trainer.world_size,
+            extras=precision_extras(trainer.precision_plugin),
         )
 
     # ------------------------------------------------------------------ set-up checks
@@ -513,8 +528,10 @@ class OvertrainingMonitor(Callback):
         )
         rank, size = trainer.global_rank, trainer.world_size
         self.reference_tokens = sum(weights)
-        self._batches = [move_data_to_device(b, pl_module.device) for b in batches[rank::size]]
-        self._weights = weights[rank::size]
+        # Sharded (FSDP2): every forward pass is a collective, so every rank runs as many.
+        even = any_sharded(pl_module.parameters())
+        local, self._weights = split_for_rank(batches, weights, rank, size, even)
+        self._batches = [move_data_to_device(b, pl_module.device) for b in local]
 
     def _make_cooldown(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ProbeContext

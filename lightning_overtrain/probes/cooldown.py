@@ -35,8 +35,9 @@ from lightning_overtrain.engine.contract import ProbeContext
 from lightning_overtrain.engine.data import ShardedBatches, shard_batches
 from lightning_overtrain.engine.losses import check_loss
 from lightning_overtrain.engine.rng import seeded_rng
+from lightning_overtrain.engine.sharding import any_sharded
 from lightning_overtrain.engine.tokens import TokensFn, count_tokens
-from lightning_overtrain.engine.train_loop import train_steps
+from lightning_overtrain.engine.train_loop import grad_scaler, train_steps
 from lightning_overtrain.history import Record
 
 
@@ -115,8 +116,15 @@ class CooldownBranch:
         self.seed = seed
         self.origin = ModelBackup(module)
         device = self.origin.params[0].device if self.origin.params else torch.device("cpu")
+        self.sharded = any_sharded(self.origin.params)
         self.data: ShardedBatches = shard_batches(
-            batches[:steps], rank, world_size, tokens_fn, device, "cooldown_data"
+            batches[:steps],
+            rank,
+            world_size,
+            tokens_fn,
+            device,
+            "cooldown_data",
+            even=self.sharded,
         )
 
     @property
@@ -169,6 +177,8 @@ class CooldownBranch:
                         clip_val=gradient_clip_val,
                         clip_algorithm="value" if gradient_clip_algorithm == "value" else "norm",
                         label="the cooldown branch",
+                        sharded=self.sharded,
+                        scaler=grad_scaler(ctx),
                     )
             finally:
                 # The probes need neither the branch's gradients nor its optimizer state.

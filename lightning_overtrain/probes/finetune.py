@@ -35,12 +35,14 @@ from lightning_overtrain.engine.data import (
     ShardedBatches,
     check_batches_argument,
     shard_batches,
+    split_for_rank,
     take_batches,
 )
 from lightning_overtrain.engine.losses import LossFn, check_loss, loss_sums
 from lightning_overtrain.engine.rng import seeded_rng
+from lightning_overtrain.engine.sharding import any_sharded
 from lightning_overtrain.engine.tokens import TokensFn, checked_token_count, count_tokens
-from lightning_overtrain.engine.train_loop import train_steps
+from lightning_overtrain.engine.train_loop import grad_scaler, train_steps
 
 OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
 MetricInputs = Callable[[nn.Module, Any], tuple[Any, ...]]
@@ -233,15 +235,19 @@ class FineTuneProbe(Probe):
                 f"`train_data` and `eval_data` batches differ: {_structure(train[0])} vs"
                 f" {_structure(held_out[0])}. Pass the same kind of batches for both splits."
             )
-        self._train = shard_batches(train, rank, size, self.tokens_fn, ctx.device, "train_data")
+        # Sharded (FSDP2): every rank must run every pass, so no rank's share is empty.
+        even = any_sharded(ctx.backup.params)
+        self._train = shard_batches(
+            train, rank, size, self.tokens_fn, ctx.device, "train_data", even=even
+        )
         weights = [checked_token_count(self.tokens_fn, b) for b in held_out]
         if sum(weights) == 0:
             raise ValueError(
                 "`eval_data` holds 0 tokens according to `tokens_fn`. Check its batches'"
                 " `input_ids`/`attention_mask`, or pass `tokens_fn`."
             )
-        self._eval = [move_data_to_device(b, ctx.device) for b in held_out[rank::size]]
-        self._eval_weights = weights[rank::size]
+        local, self._eval_weights = split_for_rank(held_out, weights, rank, size, even)
+        self._eval = [move_data_to_device(b, ctx.device) for b in local]
         first_train = move_data_to_device(train[0], ctx.device)
         first_eval = move_data_to_device(held_out[0], ctx.device)
         check_loss(ctx.module, ctx.backup, first_train, loss_fn, "train_data")
@@ -294,6 +300,8 @@ class FineTuneProbe(Probe):
                     reduce_sum=ctx.reduce_sum,
                     world_size=ctx.world_size,
                     label=f"the fine-tune at lr={lr:g}",
+                    sharded=any_sharded(params),
+                    scaler=grad_scaler(ctx),
                 )
         except BaseException:
             ctx.backup.restore()
@@ -319,9 +327,11 @@ class FineTuneProbe(Probe):
                 parts.append(self._metric_sums(ctx))
             elif self.metric is not None:
                 self.metric.reset()
-                for batch in self._eval:
+                for batch, weight in zip(self._eval, self._eval_weights):
                     with ctx.forward_context():
-                        self.metric.update(*self.metric_inputs(ctx.module, batch))
+                        inputs = self.metric_inputs(ctx.module, batch)
+                    if weight:  # a weight-0 batch only keeps a sharded model's passes even
+                        self.metric.update(*inputs)
             return torch.cat(parts)
 
         sums = ctx.reduce_or_fail(local, (size,)).tolist()
