@@ -63,3 +63,12 @@ def test_a_host_side_backup_restores_exactly_and_perturbs_the_same():
     assert all(torch.equal(a, b) for a, b in zip(from_host, on_device.params))
     on_host.restore()
     assert all(torch.equal(a, b) for a, b in zip(on_host.params, on_device.saved_params()))
+
+
+def test_the_backup_device_is_checked_by_name():
+    from lightning_overtrain import OvertrainingMonitor
+
+    with pytest.raises(ValueError, match=r"`backup_device` must be None .* got 'gpu'"):
+        OvertrainingMonitor(
+            [{"input_ids": torch.zeros(1, 2)}], every_n_steps=1, backup_device="gpu"
+        )

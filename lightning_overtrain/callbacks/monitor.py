@@ -120,6 +120,9 @@ class OvertrainingMonitor(Callback):
             perturbed and post-fine-tune losses, warn (never stop) once one turns
             upward, and keep the snapshot at the bottom of the curve as
             ``<dirpath>/best.ckpt``. Stopping is opt-in: ``InflectionPolicy(action="stop")``.
+        backup_device: where the probes' parameter backups live: None (default) beside
+            the weights, or ``"cpu"``: host memory (pinned when CUDA is available), so a
+            probe adds at most a block of one tensor to accelerator memory at a time.
 
     Raises:
         ValueError: on bad arguments (the message names the argument, the value and
@@ -158,6 +161,7 @@ class OvertrainingMonitor(Callback):
         cooldown_steps: int = 0,
         cooldown_data: ReferenceData | None = None,
         policy: InflectionPolicy | None = None,
+        backup_device: str | None = None,
     ) -> None:
         check_batches_argument(
             reference_data, "reference_data", "held-out pretraining batches, e.g. val_dataloader"
@@ -206,6 +210,11 @@ class OvertrainingMonitor(Callback):
                 " for the branch and its length) or neither."
             )
 
+        if backup_device not in (None, "cpu"):
+            raise ValueError(
+                f"`backup_device` must be None (beside the weights) or 'cpu' (host memory),"
+                f" got {backup_device!r}."
+            )
         if policy is not None and not isinstance(policy, InflectionPolicy):
             raise ValueError(
                 f"`policy` must be an InflectionPolicy or None, got {policy!r}."
@@ -224,6 +233,7 @@ class OvertrainingMonitor(Callback):
         self._user_reporters = list(reporters) if reporters is not None else None
         self.cooldown_steps = cooldown_steps
         self.cooldown_data = cooldown_data
+        self.backup_device = backup_device
         self.reporters: list[Reporter] = []
 
         # Run state: all of it goes through state_dict().
@@ -313,7 +323,7 @@ class OvertrainingMonitor(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._take_reference_set(trainer, pl_module)
-        self._backup = ModelBackup(pl_module)
+        self._backup = ModelBackup(pl_module, device=self.backup_device)
         self._resolve_init_std(trainer, pl_module)
         if self._batches:  # a rank without reference batches has nothing to check
             check_loss(pl_module, self._backup, self._batches[0], self.loss_fn, "reference_data")
@@ -556,6 +566,7 @@ class OvertrainingMonitor(Callback):
             tokens_fn=self.tokens_fn,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
+            backup_device=self.backup_device,
         )
         branch.validate(ctx, trainer.optimizers[0])
         return branch

@@ -89,6 +89,8 @@ class CooldownBranch:
         rank: this rank.
         world_size: number of ranks; each batch is split across them by rows.
         seed: seeds dropout in the branch, the same at every snapshot.
+        backup_device: where the copy of the live weights lives (None: beside them;
+            ``"cpu"``: host memory).
 
     Raises:
         ValueError: on ``steps`` < 1 or batches that cannot be split.
@@ -110,11 +112,12 @@ class CooldownBranch:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
+        backup_device: str | None = None,
     ) -> None:
         check_int("cooldown_steps", steps, 1, "Pass e.g. 20% of the steps between snapshots.")
         self.steps = steps
         self.seed = seed
-        self.origin = ModelBackup(module)
+        self.origin = ModelBackup(module, device=backup_device)
         device = self.origin.params[0].device if self.origin.params else torch.device("cpu")
         self.sharded = any_sharded(self.origin.params)
         self.data: ShardedBatches = shard_batches(

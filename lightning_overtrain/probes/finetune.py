@@ -50,8 +50,23 @@ Data = Iterable[Any] | Callable[[], Iterable[Any]]
 
 
 def adamw(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """The default fine-tune optimizer: ``torch.optim.AdamW(params, lr=lr)``."""
+    """The default fine-tune optimizer: ``torch.optim.AdamW(params, lr=lr)``.
+
+    Its state is two parameter-sized tensors (the moments), allocated at the
+    first step and freed after each lr.
+    """
     return torch.optim.AdamW(params, lr=lr)
+
+
+def sgd(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """A lighter fine-tune optimizer: plain ``torch.optim.SGD`` with no state at all.
+
+    Pass ``optimizer=sgd`` where memory is tight: the probe's extra memory drops
+    from about 4 x parameters (backup, gradients, AdamW's two moments) to about
+    2 x (backup and gradients). The numbers differ from AdamW's, so keep the
+    choice fixed for the run.
+    """
+    return torch.optim.SGD(params, lr=lr)
 
 
 def next_token_inputs(module: nn.Module, batch: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -98,9 +113,13 @@ class FineTuneProbe(Probe):
     * ``finetune/lr=<lr>/downstream_loss_after`` (and ``/metric_after``), and
       ``/adaptation``: ``downstream_loss_before - downstream_loss_after``.
 
-    Memory beyond training's: the monitor's one parameter backup, the fine-tune's
-    gradients and the probe optimizer's state (freed after each lr); the training
-    gradients are set aside, not copied. Under DDP it fine-tunes data-parallel:
+    Memory beyond training's, in parameter sizes (this rank's shard under FSDP2):
+    the monitor's backup (1, or 0 on the accelerator with ``backup_device="cpu"``),
+    the fine-tune's gradients (1) and the probe optimizer's state, freed after each
+    lr: AdamW (default) 2, SGD with momentum 1, :func:`sgd` 0. Measured by
+    ``benchmarks/memory.py``. The training gradients are set aside, not copied.
+    To keep it all off the training accelerators, probe the run's checkpoints from
+    another process (``lightning-overtrain probe``). Under DDP it fine-tunes data-parallel:
     pass the same global batches on every rank (a list, or a DataLoader without a
     DistributedSampler); each batch is split across ranks by rows and gradients
     are summed token-weighted, so 2 processes match 1 (dropout aside).
