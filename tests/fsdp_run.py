@@ -112,6 +112,7 @@ def main() -> None:
         devices=args.devices,
         strategy=strategy,
         use_distributed_sampler=False,
+        gradient_clip_val=1.0,  # the cooldown clips DTensor gradients as training does
     )
     trainer.fit(module, loader)
 
