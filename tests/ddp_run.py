@@ -12,10 +12,12 @@ import os
 import sys
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import CONTEXT, make_module, make_trainer, reference_batches
+from syncs import count_hot_path
 
 from lightning_overtrain import InflectionPolicy, NoiseProbe, OvertrainingMonitor, Probe
 from lightning_overtrain.testing.demo import ByteWindows, stdlib_code
@@ -51,9 +53,20 @@ class RankFlag(Probe):
         return {"rankflag/value": float(int(os.environ.get("LOCAL_RANK", 0)) == self.rank)}
 
 
+class Masked(ByteWindows):
+    """Byte windows whose odd rows pad their second half (a collator's padding)."""
+
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        mask = torch.ones(CONTEXT, dtype=torch.long)
+        if index % 2:
+            mask[CONTEXT // 2 :] = 0
+        return {**item, "attention_mask": mask}
+
+
 class WriteHistory(pl.Callback):
-    def __init__(self, monitor: OvertrainingMonitor, out: str) -> None:
-        self.monitor, self.out = monitor, out
+    def __init__(self, monitor: OvertrainingMonitor, out: str, calls=None) -> None:
+        self.monitor, self.out, self.calls = monitor, out, calls
 
     def on_train_end(self, trainer, pl_module):
         path = os.path.join(self.out, f"history_rank{trainer.global_rank}.json")
@@ -64,6 +77,7 @@ class WriteHistory(pl.Callback):
                     "failures": self.monitor.probe_failures,
                     "stop_reason": self.monitor.stop_reason,
                     "global_step": trainer.global_step,
+                    "hot_path": self.calls,
                 },
                 f,
             )
@@ -76,10 +90,13 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--fail-on-rank", type=int, default=None)
     parser.add_argument("--stop-on-rank", type=int, default=None)
+    parser.add_argument("--every-n-tokens", type=int, default=None)
+    parser.add_argument("--masked", action="store_true")
+    parser.add_argument("--count-syncs", action="store_true")
     args = parser.parse_args()
 
     text = stdlib_code(max_bytes=200_000)
-    data = ByteWindows(text[:100_000], CONTEXT)
+    data = (Masked if args.masked else ByteWindows)(text[:100_000], CONTEXT)
     sampler = DistributedSampler(
         data, num_replicas=args.devices, rank=int(os.environ.get("LOCAL_RANK", 0)), shuffle=False
     )
@@ -94,14 +111,16 @@ def main() -> None:
     # 5 reference batches: an uneven split across 2 ranks, on purpose.
     monitor = OvertrainingMonitor(
         reference_batches(text, n=5),
-        every_n_steps=3,
+        every_n_steps=None if args.every_n_tokens else 3,
+        every_n_tokens=args.every_n_tokens,
         probes=probes,
         dirpath=args.out,
         policy=policy,
     )
+    calls = count_hot_path(monitor) if args.count_syncs else None
     trainer = make_trainer(
         args.out,
-        [monitor, WriteHistory(monitor, args.out)],
+        [monitor, WriteHistory(monitor, args.out, calls)],
         max_steps=args.max_steps,
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",

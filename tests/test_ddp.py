@@ -64,3 +64,24 @@ def test_all_ranks_stop_together_when_only_one_rank_would(tmp_path):
     assert rank0["global_step"] == rank1["global_step"] == 3
     assert "rankflag/value = 1 exceeds its threshold" in rank1["stop_reason"]
     assert rank0["stop_reason"] == "Another rank's policy decided to stop."
+
+
+@pytest.mark.slow
+def test_ordinary_steps_make_no_conversion_and_no_collective_under_ddp(tmp_path):
+    extra = ("--masked", "--every-n-tokens", "1500", "--max-steps", "24", "--count-syncs")
+    (single,) = run(tmp_path, 1, *extra)
+    rank0, rank1 = run(tmp_path, 2, *extra)
+    snapshots = [(r["step"], r["tokens"]) for r in single["history"]]
+    assert len(snapshots) >= 4
+    for rank in (rank0, rank1):
+        assert [(r["step"], r["tokens"]) for r in rank["history"]] == snapshots
+        calls = rank["hot_path"]
+        synced = [c["step"] for c in calls if c.get("conversions") or c.get("collectives")]
+        # The first step is counted exactly (the ranks learn each other's batch sizes);
+        # after it, only steps whose bound reaches the next threshold count exactly.
+        assert synced[0] == 1
+        assert {step for step, _ in snapshots} <= set(synced)
+        assert len(synced) <= 1 + 3 * len(snapshots), synced
+        quiet = [c for c in calls if c["step"] not in synced]
+        assert len(quiet) >= len(calls) / 2
+        assert all(not c.get("conversions") and not c.get("collectives") for c in quiet)

@@ -25,6 +25,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_overtrain import keys
 from lightning_overtrain.callbacks.cadence import Cadence
+from lightning_overtrain.callbacks.strategies import (
+    check_precision,
+    check_strategy,
+    precision_extras,
+)
 from lightning_overtrain.checks import check_int
 from lightning_overtrain.engine.backup import ModelBackup, presented
 from lightning_overtrain.engine.collectives import all_reduce_sum, world_size
@@ -33,6 +38,7 @@ from lightning_overtrain.engine.data import (
     ReferenceData,
     check_batches_argument,
     fingerprint_batches,
+    split_for_rank,
     take_batches,
     take_reference_set,
 )
@@ -47,8 +53,9 @@ from lightning_overtrain.engine.init_std import (
     init_std_from_weights,
 )
 from lightning_overtrain.engine.losses import LossFn, check_loss, transformers_loss
+from lightning_overtrain.engine.sharding import any_sharded
 from lightning_overtrain.engine.snapshot import measure_snapshot
-from lightning_overtrain.engine.tokens import TokensFn, checked_token_count, count_tokens
+from lightning_overtrain.engine.tokens import TokenCounter, TokensFn, count_tokens
 from lightning_overtrain.history import Record
 from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
 from lightning_overtrain.keys import Signal
@@ -122,6 +129,9 @@ class OvertrainingMonitor(Callback):
             upward, and keep the snapshot at the bottom of the curve as
             ``<dirpath>/best.ckpt`` (with a cooldown, the cooled weights that were measured,
             as ``best-cooled.ckpt``). Stopping is opt-in: ``InflectionPolicy(action="stop")``.
+        backup_device: where the probes' parameter backups live: None (default) beside
+            the weights, or ``"cpu"``: host memory (pinned when CUDA is available), so a
+            probe adds at most a block of one tensor to accelerator memory at a time.
 
     Raises:
         ValueError: on bad arguments (the message names the argument, the value and
@@ -160,6 +170,7 @@ class OvertrainingMonitor(Callback):
         cooldown_steps: int = 0,
         cooldown_data: ReferenceData | None = None,
         policy: InflectionPolicy | None = None,
+        backup_device: str | None = None,
     ) -> None:
         check_batches_argument(
             reference_data, "reference_data", "held-out pretraining batches, e.g. val_dataloader"
@@ -208,6 +219,11 @@ class OvertrainingMonitor(Callback):
                 " for the branch and its length) or neither."
             )
 
+        if backup_device not in (None, "cpu"):
+            raise ValueError(
+                f"`backup_device` must be None (beside the weights) or 'cpu' (host memory),"
+                f" got {backup_device!r}."
+            )
         if policy is not None and not isinstance(policy, InflectionPolicy):
             raise ValueError(
                 f"`policy` must be an InflectionPolicy or None, got {policy!r}."
@@ -226,12 +242,13 @@ class OvertrainingMonitor(Callback):
         self._user_reporters = list(reporters) if reporters is not None else None
         self.cooldown_steps = cooldown_steps
         self.cooldown_data = cooldown_data
+        self.backup_device = backup_device
         self.reporters: list[Reporter] = []
         self.signals: list[Signal] = [keys.reference_signal()]
 
         # Run state: all of it goes through state_dict().
         self.history: list[Record] = []
-        self.counted_tokens = 0
+        self._counter = TokenCounter(self.tokens_fn)
         self.probe_failures = 0
         self.init_stds: dict[str, float] | None = None
         self.init_std_source: str | None = None
@@ -246,10 +263,10 @@ class OvertrainingMonitor(Callback):
         self.reference_fingerprint: str | None = None
         self._backup: ModelBackup | None = None
         self._cooldown: CooldownBranch | None = None
-        self._pending_tokens = 0
         self._last_step = 0
         self._progress = SnapshotProgress()
         self._state_before_snapshot: dict[str, Any] | None = None
+        self._trainer_world, self._device = 1, torch.device("cpu")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -257,8 +274,21 @@ class OvertrainingMonitor(Callback):
         return self._generate_state_key(prefix=self.prefix)
 
     @property
+    def counted_tokens(self) -> int:
+        """Tokens of every optimizer step up to the last exact count (all ranks)."""
+        return self._counter.counted
+
+    @counted_tokens.setter
+    def counted_tokens(self, value: int) -> None:
+        self._counter.counted = value
+
+    @property
     def tokens(self) -> int:
-        """``T``: tokens seen by the whole run (all ranks, all accumulation steps)."""
+        """``T``: tokens seen by the whole run (all ranks, all accumulation steps).
+
+        Counted exactly at every snapshot, checkpoint and the end of training; in
+        between, the count waits on the device (no host sync on ordinary steps).
+        """
         return self.token_offset + self.counted_tokens
 
     @property
@@ -302,6 +332,8 @@ class OvertrainingMonitor(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy)
+        check_precision(trainer.precision_plugin)
         if self._dirpath is None:
             # trainer.log_dir broadcasts from rank zero, so every rank agrees.
             self._dirpath = os.path.join(trainer.log_dir or trainer.default_root_dir, self.prefix)
@@ -319,7 +351,7 @@ class OvertrainingMonitor(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._take_reference_set(trainer, pl_module)
-        self._backup = ModelBackup(pl_module)
+        self._backup = ModelBackup(pl_module, device=self.backup_device)
         self._resolve_init_std(trainer, pl_module)
         if self._batches:  # a rank without reference batches has nothing to check
             check_loss(pl_module, self._backup, self._batches[0], self.loss_fn, "reference_data")
@@ -343,6 +375,7 @@ class OvertrainingMonitor(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step
+        self._trainer_world, self._device = trainer.world_size, pl_module.device
 
     def on_train_batch_end(
         self,
@@ -352,21 +385,38 @@ class OvertrainingMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self._pending_tokens += checked_token_count(self.tokens_fn, batch)
+        # The hot path: no host sync and no collective unless a snapshot may be due.
+        self._counter.add(batch)
         step = trainer.global_step
         if step == self._last_step:
             return  # inside a gradient-accumulation window: no optimizer step yet
         self._last_step = step
-        pending = self._pending_tokens
-        if trainer.world_size > 1:
-            counts = torch.tensor([float(pending)], dtype=torch.float64, device=pl_module.device)
-            pending = int(all_reduce_sum(counts).item())
-        self.counted_tokens += pending
-        self._pending_tokens = 0
+        self._counter.end_step()
+        if self.cadence.every_n_steps is not None:
+            if not self.cadence.due(step, self.tokens):
+                return
+        else:
+            bound = self.token_offset + self._counter.upper_bound(trainer.world_size)
+            if bound < self.cadence.threshold(self.cadence.next_index):
+                return
+        self._sync_tokens(trainer.world_size, pl_module.device)
         if self.cadence.due(step, self.tokens):
             self.snapshot(trainer, pl_module)
 
+    def _sync_tokens(self, world: int, device: torch.device) -> None:
+        """The exact token count, on every rank at the same step (one collective)."""
+        if not self._counter.pending_steps:
+            return  # the same on every rank: either all sum or none does
+        self._counter.sync(all_reduce_sum, world, device)
+        if self._counter.outgrown:
+            rank_zero_warn(
+                "OvertrainingMonitor: a rank's batch held more tokens than any it had before, so"
+                " the exact count came late and a snapshot may land a few steps after its"
+                " threshold. Keep batch shapes fixed (pad to the context length) to avoid it."
+            )
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_tokens(trainer.world_size, pl_module.device)  # every rank ends here
         if trainer.is_global_zero:
             view = self.view()
             for reporter in self.reporters:
@@ -380,6 +430,8 @@ class OvertrainingMonitor(Callback):
         """
         if self._state_before_snapshot is not None:
             return self._state_before_snapshot
+        # Lightning builds a checkpoint on every rank, so every rank reaches this sum.
+        self._sync_tokens(self._trainer_world, self._device)
         return self._current_state()
 
     def _current_state(self) -> dict[str, Any]:
@@ -389,7 +441,7 @@ class OvertrainingMonitor(Callback):
             "counted_tokens": self.counted_tokens,
             # T with the token_offset: what `lightning-overtrain probe` reads from a checkpoint.
             "tokens": self.tokens,
-            "pending_tokens": self._pending_tokens,
+            "pending_tokens": self._counter.window_tokens(),
             "probe_failures": self.probe_failures,
             "cadence": self.cadence.state_dict(),
             "init_stds": dict(self.init_stds) if self.init_stds is not None else None,
@@ -400,8 +452,9 @@ class OvertrainingMonitor(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(r) for r in state_dict.get("history", [])]
-        self.counted_tokens = int(state_dict.get("counted_tokens", 0))
-        self._pending_tokens = int(state_dict.get("pending_tokens", 0))
+        self._counter = TokenCounter(self.tokens_fn)
+        self._counter.counted = int(state_dict.get("counted_tokens", 0))
+        self._counter.set_window(int(state_dict.get("pending_tokens", 0)))
         self.probe_failures = int(state_dict.get("probe_failures", 0))
         self.cadence.load_state_dict(state_dict.get("cadence", {}))
         stds = state_dict.get("init_stds")
@@ -417,6 +470,7 @@ class OvertrainingMonitor(Callback):
         Called by the cadence; call it yourself for an extra snapshot (on every rank).
         """
         start = time.perf_counter()
+        self._sync_tokens(trainer.world_size, pl_module.device)
         record: Record = {keys.TOKENS: self.tokens, keys.STEP: trainer.global_step}
 
         def failed(what: str, exc: Exception) -> None:
@@ -547,6 +601,7 @@ class OvertrainingMonitor(Callback):
             reduce_sum=all_reduce_sum,
             forward_context=trainer.precision_plugin.forward_context,
             world_size=trainer.world_size,
+            extras=precision_extras(trainer.precision_plugin),
         )
 
     # ------------------------------------------------------------------ set-up checks
@@ -557,8 +612,10 @@ class OvertrainingMonitor(Callback):
         rank, size = trainer.global_rank, trainer.world_size
         self.reference_tokens = sum(weights)
         self.reference_fingerprint = fingerprint_batches(batches)  # what a resume compares
-        self._batches = [move_data_to_device(b, pl_module.device) for b in batches[rank::size]]
-        self._weights = weights[rank::size]
+        # Sharded (FSDP2): every forward pass is a collective, so every rank runs as many.
+        even = any_sharded(pl_module.parameters())
+        local, self._weights = split_for_rank(batches, weights, rank, size, even)
+        self._batches = [move_data_to_device(b, pl_module.device) for b in local]
 
     def _make_cooldown(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ProbeContext
@@ -583,6 +640,7 @@ class OvertrainingMonitor(Callback):
             tokens_fn=self.tokens_fn,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
+            backup_device=self.backup_device,
         )
         branch.validate(ctx, trainer.optimizers[0])
         return branch

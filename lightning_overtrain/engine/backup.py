@@ -23,14 +23,22 @@ import torch
 from torch import nn
 
 from lightning_overtrain.engine.rng import RngState
+from lightning_overtrain.engine.sharding import fsdp_modules, local_tensor, reshard
 
 
 class ModelBackup:
-    """One preallocated copy of a module's parameters and buffers.
+    """One preallocated copy of a module's parameters and buffers (this rank's shards).
+
+    For a sharded parameter (an FSDP2 ``DTensor``) only the local shard is copied,
+    so each rank holds ``1 / world`` of the model. With ``device="cpu"`` the copy
+    lives in host memory (pinned when CUDA is available, so copies to and from the
+    accelerator are fast), and a probe's accelerator memory grows by at most a
+    block of one tensor at a time.
 
     Args:
         module: the module to back up; its parameters and buffers must keep their
             shapes between :meth:`save` and :meth:`restore`.
+        device: where the copy lives; None (default): beside each tensor.
 
     Example::
 
@@ -42,12 +50,20 @@ class ModelBackup:
         backup.restore()  # bit-identical to before
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, device: str | torch.device | None = None) -> None:
         self.names = [n for n, _ in module.named_parameters()]
         self.params = [p for _, p in module.named_parameters()]
         self.buffers = [b for _, b in module.named_buffers()]
-        self._param_copies = [torch.empty_like(p) for p in self.params]
-        self._buffer_copies = [torch.empty_like(b) for b in self.buffers]
+        self.device = None if device is None else torch.device(device)
+        self._fsdp = fsdp_modules(module)
+        self._param_copies = [self._allocate(local_tensor(p)) for p in self.params]
+        self._buffer_copies = [self._allocate(local_tensor(b)) for b in self.buffers]
+
+    def _allocate(self, like: torch.Tensor) -> torch.Tensor:
+        if self.device is None:
+            return torch.empty_like(like, memory_format=torch.contiguous_format)
+        pin = self.device.type == "cpu" and torch.cuda.is_available()
+        return torch.empty(like.shape, dtype=like.dtype, device=self.device, pin_memory=pin)
 
     @property
     def nbytes(self) -> int:
@@ -57,15 +73,20 @@ class ModelBackup:
     @torch.no_grad()
     def save(self) -> None:
         for src, dst in zip(self.params + self.buffers, self._param_copies + self._buffer_copies):
-            dst.copy_(src)
+            dst.copy_(local_tensor(src))
 
     @torch.no_grad()
     def restore(self) -> None:
         for dst, src in zip(self.params + self.buffers, self._param_copies + self._buffer_copies):
-            dst.copy_(src)
+            local_tensor(dst).copy_(src)
+        self.reshard()
+
+    def reshard(self) -> None:
+        """After writing the shards of an FSDP2 model: make the next forward see them."""
+        reshard(self._fsdp)
 
     def saved_params(self) -> list[torch.Tensor]:
-        """The saved parameter values, aligned with :attr:`params` (read-only by contract)."""
+        """The saved parameter values (local shards), aligned with :attr:`params` (read-only)."""
         return self._param_copies
 
     def saved_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -108,6 +108,31 @@ def take_reference_set(
     return batches, weights
 
 
+def split_for_rank(
+    batches: Sequence[Any], weights: Sequence[int], rank: int, world_size: int, even: bool
+) -> tuple[list[Any], list[int]]:
+    """This rank's share of whole batches (round-robin), and their token weights.
+
+    Args:
+        batches: the same batches on every rank.
+        weights: tokens per batch.
+        rank: this rank.
+        world_size: number of ranks.
+        even: give every rank the same number of batches, padding the short ranks
+            with copies of the first batch at weight 0 (they add nothing to a
+            token-weighted sum). Sharded models need it: every forward pass
+            gathers parameters with a collective, so every rank must make the same
+            number of them.
+    """
+    local, local_weights = list(batches[rank::world_size]), list(weights[rank::world_size])
+    if even and batches:
+        longest = -(-len(batches) // world_size)
+        while len(local) < longest:
+            local.append(batches[0])
+            local_weights.append(0)
+    return local, local_weights
+
+
 @dataclass
 class ShardedBatches:
     """Global batches split across ranks by rows: this rank's share of each.
@@ -133,8 +158,12 @@ def shard_batches(
     tokens_fn: TokensFn,
     device: torch.device,
     argument: str,
+    even: bool = False,
 ) -> ShardedBatches:
     """Split every global batch by rows (``tensor_split`` on dim 0): rank ``r`` keeps part ``r``.
+
+    With ``even`` (sharded models: every rank must run every forward and backward
+    pass), a rank whose part is empty gets the batch's first row at weight 0.
 
     Args:
         batches: the same global batches on every rank.
@@ -143,6 +172,7 @@ def shard_batches(
         tokens_fn: tokens in a batch (the weight of its loss).
         device: where this rank's shares go.
         argument: the user's argument name, for errors.
+        even: no rank gets an empty part (see above).
 
     Raises:
         ValueError: on a batch with no tokens, or whose tensors disagree on the batch size.
@@ -163,8 +193,13 @@ def shard_batches(
                 lambda t: t.tensor_split(world_size)[rank].clone() if t.dim() else t,
             )
             rows = _batch_rows(batch, f"{argument}[{i}]")
+        weight = checked_token_count(tokens_fn, batch) if rows else 0
+        if not rows and even:
+            batch = apply_to_collection(
+                batches[i], torch.Tensor, lambda t: t[:1].clone() if t.dim() else t
+            )
         local.append(move_data_to_device(batch, device))
-        weights.append(checked_token_count(tokens_fn, batch) if rows else 0)
+        weights.append(weight)
         totals.append(total)
     return ShardedBatches(local, weights, totals)
 

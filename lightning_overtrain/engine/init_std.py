@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from lightning_overtrain.engine.sharding import full_tensor
+
 InitStd = float | Mapping[str, float] | Callable[[str, torch.Tensor], float]
 
 SOURCE_WEIGHTS = "weights at step 0"
@@ -25,6 +27,9 @@ def init_std_from_weights(module: nn.Module) -> dict[str, float]:
     """Measure ``sigma_t`` from freshly initialized weights (the std of each tensor).
 
     A tensor with one element, or whose values are all equal, counts as constant.
+    A sharded tensor (FSDP2 ``DTensor``) is gathered one at a time, so every rank
+    gets the std of the whole tensor, exactly as one unsharded process would (call
+    it on every rank).
 
     Example::
 
@@ -34,7 +39,8 @@ def init_std_from_weights(module: nn.Module) -> dict[str, float]:
     """
     sigmas = {}
     for name, param in module.named_parameters():
-        data = param.detach()
+        # The whole tensor (gathered one at a time when sharded), in float64.
+        data = full_tensor(param.detach())
         sigmas[name] = float(data.double().std()) if data.numel() > 1 else 0.0
     return sigmas
 

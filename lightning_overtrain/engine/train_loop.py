@@ -10,9 +10,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_overtrain.engine.contract import ProbeFailure
+from lightning_overtrain.engine.contract import ProbeContext, ProbeFailure
 from lightning_overtrain.engine.data import ShardedBatches
 from lightning_overtrain.engine.losses import LossFn
+
+
+def grad_scaler(ctx: ProbeContext) -> Any:
+    """A fresh gradient scaler under 16-bit mixed precision, else None.
+
+    The monitor puts a factory in ``ctx.extras["grad_scaler"]`` (starting from the
+    training scaler's current scale); the training scaler itself is never touched.
+    """
+    factory = ctx.extras.get("grad_scaler")
+    return factory() if factory is not None else None
 
 
 def train_steps(
@@ -29,6 +39,8 @@ def train_steps(
     clip_val: float | None = None,
     clip_algorithm: str = "norm",
     label: str = "training",
+    sharded: bool = False,
+    scaler: Any = None,
 ) -> list[float]:
     """Take ``steps`` optimizer steps on ``data`` (cycled), data-parallel across ranks.
 
@@ -38,6 +50,12 @@ def train_steps(
     Every rank reaches the same collectives even when its own step raised or
     produced a non-finite loss: a failure flag travels with each step's sums, and
     then every rank raises :class:`ProbeFailure` alike.
+
+    Sharded parameters (FSDP2): the sharding reduces the gradients itself, as
+    an average over ranks, in every backward pass; so every rank runs every
+    forward and backward pass (an empty share runs at weight 0, see
+    :func:`shard_batches` with ``even``), the loss is scaled by ``world_size`` to
+    turn that average into the sum, and no second reduction happens here.
 
     Args:
         module: the model, in the mode the caller set, with grad enabled.
@@ -53,6 +71,10 @@ def train_steps(
         clip_val: clip the summed gradients at this norm (or value); None: no clipping.
         clip_algorithm: ``"norm"`` or ``"value"``.
         label: what is being trained, for the failure message.
+        sharded: the parameters are FSDP2 DTensors (see above).
+        scaler: a ``torch.amp.GradScaler`` (16-bit mixed precision): the loss is scaled
+            before backward, the gradients unscaled before clipping, and a step with
+            inf/NaN gradients is skipped, as Lightning does for training.
 
     Returns:
         The global batch's mean loss at each step.
@@ -73,13 +95,17 @@ def train_steps(
         if step < steps and error is None:
             try:
                 optimizer.zero_grad(set_to_none=True)
-                if data.weights[i]:
+                if data.weights[i] or sharded:
                     with forward_context():
                         loss = loss_fn(module, data.local[i])
                     share = data.weights[i] / data.totals[i]
-                    (loss * share).backward()
+                    # FSDP averages the gradients over ranks: scale up so they sum.
+                    scaled = loss * (share * world_size if sharded else share)
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
                     local[0] = loss.detach().to(torch.float64) * share
-                local[2:] = torch.tensor([p.grad is not None for p in params], dtype=torch.float64)
+                if not sharded:
+                    used = [p.grad is not None for p in params]
+                    local[2:] = torch.tensor(used, dtype=torch.float64)
             except Exception as exc:  # any fault becomes a flag every rank sees
                 error, failed_at = exc, step
         local[1] = float(error is not None)
@@ -100,13 +126,15 @@ def train_steps(
         if step == steps:
             break
         losses.append(packed[0])
-        if world_size > 1:
+        if world_size > 1 and not sharded:
             for param, used in zip(params, packed[2:]):
                 if used:  # a parameter unused on every rank keeps `.grad is None`, as in 1 process
                     if param.grad is None:
                         param.grad = torch.zeros_like(param)
                     reduce_sum(param.grad)
         try:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if clip_val is not None:
                 if clip_algorithm == "value":
                     torch.nn.utils.clip_grad_value_(params, clip_val)
@@ -115,7 +143,11 @@ def train_steps(
             if lr_scale is not None:
                 for group, lr in zip(groups, base_lrs):
                     group["lr"] = lr * lr_scale(step)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
         except Exception as exc:
             error, failed_at = exc, step
     return losses

@@ -35,8 +35,9 @@ from lightning_overtrain.engine.contract import ProbeContext
 from lightning_overtrain.engine.data import ShardedBatches, shard_batches
 from lightning_overtrain.engine.losses import check_loss
 from lightning_overtrain.engine.rng import seeded_rng
+from lightning_overtrain.engine.sharding import any_sharded
 from lightning_overtrain.engine.tokens import TokensFn, count_tokens
-from lightning_overtrain.engine.train_loop import train_steps
+from lightning_overtrain.engine.train_loop import grad_scaler, train_steps
 from lightning_overtrain.history import Record
 
 
@@ -88,6 +89,8 @@ class CooldownBranch:
         rank: this rank.
         world_size: number of ranks; each batch is split across them by rows.
         seed: seeds dropout in the branch, the same at every snapshot.
+        backup_device: where the copy of the live weights lives (None: beside them;
+            ``"cpu"``: host memory).
 
     Raises:
         ValueError: on ``steps`` < 1 or batches that cannot be split.
@@ -109,14 +112,22 @@ class CooldownBranch:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
+        backup_device: str | None = None,
     ) -> None:
         check_int("cooldown_steps", steps, 1, "Pass e.g. 20% of the steps between snapshots.")
         self.steps = steps
         self.seed = seed
-        self.origin = ModelBackup(module)
+        self.origin = ModelBackup(module, device=backup_device)
         device = self.origin.params[0].device if self.origin.params else torch.device("cpu")
+        self.sharded = any_sharded(self.origin.params)
         self.data: ShardedBatches = shard_batches(
-            batches[:steps], rank, world_size, tokens_fn, device, "cooldown_data"
+            batches[:steps],
+            rank,
+            world_size,
+            tokens_fn,
+            device,
+            "cooldown_data",
+            even=self.sharded,
         )
 
     @property
@@ -169,6 +180,8 @@ class CooldownBranch:
                         clip_val=gradient_clip_val,
                         clip_algorithm="value" if gradient_clip_algorithm == "value" else "norm",
                         label="the cooldown branch",
+                        sharded=self.sharded,
+                        scaler=grad_scaler(ctx),
                     )
             finally:
                 # The probes need neither the branch's gradients nor its optimizer state.

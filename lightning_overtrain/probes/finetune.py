@@ -35,12 +35,14 @@ from lightning_overtrain.engine.data import (
     ShardedBatches,
     check_batches_argument,
     shard_batches,
+    split_for_rank,
     take_batches,
 )
 from lightning_overtrain.engine.losses import LossFn, check_loss, loss_sums
 from lightning_overtrain.engine.rng import seeded_rng
+from lightning_overtrain.engine.sharding import any_sharded
 from lightning_overtrain.engine.tokens import TokensFn, checked_token_count, count_tokens
-from lightning_overtrain.engine.train_loop import train_steps
+from lightning_overtrain.engine.train_loop import grad_scaler, train_steps
 from lightning_overtrain.keys import Signal
 
 OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
@@ -49,8 +51,23 @@ Data = Iterable[Any] | Callable[[], Iterable[Any]]
 
 
 def adamw(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """The default fine-tune optimizer: ``torch.optim.AdamW(params, lr=lr)``."""
+    """The default fine-tune optimizer: ``torch.optim.AdamW(params, lr=lr)``.
+
+    Its state is two parameter-sized tensors (the moments), allocated at the
+    first step and freed after each lr.
+    """
     return torch.optim.AdamW(params, lr=lr)
+
+
+def sgd(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """A lighter fine-tune optimizer: plain ``torch.optim.SGD`` with no state at all.
+
+    Pass ``optimizer=sgd`` where memory is tight: the probe's extra memory drops
+    from about 4 x parameters (backup, gradients, AdamW's two moments) to about
+    2 x (backup and gradients). The numbers differ from AdamW's, so keep the
+    choice fixed for the run.
+    """
+    return torch.optim.SGD(params, lr=lr)
 
 
 def next_token_inputs(module: nn.Module, batch: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -97,9 +114,13 @@ class FineTuneProbe(Probe):
     * ``finetune/lr=<lr>/downstream_loss_after`` (and ``/metric_after``), and
       ``/adaptation``: ``downstream_loss_before - downstream_loss_after``.
 
-    Memory beyond training's: the monitor's one parameter backup, the fine-tune's
-    gradients and the probe optimizer's state (freed after each lr); the training
-    gradients are set aside, not copied. Under DDP it fine-tunes data-parallel:
+    Memory beyond training's, in parameter sizes (this rank's shard under FSDP2):
+    the monitor's backup (1, or 0 on the accelerator with ``backup_device="cpu"``),
+    the fine-tune's gradients (1) and the probe optimizer's state, freed after each
+    lr: AdamW (default) 2, SGD with momentum 1, :func:`sgd` 0. Measured by
+    ``benchmarks/memory.py``. The training gradients are set aside, not copied.
+    To keep it all off the training accelerators, probe the run's checkpoints from
+    another process (``lightning-overtrain probe``). Under DDP it fine-tunes data-parallel:
     pass the same global batches on every rank (a list, or a DataLoader without a
     DistributedSampler); each batch is split across ranks by rows and gradients
     are summed token-weighted, so 2 processes match 1 (dropout aside).
@@ -245,15 +266,19 @@ class FineTuneProbe(Probe):
                 f"`train_data` and `eval_data` batches differ: {_structure(train[0])} vs"
                 f" {_structure(held_out[0])}. Pass the same kind of batches for both splits."
             )
-        self._train = shard_batches(train, rank, size, self.tokens_fn, ctx.device, "train_data")
+        # Sharded (FSDP2): every rank must run every pass, so no rank's share is empty.
+        even = any_sharded(ctx.backup.params)
+        self._train = shard_batches(
+            train, rank, size, self.tokens_fn, ctx.device, "train_data", even=even
+        )
         weights = [checked_token_count(self.tokens_fn, b) for b in held_out]
         if sum(weights) == 0:
             raise ValueError(
                 "`eval_data` holds 0 tokens according to `tokens_fn`. Check its batches'"
                 " `input_ids`/`attention_mask`, or pass `tokens_fn`."
             )
-        self._eval = [move_data_to_device(b, ctx.device) for b in held_out[rank::size]]
-        self._eval_weights = weights[rank::size]
+        local, self._eval_weights = split_for_rank(held_out, weights, rank, size, even)
+        self._eval = [move_data_to_device(b, ctx.device) for b in local]
         first_train = move_data_to_device(train[0], ctx.device)
         first_eval = move_data_to_device(held_out[0], ctx.device)
         check_loss(ctx.module, ctx.backup, first_train, loss_fn, "train_data")
@@ -307,6 +332,8 @@ class FineTuneProbe(Probe):
                     reduce_sum=ctx.reduce_sum,
                     world_size=ctx.world_size,
                     label=f"the fine-tune at lr={lr:g}",
+                    sharded=any_sharded(params),
+                    scaler=grad_scaler(ctx),
                 )
         finally:
             # Free the fine-tune's gradients before measuring (its optimizer goes on return).
@@ -329,9 +356,11 @@ class FineTuneProbe(Probe):
                 parts.append(self._metric_sums(ctx))
             elif self.metric is not None:
                 self.metric.reset()
-                for batch in self._eval:
+                for batch, weight in zip(self._eval, self._eval_weights):
                     with ctx.forward_context():
-                        self.metric.update(*self.metric_inputs(ctx.module, batch))
+                        inputs = self.metric_inputs(ctx.module, batch)
+                    if weight:  # a weight-0 batch only keeps a sharded model's passes even
+                        self.metric.update(*inputs)
             return torch.cat(parts)
 
         sums = ctx.reduce_or_fail(local, (size,)).tolist()

@@ -13,6 +13,7 @@ Two variance reductions, both always on:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,6 +24,8 @@ import torch
 from lightning_overtrain import keys
 from lightning_overtrain.checks import check_positive_numbers
 from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
+from lightning_overtrain.engine.noise import CHUNK, normal_at, normal_range, tensor_key
+from lightning_overtrain.engine.sharding import global_positions, local_tensor
 from lightning_overtrain.keys import Signal
 from lightning_overtrain.probes.layers import LayerGroups, group_parameters
 
@@ -39,32 +42,55 @@ def perturb_(
     sigmas: Sequence[float],
     scale: float,
     seed: int,
+    tensor_ids: Sequence[int] | None = None,
 ) -> None:
     """Set ``params[i] = saved[i] + scale * sigmas[i] * z_i`` in place, ``z_i ~ N(0, I)``.
 
-    The directions ``z`` depend only on ``seed`` and the tensors' order and shapes,
-    so the same seed reproduces them on any rank and at any snapshot; ``scale=-g``
-    gives the antithetic partner of ``scale=g``. Tensors with ``sigma = 0`` are
-    left alone. Noise is drawn in float32 on each tensor's device, from a private
-    generator: the global RNG never moves.
+    The noise of an element depends only on ``seed``, its tensor's id and its
+    position in the global tensor (a counter-based generator,
+    :mod:`lightning_overtrain.engine.noise`), so every rank, any sharding (FSDP2
+    ``DTensor`` shards are perturbed locally) and every snapshot see the same
+    directions; ``scale=-g`` gives the antithetic partner of ``scale=g``. Tensors
+    with ``sigma = 0`` are left alone. Noise is drawn in float32 (float64 for
+    float64 tensors), added to the saved value in that precision and rounded to
+    the parameter's dtype once, in blocks, on the parameter's device; the global
+    RNG never moves. Under FSDP2, call ``backup.reshard()`` after it, so the next
+    forward pass gathers the perturbed shards.
 
     Args:
-        params: the live parameters.
-        saved: their unperturbed values.
+        params: the live parameters (plain tensors or DTensors).
+        saved: their unperturbed values (local shards, on any device).
         sigmas: ``sigma_t`` per tensor.
         scale: ``+gamma`` or ``-gamma``.
         seed: the direction's seed (see :func:`noise_direction_seed`).
+        tensor_ids: each tensor's id in the whole model (default ``0, 1, ...``), so a
+            subset of the tensors gets the same noise as in the whole model.
     """
-    generators: dict[torch.device, torch.Generator] = {}
-    for param, base, sigma in zip(params, saved, sigmas):
+    ids = range(len(params)) if tensor_ids is None else tensor_ids
+    for param, base, sigma, tid in zip(params, saved, sigmas, ids):
         if sigma == 0.0:
             continue
-        gen = generators.get(param.device)
-        if gen is None:
-            gen = generators[param.device] = torch.Generator(device=param.device)
-            gen.manual_seed(seed)
-        z = torch.randn(param.shape, generator=gen, device=param.device, dtype=torch.float32)
-        param.copy_(base).add_(z.to(param.dtype), alpha=scale * sigma)
+        local = local_tensor(param)
+        key = _key(seed, tid)
+        dtype = torch.promote_types(local.dtype, torch.float32)
+        start, index = global_positions(param)
+        if start is None or not local.is_contiguous():
+            if index is None:
+                index = torch.arange(local.numel(), device=local.device).view(local.shape) + start
+            z = normal_at(key, index).to(dtype).mul_(scale * sigma)
+            local.copy_(z.add_(base.to(local.device, non_blocking=True)))
+            continue
+        out, source = local.view(-1), base.reshape(-1)
+        for a in range(0, out.numel(), CHUNK):
+            b = min(a + CHUNK, out.numel())
+            z = normal_range(key, start + a, b - a, local.device).to(dtype).mul_(scale * sigma)
+            # One rounding: saved + noise in float32, then the parameter's dtype.
+            out[a:b].copy_(z.add_(source[a:b].to(local.device, non_blocking=True)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _key(seed: int, tensor_id: int) -> int:
+    return tensor_key(seed, 0, tensor_id)
 
 
 def summarize_noise(
@@ -228,6 +254,7 @@ class NoiseProbe(Probe):
                 for k, seed in enumerate(seeds):
                     for si, scale in enumerate((gamma, -gamma)):
                         perturb_(ctx.backup.params, saved, ctx.sigmas, scale, seed)
+                        ctx.backup.reshard()  # FSDP2: the next forward gathers the noise
                         sums[gi, k, si] = ctx.local_loss_sums()
             return sums
 
@@ -263,12 +290,15 @@ class NoiseProbe(Probe):
                 for gi, gamma in enumerate(self.layer_gammas):
                     for k, seed in enumerate(seeds):
                         for si, scale in enumerate((gamma, -gamma)):
-                            perturb_(group_params, group_saved, group_sigmas, scale, seed)
+                            # The group's tensors get the noise they get in the whole model.
+                            perturb_(group_params, group_saved, group_sigmas, scale, seed, members)
+                            ctx.backup.reshard()
                             sums[gi, gr, k, si] = ctx.local_loss_sums()
                 # Only this group moved: put it back before perturbing the next one.
                 with torch.no_grad():
                     for param, base in zip(group_params, group_saved):
-                        param.copy_(base)
+                        local_tensor(param).copy_(base)
+                ctx.backup.reshard()
             return sums
 
         sums = ctx.reduce_or_fail(local, shape)

@@ -1,0 +1,121 @@
+"""Train the tiny model with every probe on, unsharded in 1 process or FSDP2 on 2, and
+write each rank's history.
+
+FSDP2: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with
+``fully_shard`` on every block and the root in ``configure_model``, on CPU with
+gloo; the parameters are DTensors. Run as a script in a subprocess (test_fsdp.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import CONTEXT, make_module, make_trainer, reference_batches
+
+from lightning_overtrain import FineTuneProbe, InflectionPolicy, NoiseProbe, OvertrainingMonitor
+from lightning_overtrain.engine.sharding import is_dtensor
+from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
+
+GLOBAL_BATCH = 8
+
+
+class ShardedLM(TinyCausalLM):
+    """The tiny GPT with FSDP2 applied the way the README shows."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+
+class WriteHistory(pl.Callback):
+    def __init__(self, monitor: OvertrainingMonitor, out: str) -> None:
+        self.monitor, self.out = monitor, out
+
+    def on_train_end(self, trainer, pl_module):
+        path = os.path.join(self.out, f"history_rank{trainer.global_rank}.json")
+        params = list(pl_module.parameters())
+        with open(path, "w") as f:
+            json.dump(
+                {
+                    "history": self.monitor.history,
+                    "failures": self.monitor.probe_failures,
+                    "sharded": all(is_dtensor(p) for p in params),
+                    "backup_bytes": self.monitor._backup.nbytes,
+                    "local_param_bytes": sum(
+                        p.to_local().nbytes if is_dtensor(p) else p.nbytes for p in params
+                    ),
+                    "best_path": self.monitor.best_path,
+                    "global_step": trainer.global_step,
+                },
+                f,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--max-steps", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    text = stdlib_code(max_bytes=200_000)
+    prose = english_prose()[:20_000]
+    data = ByteWindows(text[:100_000], CONTEXT)
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    sampler = DistributedSampler(data, num_replicas=args.devices, rank=rank, shuffle=False)
+    loader = DataLoader(data, batch_size=GLOBAL_BATCH // args.devices, sampler=sampler)
+    windows = ByteWindows(prose, CONTEXT)
+    # Odd batch sizes on purpose: 3 rows split 2/1, 1 row leaves a rank empty.
+    finetune = FineTuneProbe(
+        train_data=list(DataLoader(windows, batch_size=3))[:2],
+        eval_data=list(DataLoader(windows, batch_size=1))[10:13],
+        steps=2,
+        lrs=(1e-3,),
+    )
+    cooldown = list(DataLoader(data, batch_size=1))[200:202]
+    monitor = OvertrainingMonitor(
+        reference_batches(text, n=3, batch_size=4),  # 3 batches: 2 and 1 per rank
+        every_n_steps=2,
+        probes=[NoiseProbe(gammas=(1.0,), pairs=2, per_layer=True), finetune],
+        cooldown_steps=2,
+        cooldown_data=cooldown,
+        dirpath=args.out,
+        policy=InflectionPolicy(patience=1),
+    )
+    if args.devices > 1:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+        module = make_module(0)
+        sharded = ShardedLM(**module.hparams)
+        sharded.load_state_dict(module.state_dict())
+        module = sharded
+    else:
+        strategy, module = "auto", make_module(0)
+    trainer = make_trainer(
+        args.out,
+        [monitor, WriteHistory(monitor, args.out)],
+        max_steps=args.max_steps,
+        devices=args.devices,
+        strategy=strategy,
+        use_distributed_sampler=False,
+        gradient_clip_val=1.0,  # the cooldown clips DTensor gradients as training does
+    )
+    trainer.fit(module, loader)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""FSDP2 (fully_shard under ModelParallelStrategy) on 2 CPU processes gives the history of
+1 unsharded process: reference loss, noise (per layer too), fine-tune, cooldown, policy."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "fsdp_run.py")
+
+
+def run(tmp_path, devices: int) -> list[dict]:
+    out = tmp_path / f"devices{devices}"
+    out.mkdir()
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--devices", str(devices), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"history_rank{r}.json").read_text()) for r in range(devices)]
+
+
+def untimed(history: list[dict]) -> str:
+    return json.dumps([{k: v for k, v in r.items() if k != "probe_seconds"} for r in history])
+
+
+@pytest.mark.slow
+def test_two_sharded_processes_match_one_unsharded_process(tmp_path):
+    (single,) = run(tmp_path, 1)
+    rank0, rank1 = run(tmp_path, 2)
+    assert rank0["sharded"] and rank1["sharded"] and not single["sharded"]
+    assert single["failures"] == rank0["failures"] == rank1["failures"] == 0
+    assert untimed(rank0["history"]) == untimed(rank1["history"])  # the ranks agree exactly
+    assert len(single["history"]) == len(rank0["history"]) == 2
+    probes = ("reference_loss", "noise/gamma=1/delta", "finetune/lr=0.001/forgetting")
+    layers = ("noise/gamma=1/layer=embeddings/delta", "noise/gamma=1/layer=h.1/delta")
+    cooldown = ("cooldown/train_loss", "cooldown/raw_reference_loss")
+    for one, two in zip(single["history"], rank0["history"]):
+        assert set(one) == set(two)
+        assert one["tokens"] == two["tokens"] and one["step"] == two["step"]
+        for key in (*probes, *layers, *cooldown):
+            assert key in one and one[key] != 0.0, key  # every probe measured something
+        for key, value in one.items():
+            if isinstance(value, float) and math.isfinite(value) and key != "probe_seconds":
+                assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # Each rank backs up its own shard only: half the model each.
+    assert rank0["backup_bytes"] == rank0["local_param_bytes"]
+    assert rank0["backup_bytes"] + rank1["backup_bytes"] == single["backup_bytes"]
+    assert rank0["best_path"] and os.path.exists(rank0["best_path"])
