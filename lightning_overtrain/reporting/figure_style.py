@@ -179,7 +179,7 @@ def log_edges(tokens: Sequence[float]) -> list[float]:
     """Heatmap cell borders halfway between snapshots in log space: each column sits on its T."""
     logs = [math.log(t) for t in tokens]
     if len(logs) == 1:
-        return [tokens[0] / math.sqrt(2), tokens[0] * math.sqrt(2)]
+        return [tokens[0] / 2, tokens[0] * 2]  # wide enough for two tick labels
     mids = [(a + b) / 2 for a, b in itertools.pairwise(logs)]
     return [math.exp(x) for x in [2 * logs[0] - mids[0], *mids, 2 * logs[-1] - mids[-1]]]
 

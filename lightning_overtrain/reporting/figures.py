@@ -246,7 +246,8 @@ def line_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
     if not present:
         return None
     in_figure = {s.key for s in present}
-    bases = {s.base for s in figure if s.base is not None}
+    # The reference loss is black even before any perturbed loss names it as its base.
+    bases = {s.base for s in figure if s.base is not None} | {keys.REFERENCE_LOSS}
     colors = _colors_by_label(present, bases)
     panels = _panels(present)
     fig, axes = style.new_figure(len(panels), present[0].title)
