@@ -14,6 +14,7 @@ import pytest
 from conftest import make_module, make_trainer, reference_batches, train_loader
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from matplotlib.collections import QuadMesh
+from matplotlib.colors import to_rgb
 from matplotlib.patches import Rectangle
 
 from lightning_overtrain import NoiseProbe, OvertrainingMonitor, keys
@@ -73,8 +74,8 @@ def curve(shape, n=9, gamma=1.0):
     records = []
     for i in range(n):
         tokens = 1e5 * 10 ** (i / 4)
-        ref = {"falling": 2 + 3 * (tokens / 1e5) ** -0.4, "rising": 2.0, "u": 2.0}[shape]
-        ref += {"u": 3 * (tokens / 1e5) ** -0.8}.get(shape, 0.0)
+        scale = {"falling": 3.0, "rising": 0.1, "u": 3.0}[shape]
+        ref = 2 + scale * (tokens / 1e5) ** (-0.8 if shape == "u" else -0.4)
         delta = {"falling": 0.01, "rising": 0.05 * i, "u": 0.1 * (tokens / 1e5) ** 0.5}[shape]
         records.append(
             {
@@ -488,7 +489,9 @@ def test_line_colours_have_contrast_on_white():
     assert len(colors) == 2 * len(gammas) + 1 + 3 * len(lrs) + 1
     ratios = [figure_style.contrast_ratio(c) for c in colors]
     assert min(ratios) >= figure_style.MIN_CONTRAST == 3.0, ratios
-    assert len({tuple(c) for c in colors if c != "black"}) == len(gammas) + len(lrs)
+    for fig, n in ((rendered["noise"], len(gammas)), (rendered["finetune"], len(lrs))):
+        drawn = {to_rgb(line.get_color()) for ax in fig.axes for line in ax.lines}
+        assert len(drawn - {to_rgb("black")}) == n  # one colour per gamma or lr
     # The old light end of the maps fails: the check can tell.
     assert figure_style.contrast_ratio("#fde725") < 3.0  # viridis(1)
     assert min(map(figure_style.contrast_ratio, figure_style.palette(4, "YlGn"))) >= 3.0

@@ -13,7 +13,10 @@ rest. The built-in probes give:
 - ``layers``: per-layer sensitivity as a tokens x layer heatmap, one per gamma.
 
 Where the records carry ``inflection/<signal>/...`` keys, the signal's curve gets
-its bottom marked and the forecast ``T*`` drawn with its interval. Figures are
+its bottom ringed (only a real one, see :func:`real_bottom`) and the forecast ``T*``
+drawn with its interval; the tokens axis fits the data, so a forecast past it is cut
+at the edge and written there. How it all looks (colours with 3:1 contrast on white,
+tick labels, layout) is in :mod:`~lightning_overtrain.reporting.figure_style`. Figures are
 plain :class:`~matplotlib.figure.Figure` objects on the Agg canvas: no pyplot, no
 display, no global state, so rendering is safe in any training process. matplotlib
 is imported only when a figure is drawn, so it stays an optional dependency.
@@ -219,8 +222,7 @@ def _colors_by_label(figure: Sequence[Signal], bases: set[str]) -> dict[str, Any
     # One colour per label across a figure's panels (the same gamma in both), the
     # falling base terms in black.
     labels = list(dict.fromkeys(s.label for s in figure if s.key not in bases))
-    cmap = "viridis" if figure[0].figure == "noise" else "plasma"
-    return dict(zip(labels, style.palette(len(labels), cmap)))
+    return dict(zip(labels, style.palette(len(labels), "plasma")))
 
 
 def _panels(figure: Sequence[Signal]) -> dict[str, list[Signal]]:
