@@ -142,6 +142,21 @@ def fit_tokens(ax: Axes) -> tuple[float, float] | None:
     return low, high
 
 
+def ring(ax: Axes, tokens: float, value: float, color: Any, filled: bool) -> None:
+    """A ring around the point ``(tokens, value)``: a curve's bottom (filled: crossed)."""
+    ax.plot(
+        [tokens],
+        [value],
+        marker="o",
+        markersize=10,
+        markerfacecolor=color if filled else "none",
+        markeredgecolor=color,
+        markeredgewidth=1.5,
+        alpha=0.8,
+        linestyle="none",
+    )
+
+
 def mark_beyond(ax: Axes, text: str, color: Any, side: str = "right") -> None:
     """Write ``text`` with an arrow at the ``side`` edge of ``ax``, for a mark past the axis.
 

@@ -112,6 +112,10 @@ def real_bottom(tokens: Sequence[float], mark: Inflection | None) -> int | None:
     A real bottom is a measured snapshot with snapshots on both sides: the detector's
     minimum of a curve still falling (its last point) or only rising (its first) is an
     end of the curve, not a bottom, and gets no ring.
+
+    Example::
+
+        real_bottom([1e5, 1e6, 1e7], inflection(records, "noise/gamma=1/perturbed_loss"))
     """
     if mark is None or mark.bottom_tokens is None or not tokens:
         return None
@@ -127,16 +131,8 @@ def _draw_curve(ax: Axes, records: Records, key: str, label: str, color: Any, li
         return None
     mark = inflection(records, key)
     shown = f"{label} (crossed)" if mark is not None and mark.crossed else label
-    ax.plot(
-        tokens,
-        values,
-        marker="o",
-        markersize=3,
-        color=color,
-        linestyle=linestyle,
-        label=shown,
-        gid=style.DATA_GID,
-    )
+    line = {"marker": "o", "markersize": 3, "linestyle": linestyle, "gid": style.DATA_GID}
+    ax.plot(tokens, values, color=color, label=shown, **line)
     if any(e is not None for e in errors):
         low = [y - (e or 0.0) for y, e in zip(values, errors)]
         high = [y + (e or 0.0) for y, e in zip(values, errors)]
@@ -152,18 +148,7 @@ def _draw_marks(ax: Axes, drawn: tuple, label: str, color: Any) -> set[str]:
     if mark is None:
         return kinds
     if (i := real_bottom(tokens, mark)) is not None:
-        face = color if mark.crossed else "none"
-        ax.plot(
-            [tokens[i]],
-            [values[i]],
-            marker="o",
-            markersize=10,
-            markerfacecolor=face,
-            markeredgecolor=color,
-            markeredgewidth=1.5,
-            alpha=0.8,
-            linestyle="none",
-        )
+        style.ring(ax, tokens[i], values[i], color, filled=mark.crossed)
         kinds.add("bottom")
     if mark.forecast_tokens is None:
         return kinds
@@ -205,10 +190,23 @@ def plot_signal(
     A real bottom found by the detector (see :func:`real_bottom`) gets a ring, filled
     once the inflection is crossed; the forecast ``T*`` a dashed line and its interval a
     shaded span. The x-axis is fitted to the curves drawn so far: a forecast past it is
-    cut at the edge and written there (``γ=1: T* 32M (2M–∞) →``).
+    cut at the edge and written there (``γ=1: T* 20M [3M, 40M] →``).
+
+    Args:
+        ax: the axes to draw on.
+        records: the history.
+        key: the signal's record key.
+        label: its legend label (``(crossed)`` is added once crossed).
+        color: its colour (see :func:`~lightning_overtrain.reporting.figure_style.palette`).
+        linestyle: its line style.
 
     Returns:
         Whether anything was drawn.
+
+    Example::
+
+        fig, (ax,) = figure_style.new_figure(1, "mine")
+        plot_signal(ax, records, "noise/gamma=1/perturbed_loss", label="γ=1", color="C0")
     """
     drawn = _draw_curve(ax, records, key, label, color, linestyle)
     if drawn is None:
@@ -256,20 +254,11 @@ def line_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
     for ax, (title, signals) in zip(axes, panels.items()):
         shared = {s.base for s in signals}
         base = shared.pop() if len(shared) == 1 else None
-        curves = []
-        if base is not None and base not in in_figure:
-            curves.append(
-                ("reference", "black", _draw_curve(ax, records, base, "reference", "black", ":"))
-            )
+        todo = [(base, "reference", "black", ":")] if base and base not in in_figure else []
         for signal in signals:
             color = "black" if signal.key in bases else colors[signal.label]
-            curves.append(
-                (
-                    signal.label,
-                    color,
-                    _draw_curve(ax, records, signal.key, signal.label, color, "-"),
-                )
-            )
+            todo.append((signal.key, signal.label, color, "-"))
+        curves = [(label, c, _draw_curve(ax, records, k, label, c, ls)) for k, label, c, ls in todo]
         style.fit_tokens(ax)  # to every curve first, so no mark decides the axis
         marks: set[str] = set()
         for label, color, drawn in curves:
