@@ -271,7 +271,7 @@ def noise_signals(
             Signal(
                 noise_key(gamma, "delta"),
                 label=f"γ={number(gamma)}",
-                unit="perturbed − reference loss",
+                unit="δ = perturbed − reference loss",
                 figure="noise",
                 title=_NOISE_TITLE,
                 panel="sensitivity δ",
@@ -284,7 +284,7 @@ def noise_signals(
                 Signal(
                     layer_noise_key(gamma, group, "delta"),
                     label=group,
-                    unit="δ",
+                    unit="δ = perturbed − reference loss",
                     figure="layers",
                     title="Per-layer sensitivity δ",
                     panel=f"γ={number(gamma)}",
@@ -297,7 +297,7 @@ def noise_signals(
 
 
 _FINETUNE_PANELS = {
-    "forgetting": ("forgetting (pretraining loss rise)", "loss rise"),
+    "forgetting": ("forgetting (pretraining loss rise)", "Δ pretraining loss (after − before)"),
     "reference_loss_after": ("pretraining loss after fine-tuning", "loss"),
     "downstream_loss_after": ("downstream loss after fine-tuning", "loss"),
 }

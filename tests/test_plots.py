@@ -1,8 +1,11 @@
 """Plots: every probe curve against log tokens, inflection marks, heatmaps, PNGs for any logger."""
 
 import dataclasses
+import io
+import itertools
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -11,13 +14,16 @@ import pytest
 from conftest import make_module, make_trainer, reference_batches, train_loader
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from matplotlib.collections import QuadMesh
+from matplotlib.colors import to_rgb
 from matplotlib.patches import Rectangle
 
-from lightning_overtrain import NoiseProbe, OvertrainingMonitor
+from lightning_overtrain import NoiseProbe, OvertrainingMonitor, keys
 from lightning_overtrain.history import read_history, write_history
-from lightning_overtrain.reporting import figures
+from lightning_overtrain.inflection.policy import InflectionPolicy
+from lightning_overtrain.reporting import figure_style, figures
 from lightning_overtrain.reporting.base import RunView
 from lightning_overtrain.reporting.png import PlotReporter
+from lightning_overtrain.reporting.wandb import WandbReporter
 
 PERTURBED = "noise/gamma=1/perturbed_loss"
 FT_LOSS = "finetune/lr=0.001/reference_loss_after"
@@ -55,6 +61,41 @@ def history(n=8, noise=True, finetune=False, layers=False, marks=False):
             r[f"inflection/{PERTURBED}/forecast_high"] = math.inf
         records.append(r)
     return records
+
+
+def judged(records):
+    """The records with the default policy's ``inflection/...`` fields, as a live run has them."""
+    policy = InflectionPolicy()
+    return [{**r, **policy.judge(r).additions} for r in records]
+
+
+def curve(shape, n=9, gamma=1.0):
+    """Noise-probe records whose perturbed loss is ``"falling"``, ``"rising"`` or ``"u"``."""
+    records = []
+    for i in range(n):
+        tokens = 1e5 * 10 ** (i / 4)
+        scale = {"falling": 3.0, "rising": 0.1, "u": 3.0}[shape]
+        ref = 2 + scale * (tokens / 1e5) ** (-0.8 if shape == "u" else -0.4)
+        delta = {"falling": 0.01, "rising": 0.05 * i, "u": 0.1 * (tokens / 1e5) ** 0.5}[shape]
+        records.append(
+            {
+                "tokens": int(tokens),
+                "reference_loss": ref,
+                keys.noise_key(gamma, "perturbed_loss"): ref + delta,
+                keys.noise_key(gamma, "perturbed_loss") + "_stderr": 0.002,
+                keys.noise_key(gamma, "delta"): delta,
+                keys.noise_key(gamma, "delta") + "_stderr": 0.002,
+            }
+        )
+    return judged(records)
+
+
+def rings(ax):
+    return [line for line in ax.lines if line.get_markersize() == 10]
+
+
+def beyond_texts(ax):
+    return [t.get_text() for t in ax.texts if t.get_gid() == figure_style.BEYOND_GID]
 
 
 def noise_figure(records):
@@ -312,3 +353,201 @@ def test_matplotlib_stays_optional(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "['LoggerReporter', 'FileReporter'] 1"
     assert (tmp_path / "overtrain" / "history.jsonl").exists()
+
+
+def with_forecast(records, tokens, low, high, signal=PERTURBED):
+    records = [dict(r) for r in records]
+    for field, value in (
+        ("forecast_tokens", tokens),
+        ("forecast_low", low),
+        ("forecast_high", high),
+    ):
+        records[-1][keys.inflection_key(signal, field)] = value
+    return records
+
+
+def test_a_far_forecast_is_cut_at_the_edge_and_written_there():
+    records = with_forecast(history(marks=True), 1e9, 5e7, 2e9)  # data: 1e5 to 5.6e6
+    loss_ax = noise_figure(records).axes[0]
+    low, high = loss_ax.get_xlim()
+    assert 1e5 / 1.5 < low < 1e5 and 5.6e6 < high < 5.6e6 * 1.5  # the data, not 1e9
+    assert vertical_lines(loss_ax) == [] and spans(loss_ax) == []
+    # 1e9 is beyond 10x the latest snapshot: an extrapolation, quoted as the verdicts do.
+    assert beyond_texts(loss_ax) == ["γ=1: T* >56.2M (extrapolated) →"]
+    near = with_forecast(history(marks=True), 2e7, 3e6, 4e7)
+    assert beyond_texts(noise_figure(near).axes[0]) == ["γ=1: T* 20M [3M, 40M] →"]
+
+
+def test_an_open_interval_runs_to_the_axis_edge_only():
+    loss_ax = noise_figure(history(marks=True)).axes[0]  # T* 2M, interval [800k, inf)
+    (span,) = spans(loss_ax)
+    assert span.get_x() + span.get_width() == pytest.approx(loss_ax.get_xlim()[1])
+    assert loss_ax.get_xlim()[1] < 5.6e6 * 1.5
+    assert beyond_texts(loss_ax) == ["γ=1: T* interval to ∞ →"]
+
+
+def test_plot_signal_alone_keeps_the_axis_on_the_data():
+    fig = figure_style.new_figure(1, "one")[0]
+    ax = fig.axes[0]
+    records = with_forecast(history(marks=True), 3e8, 1e8, None)
+    assert figures.plot_signal(ax, records, PERTURBED, label="γ=1", color="C0")
+    assert ax.get_xlim()[1] < 5.6e6 * 1.5 and beyond_texts(ax)
+
+
+def drawn_tick_labels(fig, which):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    out = []
+    for ax in fig.axes:
+        if ax.get_label() == "<colorbar>":
+            continue
+        ticks = ax.xaxis.get_minor_ticks() if which == "minor" else ax.xaxis.get_major_ticks()
+        low, high = ax.get_xlim()
+        out.append(
+            [
+                (t.label1.get_text(), t.label1.get_window_extent(renderer))
+                for t in ticks
+                if t.label1.get_visible() and low <= t.get_loc() <= high
+            ]
+        )
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 3, 6, 9, 25])  # one snapshot to six decades of tokens
+def test_tokens_axis_has_readable_major_labels_only(n):
+    records = history(n=n, finetune=True, layers=True)
+    for fig in figures.render_figures(records).values():
+        for labels in drawn_tick_labels(fig, "minor"):
+            assert [text for text, _ in labels if text] == []
+        for labels in drawn_tick_labels(fig, "major"):
+            texts = [text for text, _ in labels]
+            assert len(texts) >= 2 and all(re.fullmatch(r"\d+(k|M|B|T)?", t) for t in texts), texts
+            for (_, a), (_, b) in itertools.pairwise(labels):
+                assert a.x1 < b.x0, texts  # no two labels touch
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [("falling", 0), ("rising", 0), ("u", 1)],
+)
+def test_a_ring_marks_a_real_bottom_only(shape, expected):
+    records = curve(shape)
+    mark = figures.inflection(records, PERTURBED)
+    tokens = [r["tokens"] for r in records]
+    # The detector's minimum of a monotone curve is one of its ends; of the U, inside.
+    where = {"falling": tokens[-1], "rising": tokens[0]}
+    if shape in where:
+        assert mark.bottom_tokens == where[shape]
+    else:
+        assert tokens[0] < mark.bottom_tokens < tokens[-1]
+    loss_ax = noise_figure(records).axes[0]
+    assert len(rings(loss_ax)) == expected
+    assert ("bottom (filled: crossed)" in loss_ax.get_legend_handles_labels()[1]) is False
+    legend = [t.get_text() for t in loss_ax.get_legend().get_texts()]
+    assert ("bottom (filled: crossed)" in legend) == bool(expected)
+    if expected:
+        (ring,) = rings(loss_ax)
+        assert ring.get_xdata()[0] == mark.bottom_tokens
+        assert (ring.get_markerfacecolor() != "none") == mark.crossed
+
+
+def test_real_bottom_wants_a_snapshot_on_each_side():
+    mark = figures.Inflection(False, 20.0, None, None, None)
+    assert figures.real_bottom([10, 20, 30], mark) == 1
+    assert figures.real_bottom([10, 20], mark) is None  # the last point
+    assert figures.real_bottom([20, 30], mark) is None  # the first point
+    assert figures.real_bottom([10, 25, 30], mark) is None  # not a drawn snapshot
+    assert figures.real_bottom([10, 20, 30], None) is None
+
+
+def test_every_panel_is_labelled_for_what_it_shows():
+    rendered = figures.render_figures(history(finetune=True, layers=True))
+    labels = {name: [ax.get_ylabel() for ax in fig.axes] for name, fig in rendered.items()}
+    assert labels["noise"] == ["loss", "δ = perturbed − reference loss"]
+    assert labels["finetune"] == ["Δ pretraining loss (after − before)", "loss", "loss"]
+    assert labels["layers"] == ["layer"] * 2 + ["δ = perturbed − reference loss"] * 2  # colorbars
+    for fig in rendered.values():
+        assert all(ax.get_xlabel() == "tokens" for ax in fig.axes if ax.get_label() != "<colorbar>")
+    mine = keys.Signal("mine/rate", unit="tokens / s", label="throughput", panel="speed")
+    records = [{"tokens": 1000 * (i + 1), "mine/rate": 5.0 + i} for i in range(3)]
+    (ax,) = figures.render_figures(records, [mine])["mine"].axes
+    assert (ax.get_ylabel(), ax.get_title()) == ("tokens / s", "speed")
+
+
+def test_line_colours_have_contrast_on_white():
+    gammas, lrs = (0.01, 0.1, 0.25, 0.5, 1.0, 2.0), (1e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+    record = {"tokens": 1000, "reference_loss": 3.0}
+    for g in gammas:
+        record[keys.noise_key(g, "perturbed_loss")] = 3.1
+        record[keys.noise_key(g, "delta")] = 0.1
+    for lr in lrs:
+        for quantity in keys.FINETUNE_QUANTITIES:
+            record[keys.finetune_key(lr, quantity)] = 1.0
+    records = [record, {**record, "tokens": 2000}]
+    rendered = figures.render_figures(records)
+    colors = [line.get_color() for fig in rendered.values() for ax in fig.axes for line in ax.lines]
+    assert len(colors) == 2 * len(gammas) + 1 + 3 * len(lrs) + 1
+    ratios = [figure_style.contrast_ratio(c) for c in colors]
+    assert min(ratios) >= figure_style.MIN_CONTRAST == 3.0, ratios
+    for fig, n in ((rendered["noise"], len(gammas)), (rendered["finetune"], len(lrs))):
+        drawn = {to_rgb(line.get_color()) for ax in fig.axes for line in ax.lines}
+        assert len(drawn - {to_rgb("black")}) == n  # one colour per gamma or lr
+    # The old light end of the maps fails: the check can tell.
+    assert figure_style.contrast_ratio("#fde725") < 3.0  # viridis(1)
+    assert min(map(figure_style.contrast_ratio, figure_style.palette(4, "YlGn"))) >= 3.0
+
+
+def test_contrast_ratio_is_wcag():
+    assert figure_style.contrast_ratio("black") == pytest.approx(21.0)
+    assert figure_style.contrast_ratio("white") == pytest.approx(1.0)
+    assert figure_style.contrast_ratio("#767676") == pytest.approx(4.54, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "name, records",
+    [
+        ("first W&B image", history(n=1, noise=False)),
+        (
+            "tiny deltas",
+            [
+                {**r, "noise/gamma=1/delta": 1e-5 * (1 + i * 1e-3)}
+                for i, r in enumerate(history(n=3))
+            ],
+        ),
+        (
+            "long tick labels",
+            [{**r, "reference_loss": 12345.678 + i * 1e-3} for i, r in enumerate(history(n=4))],
+        ),
+        (
+            "everything",
+            with_forecast(history(n=9, finetune=True, layers=True, marks=True), 1e9, 1e8, None),
+        ),
+    ],
+)
+def test_no_text_is_cut_off_at_the_wandb_image_size(name, records):
+    from PIL import Image
+
+    dpi = WandbReporter().dpi
+    for fig in figures.render_figures(records).values():
+        png = figures.png_bytes(fig, dpi)  # exactly what W&B is sent
+        width, height = Image.open(io.BytesIO(png)).size
+        assert (width, height) == pytest.approx(tuple(fig.get_size_inches() * dpi), abs=1)
+        fig.set_dpi(dpi)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        canvas = fig.bbox.padded(0.5)
+        # Everything drawn (tick labels in view, legends, marks' texts) ...
+        assert canvas.contains(*fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans).p0)
+        assert canvas.contains(*fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans).p1)
+        # ... and every label by name: "loss" stays "loss", not "oss".
+        labels = [fig._suptitle] + [
+            t for ax in fig.axes for t in (ax.xaxis.label, ax.yaxis.label, ax.title) if t.get_text()
+        ]
+        assert any("loss" in t.get_text() for t in labels)
+        for text in labels:
+            box = text.get_window_extent(renderer)
+            assert canvas.contains(box.x0, box.y0) and canvas.contains(box.x1, box.y1), (
+                name,
+                text.get_text(),
+                box,
+            )

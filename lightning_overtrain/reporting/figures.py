@@ -13,7 +13,10 @@ rest. The built-in probes give:
 - ``layers``: per-layer sensitivity as a tokens x layer heatmap, one per gamma.
 
 Where the records carry ``inflection/<signal>/...`` keys, the signal's curve gets
-its bottom marked and the forecast ``T*`` drawn with its interval. Figures are
+its bottom ringed (only a real one, see :func:`real_bottom`) and the forecast ``T*``
+drawn with its interval; the tokens axis fits the data, so a forecast past it is cut
+at the edge and written there. How it all looks (colours with 3:1 contrast on white,
+tick labels, layout) is in :mod:`~lightning_overtrain.reporting.figure_style`. Figures are
 plain :class:`~matplotlib.figure.Figure` objects on the Agg canvas: no pyplot, no
 display, no global state, so rendering is safe in any training process. matplotlib
 is imported only when a figure is drawn, so it stays an optional dependency.
@@ -22,25 +25,21 @@ is imported only when a figure is drawn, so it stays an optional dependency.
 from __future__ import annotations
 
 import io
-import itertools
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lightning_overtrain import keys
 from lightning_overtrain.keys import Signal
+from lightning_overtrain.reporting import figure_style as style
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 Records = Sequence[Mapping[str, Any]]
-
-# A forecast far beyond the data would squash the measured curve into a corner.
-_MAX_FORECAST_REACH = 100.0
-_FIGSIZE_PER_PANEL = (4.6, 3.6)
 
 
 def finite(value: Any) -> float | None:
@@ -107,38 +106,74 @@ def _positive(value: Any) -> float | None:
     return value if value is not None and value > 0 else None
 
 
-def _colors(n: int, cmap: str) -> list[Any]:
-    from matplotlib import colormaps
+def real_bottom(tokens: Sequence[float], mark: Inflection | None) -> int | None:
+    """The index in ``tokens`` of the detector's bottom, if it is a real one; else None.
 
-    palette = colormaps[cmap]
-    return [palette(0.15 + 0.7 * i / max(n - 1, 1)) for i in range(n)]
+    A real bottom is a measured snapshot with snapshots on both sides: the detector's
+    minimum of a curve still falling (its last point) or only rising (its first) is an
+    end of the curve, not a bottom, and gets no ring.
 
+    Example::
 
-def _new_figure(panels: int, title: str, left: float = 0.65) -> tuple[Figure, list[Axes]]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    width, height = _FIGSIZE_PER_PANEL
-    fig = Figure(figsize=(width * panels, height))
-    FigureCanvasAgg(fig)
-    fig.suptitle(title, fontsize=11)
-    # Fixed margins (in inches) rather than a layout engine: half the rendering time.
-    fig.subplots_adjust(
-        left=left / (width * panels),
-        right=1 - 0.15 / (width * panels),
-        bottom=0.5 / height,
-        top=1 - 0.6 / height,
-        wspace=0.3,
-    )
-    return fig, list(fig.subplots(1, panels, squeeze=False)[0])
+        real_bottom([1e5, 1e6, 1e7], inflection(records, "noise/gamma=1/perturbed_loss"))
+    """
+    if mark is None or mark.bottom_tokens is None or not tokens:
+        return None
+    bottom = mark.bottom_tokens
+    i = min(range(len(tokens)), key=lambda j: abs(math.log(tokens[j] / bottom)))
+    on_a_snapshot = abs(math.log(tokens[i] / bottom)) < 0.01
+    return i if on_a_snapshot and 0 < i < len(tokens) - 1 else None
 
 
-def _tokens_axis(ax: Axes, ylabel: str, title: str) -> None:
-    ax.set_xscale("log")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
+def _draw_curve(ax: Axes, records: Records, key: str, label: str, color: Any, linestyle: str):
+    tokens, values, errors = series(records, key)
+    if not tokens:
+        return None
+    mark = inflection(records, key)
+    shown = f"{label} (crossed)" if mark is not None and mark.crossed else label
+    line = {"marker": "o", "markersize": 3, "linestyle": linestyle, "gid": style.DATA_GID}
+    ax.plot(tokens, values, color=color, label=shown, **line)
+    if any(e is not None for e in errors):
+        low = [y - (e or 0.0) for y, e in zip(values, errors)]
+        high = [y + (e or 0.0) for y, e in zip(values, errors)]
+        ax.fill_between(tokens, low, high, color=color, alpha=0.15, linewidth=0)
+    return tokens, values, mark
+
+
+def _draw_marks(ax: Axes, drawn: tuple, label: str, color: Any) -> set[str]:
+    # The bottom ring, T* and its interval, on an axis already fitted to the data: a mark
+    # past the axis is cut at its edge and written there, never allowed to stretch it.
+    tokens, values, mark = drawn
+    kinds: set[str] = set()
+    if mark is None:
+        return kinds
+    if (i := real_bottom(tokens, mark)) is not None:
+        style.ring(ax, tokens[i], values[i], color, filled=mark.crossed)
+        kinds.add("bottom")
+    if mark.forecast_tokens is None:
+        return kinds
+    kinds.add("forecast")
+    left, right = ax.get_xlim()
+    t, low, high = mark.forecast_tokens, mark.forecast_low, mark.forecast_high
+    latest = max(tokens)
+
+    def bound(value: float | None) -> str:
+        return style.bound_text(value, latest)
+
+    if left <= t <= right:
+        ax.axvline(t, color=color, linestyle="--", linewidth=1.2)
+    if low is not None and (start := max(low, left)) < (end := min(high or math.inf, right)):
+        ax.axvspan(start, end, color=color, alpha=0.08)
+        kinds.add("interval")
+    if t > right:
+        far = bound(t).startswith(">")  # an extrapolation: its interval means nothing more
+        interval = "" if low is None or far else f" [{bound(low)}, {bound(high)}]"
+        style.mark_beyond(ax, f"{label}: T* {bound(t)}{' (extrapolated)' * far}{interval}", color)
+    elif t < left:
+        style.mark_beyond(ax, f"{label}: T* {bound(t)}", color, side="left")
+    elif high is None or high > right:
+        style.mark_beyond(ax, f"{label}: T* interval to {bound(high)}", color)
+    return kinds
 
 
 def plot_signal(
@@ -152,75 +187,40 @@ def plot_signal(
 ) -> bool:
     """Draw ``key`` against tokens with its standard-error band and its inflection marks.
 
-    The bottom found by the detector gets a ring (filled once the inflection is
-    crossed); the forecast ``T*`` a dashed line and its interval a shaded span.
+    A real bottom found by the detector (see :func:`real_bottom`) gets a ring, filled
+    once the inflection is crossed; the forecast ``T*`` a dashed line and its interval a
+    shaded span. The x-axis is fitted to the curves drawn so far: a forecast past it is
+    cut at the edge and written there (``γ=1: T* 20M [3M, 40M] →``).
+
+    Args:
+        ax: the axes to draw on.
+        records: the history.
+        key: the signal's record key.
+        label: its legend label (``(crossed)`` is added once crossed).
+        color: its colour (see :func:`~lightning_overtrain.reporting.figure_style.palette`).
+        linestyle: its line style.
 
     Returns:
         Whether anything was drawn.
+
+    Example::
+
+        fig, (ax,) = figure_style.new_figure(1, "mine")
+        plot_signal(ax, records, "noise/gamma=1/perturbed_loss", label="γ=1", color="C0")
     """
-    tokens, values, errors = series(records, key)
-    if not tokens:
+    drawn = _draw_curve(ax, records, key, label, color, linestyle)
+    if drawn is None:
         return False
-    mark = inflection(records, key)
-    if mark is not None and mark.crossed:
-        label = f"{label} (crossed)"
-    ax.plot(tokens, values, marker="o", markersize=3, color=color, linestyle=linestyle, label=label)
-    if any(e is not None for e in errors):
-        low = [y - (e or 0.0) for y, e in zip(values, errors)]
-        high = [y + (e or 0.0) for y, e in zip(values, errors)]
-        ax.fill_between(tokens, low, high, color=color, alpha=0.15, linewidth=0)
-    if mark is None:
-        return True
-    if mark.bottom_tokens is not None:
-        bottom = mark.bottom_tokens
-        nearest = min(range(len(tokens)), key=lambda i: abs(math.log(tokens[i] / bottom)))
-        ax.plot(
-            [bottom],
-            [values[nearest]],
-            marker="o",
-            markersize=10,
-            markerfacecolor=color if mark.crossed else "none",
-            markeredgecolor=color,
-            markeredgewidth=1.5,
-            alpha=0.8,
-        )
-    if mark.forecast_tokens is not None:
-        reach = max(tokens) * _MAX_FORECAST_REACH
-        if mark.forecast_tokens <= reach:
-            ax.axvline(mark.forecast_tokens, color=color, linestyle="--", linewidth=1.2)
-        low, high = mark.forecast_low, mark.forecast_high
-        if low is not None and low <= reach:
-            high = reach if high is None else min(high, reach)
-            ax.axvspan(low, high, color=color, alpha=0.08)
+    style.fit_tokens(ax)
+    _draw_marks(ax, drawn, label, color)
     return True
-
-
-def _legend(ax: Axes, marks: bool) -> None:
-    handles, labels = ax.get_legend_handles_labels()
-    if marks:
-        from matplotlib.lines import Line2D
-        from matplotlib.patches import Patch
-
-        handles += [
-            Line2D([], [], marker="o", color="grey", markerfacecolor="none", linestyle="none"),
-            Line2D([], [], color="grey", linestyle="--"),
-            Patch(color="grey", alpha=0.2),
-        ]
-        labels += ["bottom (filled: crossed)", "forecast T*", "T* interval"]
-    if handles:
-        ax.legend(handles, labels, fontsize=7, loc="best")
-
-
-def _has_marks(records: Records, names: Iterable[str]) -> bool:
-    return any(inflection(records, k) is not None for k in names)
 
 
 def _colors_by_label(figure: Sequence[Signal], bases: set[str]) -> dict[str, Any]:
     # One colour per label across a figure's panels (the same gamma in both), the
     # falling base terms in black.
     labels = list(dict.fromkeys(s.label for s in figure if s.key not in bases))
-    cmap = "viridis" if figure[0].figure == "noise" else "plasma"
-    return dict(zip(labels, _colors(len(labels), cmap)))
+    return dict(zip(labels, style.palette(len(labels), "plasma")))
 
 
 def _panels(figure: Sequence[Signal]) -> dict[str, list[Signal]]:
@@ -230,41 +230,44 @@ def _panels(figure: Sequence[Signal]) -> dict[str, list[Signal]]:
     return panels
 
 
+def _units(signals: Sequence[Signal]) -> str:
+    # The y-label names what the panel's curves are, in their declared units.
+    return " / ".join(dict.fromkeys(s.unit for s in signals))
+
+
 def line_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
     """One panel per declared ``panel`` with data, each signal a curve; None without data.
 
     A panel's signals that share a ``base`` not drawn in the figure get it as a dotted
-    black curve; a signal that is another's ``base`` is drawn in black.
+    black curve; a signal that is another's ``base`` is drawn in black. Each panel's
+    y-label is its signals' ``unit``; its x-axis fits the data (see :func:`plot_signal`).
     """
     present = [s for s in figure if series(records, s.key)[0]]
     if not present:
         return None
     in_figure = {s.key for s in present}
-    bases = {s.base for s in figure if s.base is not None}
+    # The reference loss is black even before any perturbed loss names it as its base.
+    bases = {s.base for s in figure if s.base is not None} | {keys.REFERENCE_LOSS}
     colors = _colors_by_label(present, bases)
     panels = _panels(present)
-    fig, axes = _new_figure(len(panels), present[0].title)
+    fig, axes = style.new_figure(len(panels), present[0].title)
     for ax, (title, signals) in zip(axes, panels.items()):
         shared = {s.base for s in signals}
         base = shared.pop() if len(shared) == 1 else None
-        if base is not None and base not in in_figure:
-            plot_signal(ax, records, base, label="reference", color="black", linestyle=":")
+        todo = [(base, "reference", "black", ":")] if base and base not in in_figure else []
         for signal in signals:
-            black = signal.key in bases
-            color = "black" if black else colors[signal.label]
-            plot_signal(ax, records, signal.key, label=signal.label, color=color)
-        _tokens_axis(ax, signals[-1].unit, title)
-        _legend(ax, _has_marks(records, [s.key for s in signals]))
+            color = "black" if signal.key in bases else colors[signal.label]
+            todo.append((signal.key, signal.label, color, "-"))
+        curves = [(label, c, _draw_curve(ax, records, k, label, c, ls)) for k, label, c, ls in todo]
+        style.fit_tokens(ax)  # to every curve first, so no mark decides the axis
+        marks: set[str] = set()
+        for label, color, drawn in curves:
+            if drawn is not None:
+                marks |= _draw_marks(ax, drawn, label, color)
+        ax.set_ylabel(_units(signals))
+        ax.set_title(title, fontsize=10)
+        style.legend(ax, sorted(marks))
     return fig
-
-
-def _log_edges(tokens: Sequence[float]) -> list[float]:
-    # Cell borders halfway between snapshots in log space, so each column sits on its T.
-    logs = [math.log(t) for t in tokens]
-    if len(logs) == 1:
-        return [tokens[0] / math.sqrt(2), tokens[0] * math.sqrt(2)]
-    mids = [(a + b) / 2 for a, b in itertools.pairwise(logs)]
-    return [math.exp(x) for x in [2 * logs[0] - mids[0], *mids, 2 * logs[-1] - mids[-1]]]
 
 
 def heatmap_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
@@ -276,7 +279,7 @@ def heatmap_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
     import numpy as np
 
     panels = _panels(present)
-    fig, axes = _new_figure(len(panels), present[0].title, left=0.9)
+    fig, axes = style.new_figure(len(panels), present[0].title)
     for ax, (title, signals) in zip(axes, panels.items()):
         layers = [s.label for s in signals]
         names = [s.key for s in signals]
@@ -292,18 +295,20 @@ def heatmap_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
         tokens = [float(r[keys.TOKENS]) for r in rows]
         grid = np.array([[finite(r.get(k)) for r in rows] for k in names], dtype=float)
         mesh = ax.pcolormesh(
-            _log_edges(tokens),
+            style.log_edges(tokens),
             np.arange(len(layers) + 1),
             np.ma.masked_invalid(grid),
             cmap="magma",
             shading="flat",
         )
         ax.set_xscale("log")
+        style.tokens_axis(ax)
+        ax.grid(False)
         ax.set_yticks(np.arange(len(layers)) + 0.5, layers, fontsize=7)
         ax.invert_yaxis()  # the first layer on top, as in the model
-        ax.set_xlabel("tokens")
+        ax.set_ylabel("layer")
         ax.set_title(title, fontsize=10)
-        fig.colorbar(mesh, ax=ax, label=signals[0].unit)
+        fig.colorbar(mesh, ax=ax, label=_units(signals))
     return fig
 
 
