@@ -73,7 +73,7 @@ class ByteWindows(Dataset):
 
 
 class TinyCausalLM(pl.LightningModule):
-    """A small GPT-2 trained with AdamW, the shape of DESIGN.md section 4's prototype.
+    """A small GPT-2 trained with AdamW (by default 125k parameters: 2 layers, width 64).
 
     Args:
         n_layer: transformer blocks.
@@ -120,6 +120,10 @@ class TinyCausalLM(pl.LightningModule):
             eos_token_id=None,
         )
         self.model = GPT2LMHeadModel(config)
+        # transformers picks the loss from the class name, and "GPT2LMHeadModel" matches no
+        # entry of its LOSS_MAPPING: it would warn "`loss_type=None` ... unrecognized" and use
+        # the causal-LM loss anyway. Name that loss, so the demo model raises no warning.
+        self.model.loss_type = "ForCausalLM"
 
     def forward(self, **batch: Any) -> Any:
         return self.model(**batch)
