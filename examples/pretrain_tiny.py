@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import time
-import warnings
 
 import lightning.pytorch as pl
 import torch
@@ -30,7 +29,13 @@ from torch.utils.data import DataLoader
 
 from lightning_overtrain import FineTuneProbe, NoiseProbe, OvertrainingMonitor
 from lightning_overtrain.cli.text import read_text_files, split_text
-from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
+from lightning_overtrain.testing.demo import (
+    ByteWindows,
+    TinyCausalLM,
+    english_prose,
+    quiet_known_warnings,
+    stdlib_code,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,17 +66,6 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--no-wandb", action="store_true", help="skip the offline W&B run")
     return parser.parse_args()
-
-
-def quiet_known_warnings() -> None:
-    """Silence the dependency warnings this run is known to raise, each harmless here."""
-    # torch >= 2.9 deprecates `LeafSpec`, which lightning 2.6's `utilities/_pytree.py`
-    # still builds at every training step (lightning's business, no effect on the run).
-    warnings.filterwarnings(
-        "ignore",
-        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-        category=FutureWarning,
-    )
 
 
 def files_written(out: str, wandb_run: str | None) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sysconfig
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,6 +20,23 @@ from torch.utils.data import Dataset
 from lightning_overtrain.engine.losses import transformers_loss
 
 VOCAB_SIZE = 256  # bytes are the tokens: no tokenizer to download
+
+
+def quiet_known_warnings() -> None:
+    """Silence the dependency warnings the examples are known to raise, each harmless.
+
+    The same filters as the test configuration (``pyproject.toml``); anything else
+    still shows.
+    """
+    # torch 2.13 deprecates `LeafSpec`, which lightning 2.6's `utilities/_pytree.py`
+    # still builds at every training step (lightning's to change; no effect on the run).
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+    )
+    # jsonargparse 4.49 deprecates calls that LightningCLI 2.6 still makes.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="lightning.pytorch.cli")
 
 
 def stdlib_code(max_bytes: int = 30_000_000) -> bytes:
