@@ -97,6 +97,7 @@ def copy_plot(trainer: pl.Trainer, target: str) -> None:
 
 def main(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI (``args`` as on the command line, minus ``--plot PATH``)."""
+    from_command_line = args is None
     args = list(sys.argv[1:] if args is None else args)
     quiet_known_warnings()
     plot = None
@@ -104,7 +105,13 @@ def main(args: list[str] | None = None) -> LightningCLI:
         at = args.index("--plot")
         plot = args[at + 1]
         del args[at : at + 2]
-    cli = LightningCLI(TinyCausalLM, StdlibCode, args=args)
+    if from_command_line:
+        # LightningCLI warns when given both `args` and a command line: hand it the command
+        # line itself, without our --plot.
+        sys.argv[1:] = args
+        cli = LightningCLI(TinyCausalLM, StdlibCode)
+    else:
+        cli = LightningCLI(TinyCausalLM, StdlibCode, args=args)
     if plot is not None:
         copy_plot(cli.trainer, plot)
     return cli

@@ -178,8 +178,8 @@ class OvertrainingMonitor(Callback):
             raise ValueError(
                 f"Pass `reference_batches` or `reference_tokens`, not both, got"
                 f" reference_batches={reference_batches!r} and"
-                f" reference_tokens={reference_tokens!r}. Keep reference_tokens=8192 to size"
-                " the reference set in tokens."
+                f" reference_tokens={reference_tokens!r}. Drop one, e.g. keep only"
+                " reference_tokens=8192 to size the reference set in tokens."
             )
         if reference_batches is not None:
             reference_batches = check_int(
