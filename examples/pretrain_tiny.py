@@ -49,7 +49,10 @@ def parse_args() -> argparse.Namespace:
         "--out", default="runs/pretrain_tiny", help="where logs, curves and the W&B run go"
     )
     parser.add_argument(
-        "--max-steps", type=int, default=3000, help="optimizer steps (32 x 128 tokens each)"
+        "--max-steps",
+        type=int,
+        default=2500,
+        help="optimizer steps (32 x 128 tokens each; 2500 passes the 10M-token snapshot)",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--context", type=int, default=128)
