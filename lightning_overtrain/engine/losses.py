@@ -140,7 +140,7 @@ def check_loss(
 
 
 def _name(fn: Any) -> str:
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    return getattr(fn, "__name__", None) or repr(fn)  # a functools.partial has no name
 
 
 def _loss_failed(loss_fn: LossFn, batch: Any, argument: str, exc: Exception) -> str:
