@@ -35,7 +35,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lightning_overtrain import FineTuneProbe, ModelBackup, ProbeContext
+from lightning_overtrain import FineTuneProbe, ProbeContext
+from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.losses import transformers_loss
 from lightning_overtrain.probes.cooldown import CooldownBranch
 from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code

@@ -29,7 +29,8 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_overtrain import ModelBackup, NoiseProbe, ProbeContext
+from lightning_overtrain import NoiseProbe, ProbeContext
+from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.losses import loss_sums, transformers_loss
 from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.probes.noise import noise_direction_seed, perturb_

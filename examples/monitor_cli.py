@@ -31,7 +31,12 @@ from torch.utils.data import DataLoader
 
 from lightning_overtrain import OvertrainingMonitor
 from lightning_overtrain.cli.text import split_text
-from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, stdlib_code
+from lightning_overtrain.testing.demo import (
+    ByteWindows,
+    TinyCausalLM,
+    quiet_known_warnings,
+    stdlib_code,
+)
 
 HELD_OUT = 0.02
 
@@ -67,7 +72,7 @@ class HeldOutBatches:
         max_bytes: how much source text to read (match the data module's).
         context: tokens per sequence.
         batch_size: sequences per batch.
-        batches: how many batches (8 x 8 x 128 = 8k tokens is enough, DESIGN.md section 4).
+        batches: how many batches (8 x 8 x 128 = 8k tokens is enough for a stable loss).
     """
 
     def __init__(
@@ -92,13 +97,21 @@ def copy_plot(trainer: pl.Trainer, target: str) -> None:
 
 def main(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI (``args`` as on the command line, minus ``--plot PATH``)."""
+    from_command_line = args is None
     args = list(sys.argv[1:] if args is None else args)
+    quiet_known_warnings()
     plot = None
     if "--plot" in args:
         at = args.index("--plot")
         plot = args[at + 1]
         del args[at : at + 2]
-    cli = LightningCLI(TinyCausalLM, StdlibCode, args=args)
+    if from_command_line:
+        # LightningCLI warns when given both `args` and a command line: hand it the command
+        # line itself, without our --plot.
+        sys.argv[1:] = args
+        cli = LightningCLI(TinyCausalLM, StdlibCode)
+    else:
+        cli = LightningCLI(TinyCausalLM, StdlibCode, args=args)
     if plot is not None:
         copy_plot(cli.trainer, plot)
     return cli

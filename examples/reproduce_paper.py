@@ -51,21 +51,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from lightning_overtrain import (
-    FineTuneProbe,
-    ModelBackup,
-    NoiseProbe,
-    ProbeContext,
-    count_tokens,
-    init_std_from_weights,
-    keys,
-    read_history,
-    transformers_loss,
-    write_history,
-)
+from lightning_overtrain import FineTuneProbe, NoiseProbe, ProbeContext, keys, read_history
 from lightning_overtrain.cli.text import split_text
+from lightning_overtrain.engine.backup import ModelBackup
+from lightning_overtrain.engine.init_std import init_std_from_weights
+from lightning_overtrain.engine.losses import transformers_loss
 from lightning_overtrain.engine.snapshot import measure_snapshot
-from lightning_overtrain.history import Record
+from lightning_overtrain.engine.tokens import count_tokens
+from lightning_overtrain.history import Record, write_history
 from lightning_overtrain.inflection.detector import InflectionDetector
 from lightning_overtrain.probes.cooldown import CooldownBranch
 from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code

@@ -1,66 +1,72 @@
 """lightning-overtrain: watch a pretraining run for catastrophic overtraining, live.
 
-Public API::
+The public API is the names a user writes::
 
-    from lightning_overtrain import OvertrainingMonitor, NoiseProbe
+    from lightning_overtrain import NoiseProbe, OvertrainingMonitor
+
+Everything else is imported from its module, e.g.
+``from lightning_overtrain.reporting import PlotReporter`` or
+``from lightning_overtrain.engine.backup import ModelBackup``.
+
+The names load on first use (PEP 562): ``import lightning_overtrain`` alone, and the
+``lightning-overtrain`` command's ``--help``, import neither torch nor Lightning.
 """
 
-from lightning_overtrain.callbacks.cadence import Cadence
-from lightning_overtrain.callbacks.monitor import OvertrainingMonitor
-from lightning_overtrain.engine.backup import ModelBackup, borrowed
-from lightning_overtrain.engine.init_std import init_std_from_weights
-from lightning_overtrain.engine.losses import transformers_loss
-from lightning_overtrain.engine.tokens import count_tokens
-from lightning_overtrain.history import read_history, write_history
-from lightning_overtrain.inflection.detector import InflectionDetector, InflectionState
-from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
-from lightning_overtrain.probes import (
-    FineTuneProbe,
-    NoiseProbe,
-    Probe,
-    ProbeContext,
-    ProbeFailure,
-    perturb_,
-)
-from lightning_overtrain.probes.layers import infer_layer_groups
-from lightning_overtrain.reporting import (
-    FileReporter,
-    LoggerReporter,
-    PlotReporter,
-    Reporter,
-    WandbReporter,
-)
-from lightning_overtrain.reporting.figures import render_figures, write_figures
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
 
+# Each public name and the module that defines it.
+_LAZY = {
+    "OvertrainingMonitor": "lightning_overtrain.callbacks.monitor",
+    "NoiseProbe": "lightning_overtrain.probes.noise",
+    "FineTuneProbe": "lightning_overtrain.probes.finetune",
+    "InflectionPolicy": "lightning_overtrain.inflection.policy",
+    "InflectionDetector": "lightning_overtrain.inflection.detector",
+    "Probe": "lightning_overtrain.engine.contract",
+    "ProbeContext": "lightning_overtrain.engine.contract",
+    "ProbeFailure": "lightning_overtrain.engine.contract",
+    "Reporter": "lightning_overtrain.reporting.base",
+    "read_history": "lightning_overtrain.history",
+}
+
+# Written out, not computed, so linters and type checkers read it.
 __all__ = [
-    "Cadence",
-    "Decision",
-    "FileReporter",
     "FineTuneProbe",
     "InflectionDetector",
     "InflectionPolicy",
-    "InflectionState",
-    "LoggerReporter",
-    "ModelBackup",
     "NoiseProbe",
     "OvertrainingMonitor",
-    "PlotReporter",
     "Probe",
     "ProbeContext",
     "ProbeFailure",
     "Reporter",
-    "WandbReporter",
     "__version__",
-    "borrowed",
-    "count_tokens",
-    "infer_layer_groups",
-    "init_std_from_weights",
-    "perturb_",
     "read_history",
-    "render_figures",
-    "transformers_loss",
-    "write_figures",
-    "write_history",
 ]
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads them
+    from lightning_overtrain.callbacks.monitor import OvertrainingMonitor
+    from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
+    from lightning_overtrain.history import read_history
+    from lightning_overtrain.inflection.detector import InflectionDetector
+    from lightning_overtrain.inflection.policy import InflectionPolicy
+    from lightning_overtrain.probes.finetune import FineTuneProbe
+    from lightning_overtrain.probes.noise import NoiseProbe
+    from lightning_overtrain.reporting.base import Reporter
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -3,19 +3,40 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
 
 def check_int(name: str, value: Any, minimum: int, fix: str) -> int:
-    """Return ``value`` if it is an int (not a bool) of at least ``minimum``.
+    """Return ``value`` as an int if it is a whole number (not a bool) of at least ``minimum``.
+
+    An integral float such as ``1e6`` is accepted and returned as ``1_000_000``: token
+    counts are naturally written that way. ``1.5``, ``nan`` and ``inf`` are refused.
+
+    Args:
+        name: the argument's name, for the message.
+        value: what the user passed.
+        minimum: the smallest value allowed.
+        fix: what to pass instead, appended to the message.
+
+    Returns:
+        The value as a Python int.
 
     Raises:
         ValueError: ``"`name` must be an int >= minimum, got value. fix"``.
+
+    Example::
+
+        >>> check_int("start_tokens", 1e6, 1, "Pass e.g. start_tokens=1_000_000.")
+        1000000
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    whole = isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
+    )
+    if isinstance(value, bool) or not whole or value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}. {fix}")
-    return value
+    return int(value)
 
 
 def check_positive_numbers(

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_overtrain import ModelBackup, ProbeContext
+from lightning_overtrain import ProbeContext
+from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
 
 os.environ.setdefault("WANDB_MODE", "offline")

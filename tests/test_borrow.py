@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_overtrain import ModelBackup, borrowed
+from lightning_overtrain.engine.backup import ModelBackup, borrowed
 
 
 def small_model() -> nn.Module:

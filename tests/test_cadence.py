@@ -1,6 +1,6 @@
 import pytest
 
-from lightning_overtrain.callbacks.cadence import Cadence
+from lightning_overtrain.callbacks.cadence import DEFAULT_START_TOKENS, Cadence
 
 
 def test_every_n_steps_is_due_on_multiples_only():
@@ -39,7 +39,9 @@ def test_cadence_state_round_trips():
         ({"every_n_steps": 10, "every_n_tokens": 100}, "exactly one snapshot cadence"),
         ({"every_n_steps": 0}, "`every_n_steps` must be an int >= 1, got 0"),
         ({"every_n_tokens": 2.5}, "`every_n_tokens` must be an int >= 1, got 2.5"),
-        ({"points_per_decade": 4}, "needs `start_tokens`"),
+        ({"every_n_tokens": 1e5 + 0.5}, "`every_n_tokens` must be an int >= 1, got 100000.5"),
+        ({"points_per_decade": 4, "start_tokens": 1.5}, "`start_tokens` must be an int >= 1"),
+        ({"points_per_decade": 4, "start_tokens": float("nan")}, "`start_tokens` must be an int"),
         (
             {"points_per_decade": 4, "start_tokens": -5},
             "`start_tokens` must be an int >= 1, got -5",
@@ -51,3 +53,17 @@ def test_cadence_state_round_trips():
 def test_bad_cadence_is_rejected_with_the_argument_named(kwargs, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(")):
         Cadence(**kwargs)
+
+
+def test_points_per_decade_alone_starts_at_the_documented_default():
+    cadence = Cadence(points_per_decade=4)
+    assert cadence.start_tokens == DEFAULT_START_TOKENS == 1_000_000
+    assert [cadence.due(1, t) for t in (999_999, 1_000_000)] == [False, True]
+    assert cadence.describe() == "4 per decade of tokens from 1,000,000"
+
+
+def test_integral_floats_are_taken_as_ints():
+    cadence = Cadence(points_per_decade=4.0, start_tokens=1e6)
+    assert (cadence.points_per_decade, cadence.start_tokens) == (4, 1_000_000)
+    assert type(cadence.start_tokens) is int and type(cadence.points_per_decade) is int
+    assert Cadence(every_n_tokens=1e8).every_n_tokens == 100_000_000

@@ -17,7 +17,8 @@ from conftest import (
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_overtrain import FineTuneProbe, ModelBackup, NoiseProbe, OvertrainingMonitor
+from lightning_overtrain import FineTuneProbe, NoiseProbe, OvertrainingMonitor
+from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.contract import ProbeContext, ProbeFailure
 from lightning_overtrain.engine.losses import transformers_loss
 from lightning_overtrain.probes.cooldown import CooldownBranch, copy_optimizer

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,4 +49,26 @@ def test_the_example_writes_curves_and_an_offline_wandb_run(tmp_path):
         last["finetune/lr=0.001/reference_loss_after"] - last["reference_loss"]
     )
     assert (out / "overtrain" / "plots" / "noise.png").is_file()
-    assert str(out / "overtrain" / "history.jsonl") in proc.stdout
+    # It talks while it trains: one line per snapshot, through Lightning's logger.
+    talk = [line for line in proc.stderr.splitlines() if line.startswith("OvertrainingMonitor @")]
+    assert [line.split(" tokens")[0] for line in talk] == [
+        "OvertrainingMonitor @ 8.19k",
+        "OvertrainingMonitor @ 26.6k",
+    ]
+    # Its last lines name every file it wrote: history, plots, the best checkpoint.
+    listed = proc.stdout.split("Files written:\n")[-1].split()
+    for path in (
+        out / "overtrain" / "history.jsonl",
+        out / "overtrain" / "history.csv",
+        out / "overtrain" / "plots" / "noise.png",
+        out / "overtrain" / "plots" / "finetune.png",
+        out / "overtrain" / "best.ckpt",
+        out / "summary.json",
+    ):
+        assert path.is_file() and str(path) in listed, path
+    assert summary["best_checkpoint"] == str(out / "overtrain" / "best.ckpt")
+    assert f"W&B run (offline; upload with `wandb sync {summary['wandb_run']}`)" in proc.stdout
+    # Quiet: no warning of its own or from a dependency it knows about.
+    # (a Python warning prints as `path.py:line: message`, Lightning's format included)
+    assert not re.search(r"\.py:\d+: ", proc.stderr), proc.stderr[-3000:]
+    assert "loss_type=None" not in proc.stderr and "anonymous setting" not in proc.stderr

@@ -18,13 +18,8 @@ from conftest import (
 )
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_overtrain import (
-    FineTuneProbe,
-    ModelBackup,
-    NoiseProbe,
-    OvertrainingMonitor,
-    ProbeContext,
-)
+from lightning_overtrain import FineTuneProbe, NoiseProbe, OvertrainingMonitor, ProbeContext
+from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.losses import transformers_loss
 from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.testing.demo import ByteWindows

@@ -5,10 +5,11 @@ import torch
 from conftest import make_module, quadratic_context, reference_batches
 from torch import nn
 
-from lightning_overtrain import ModelBackup, NoiseProbe, ProbeContext, infer_layer_groups, keys
+from lightning_overtrain import NoiseProbe, ProbeContext, keys
+from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.losses import transformers_loss
 from lightning_overtrain.engine.snapshot import measure_snapshot
-from lightning_overtrain.probes.layers import group_parameters
+from lightning_overtrain.probes.layers import group_parameters, infer_layer_groups
 
 
 class Quadratic(nn.Module):

@@ -6,9 +6,10 @@ import torch
 from conftest import SIGMAS, make_module, quadratic_context
 from torch import nn
 
-from lightning_overtrain import ModelBackup, NoiseProbe, perturb_
+from lightning_overtrain import NoiseProbe
+from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.snapshot import measure_snapshot
-from lightning_overtrain.probes.noise import noise_direction_seed, summarize_noise
+from lightning_overtrain.probes.noise import noise_direction_seed, perturb_, summarize_noise
 
 
 class Quadratic(nn.Module):

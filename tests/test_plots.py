@@ -311,6 +311,7 @@ def test_history_and_pngs_are_written_for_any_logger(tmp_path, code_text, logger
         "LoggerReporter",
         "FileReporter",
         "PlotReporter",
+        "ConsoleReporter",
     ]
     expected_root = str(tmp_path) if logger == "none" else trainer.log_dir
     assert monitor.dirpath == os.path.join(expected_root, "overtrain")
@@ -351,7 +352,10 @@ def test_matplotlib_stays_optional(tmp_path):
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=240
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "['LoggerReporter', 'FileReporter'] 1"
+    assert (
+        out.stdout.strip().splitlines()[-1]
+        == "['LoggerReporter', 'FileReporter', 'ConsoleReporter'] 1"
+    )
     assert (tmp_path / "overtrain" / "history.jsonl").exists()
 
 

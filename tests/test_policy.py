@@ -14,10 +14,11 @@ from conftest import (
     train_loader,
 )
 
-from lightning_overtrain import FileReporter, InflectionPolicy, OvertrainingMonitor, Probe, Reporter
+from lightning_overtrain import InflectionPolicy, OvertrainingMonitor, Probe, Reporter
 from lightning_overtrain import keys as metric_keys
 from lightning_overtrain.inflection.signals import decomposed_terms
 from lightning_overtrain.keys import key_pattern
+from lightning_overtrain.reporting.files import FileReporter
 from lightning_overtrain.testing.synthetic import make_curve
 
 SIGNAL = "noise/gamma=1/perturbed_loss"

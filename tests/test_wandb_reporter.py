@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 import lightning_overtrain.reporting.wandb as module
 from lightning_overtrain import OvertrainingMonitor
 from lightning_overtrain.reporting.base import RunView
+from lightning_overtrain.reporting.console import ConsoleReporter
 from lightning_overtrain.reporting.loggers import LoggerReporter
 from lightning_overtrain.reporting.png import PlotReporter
 from lightning_overtrain.reporting.wandb import WandbReporter
@@ -276,7 +277,7 @@ def test_the_monitor_adds_the_wandb_reporter_first_only_with_a_wandb_logger(tmp_
     monitor = OvertrainingMonitor(reference_data=[{"input_ids": [[1, 2]]}], every_n_steps=1)
     tr = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), loggers=[])
     monitor.setup(tr, None, "fit")
-    assert [type(r) for r in monitor.reporters][-1] is PlotReporter
+    assert [type(r) for r in monitor.reporters][-2:] == [PlotReporter, ConsoleReporter]
     assert not any(isinstance(r, WandbReporter) for r in monitor.reporters)
     tr.loggers = [CSVLogger(tmp_path), WandbLogger(project="t")]
     monitor.setup(tr, None, "fit")
@@ -285,6 +286,7 @@ def test_the_monitor_adds_the_wandb_reporter_first_only_with_a_wandb_logger(tmp_
         "LoggerReporter",
         "FileReporter",
         "PlotReporter",
+        "ConsoleReporter",
     ]
 
 

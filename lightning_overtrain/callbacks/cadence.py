@@ -2,6 +2,9 @@
 
 The paper's x-axis is log tokens, so ``points_per_decade`` is the natural choice:
 snapshot ``k`` is due at ``start_tokens * 10 ** (k / points_per_decade)``.
+
+Counts are whole numbers, but ``1e6`` is accepted for ``1_000_000``
+(see :func:`~lightning_overtrain.checks.check_int`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_overtrain.checks import check_int
+
+#: The first log-spaced snapshot when ``points_per_decade`` comes without ``start_tokens``.
+DEFAULT_START_TOKENS = 1_000_000
 
 
 def _positive_int(name: str, value: Any, example: int) -> int:
@@ -27,7 +33,8 @@ class Cadence:
         every_n_tokens: a snapshot each time the run's token count passes a multiple of N.
         points_per_decade: log-spaced snapshots, this many per factor of 10 in tokens,
             the first at ``start_tokens``.
-        start_tokens: the first log-spaced snapshot (only with ``points_per_decade``).
+        start_tokens: the first log-spaced snapshot (only with ``points_per_decade``);
+            default :data:`DEFAULT_START_TOKENS` (1M tokens).
 
     Raises:
         ValueError: if none or several ways are chosen, or a value is not a positive int.
@@ -59,10 +66,12 @@ class Cadence:
             raise ValueError(
                 f"Choose exactly one snapshot cadence, got {chosen or 'none'}. Pass one of"
                 " `every_n_steps=1000`, `every_n_tokens=100_000_000` or"
-                " `points_per_decade=4` (log-spaced tokens, with `start_tokens`)."
+                " `points_per_decade=4` (log-spaced tokens from `start_tokens`, default 1M)."
             )
         name, value = next(iter(chosen.items()))
-        _positive_int(name, value, {"every_n_steps": 1000, "every_n_tokens": 10**8}.get(name, 4))
+        example = {"every_n_steps": 1000, "every_n_tokens": 10**8}.get(name, 4)
+        # Stored as ints: 1e6 is accepted for 1_000_000, so thresholds and logs stay whole.
+        setattr(self, name, _positive_int(name, value, example))
         if self.points_per_decade is None and self.start_tokens is not None:
             raise ValueError(
                 f"`start_tokens={self.start_tokens!r}` only applies to `points_per_decade`."
@@ -70,11 +79,8 @@ class Cadence:
             )
         if self.points_per_decade is not None:
             if self.start_tokens is None:
-                raise ValueError(
-                    "`points_per_decade` needs `start_tokens`, the token count of the first"
-                    " snapshot. Pass e.g. start_tokens=1_000_000."
-                )
-            _positive_int("start_tokens", self.start_tokens, 10**6)
+                self.start_tokens = DEFAULT_START_TOKENS
+            self.start_tokens = _positive_int("start_tokens", self.start_tokens, 10**6)
 
     def threshold(self, index: int) -> float:
         """The token count at which log-spaced or every-N-tokens snapshot ``index`` is due."""

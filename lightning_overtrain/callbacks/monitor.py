@@ -36,6 +36,7 @@ from lightning_overtrain.engine.collectives import all_reduce_sum, world_size
 from lightning_overtrain.engine.contract import Probe, ProbeContext, declared_signals
 from lightning_overtrain.engine.data import (
     ReferenceData,
+    TokenBudget,
     check_batches_argument,
     fingerprint_batches,
     split_for_rank,
@@ -62,6 +63,7 @@ from lightning_overtrain.keys import Signal
 from lightning_overtrain.probes.cooldown import CooldownBranch
 from lightning_overtrain.probes.noise import NoiseProbe
 from lightning_overtrain.reporting.base import Reporter, RunView
+from lightning_overtrain.reporting.console import ConsoleReporter
 from lightning_overtrain.reporting.files import FileReporter
 from lightning_overtrain.reporting.loggers import LoggerReporter
 from lightning_overtrain.reporting.png import PlotReporter, matplotlib_available
@@ -94,8 +96,13 @@ class OvertrainingMonitor(Callback):
         every_n_steps: snapshot every N optimizer steps.
         every_n_tokens: snapshot every N tokens.
         points_per_decade: log-spaced snapshots, this many per decade of tokens ...
-        start_tokens: ... starting at this token count.
+        start_tokens: ... starting at this token count (default 1M tokens). Counts may
+            be written as integral floats: ``start_tokens=1e6``.
         reference_batches: take at most this many batches from ``reference_data``.
+        reference_tokens: or size the reference set in tokens: take whole batches until
+            they hold at least this many (counted by ``tokens_fn``; about 8k is enough
+            for the paper's probes). Not with ``reference_batches``. Default: every batch
+            of ``reference_data``.
         loss_fn: ``loss_fn(module, batch) -> scalar mean loss``; default
             ``module(**batch).loss``, the transformers convention.
         tokens_fn: ``tokens_fn(batch) -> int``; default counts ``attention_mask`` or
@@ -111,8 +118,9 @@ class OvertrainingMonitor(Callback):
         dirpath: where history files go; default ``<trainer.log_dir>/<prefix>``.
         prefix: the metric prefix and state key, e.g. ``overtrain/tokens``.
         reporters: replace the default reporters: ``WandbReporter`` (with a
-            ``WandbLogger``; list it first), ``LoggerReporter``, ``FileReporter`` and
-            ``PlotReporter`` (with matplotlib).
+            ``WandbLogger``; list it first), ``LoggerReporter``, ``FileReporter``,
+            ``PlotReporter`` (with matplotlib) and ``ConsoleReporter`` (one line per
+            snapshot through the ``lightning.pytorch`` logger).
         cooldown_steps: before probing, anneal a branch of the model for this many
             steps of ``cooldown_data`` (the training optimizer's state and lr, decayed
             linearly to 0), so every probe measures "what if pretraining stopped
@@ -159,6 +167,7 @@ class OvertrainingMonitor(Callback):
         points_per_decade: int | None = None,
         start_tokens: int | None = None,
         reference_batches: int | None = None,
+        reference_tokens: int | None = None,
         loss_fn: LossFn | None = None,
         tokens_fn: TokensFn | None = None,
         token_offset: int = 0,
@@ -185,17 +194,33 @@ class OvertrainingMonitor(Callback):
                 f" got {list(probes) if probes is not None else probes!r}."
                 " Pass e.g. probes=[NoiseProbe(gammas=(0.25, 0.5, 1.0))]."
             )
+        if reference_batches is not None and reference_tokens is not None:
+            raise ValueError(
+                f"Pass `reference_batches` or `reference_tokens`, not both, got"
+                f" reference_batches={reference_batches!r} and"
+                f" reference_tokens={reference_tokens!r}. Drop one, e.g. keep only"
+                " reference_tokens=8192 to size the reference set in tokens."
+            )
         if reference_batches is not None:
-            check_int(
+            reference_batches = check_int(
                 "reference_batches",
                 reference_batches,
                 1,
                 "Pass how many held-out batches to keep (about 8k tokens is enough), or None.",
             )
+        if reference_tokens is not None:
+            reference_tokens = check_int(
+                "reference_tokens",
+                reference_tokens,
+                1,
+                "Pass the reference set's size in tokens, e.g. reference_tokens=8192, or None.",
+            )
         for name, fn in (("loss_fn", loss_fn), ("tokens_fn", tokens_fn)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"`{name}` must be callable or None, got {fn!r}.")
-        check_int("token_offset", token_offset, 0, "Pass the tokens seen before this run, or 0.")
+        token_offset = check_int(
+            "token_offset", token_offset, 0, "Pass the tokens seen before this run, or 0."
+        )
         check_init_std(init_std)
         if on_probe_error not in _ON_PROBE_ERROR:
             raise ValueError(
@@ -205,7 +230,7 @@ class OvertrainingMonitor(Callback):
             raise ValueError(f"`prefix` must be a non-empty string without spaces, got {prefix!r}.")
         if reporters is not None and not all(isinstance(r, Reporter) for r in reporters):
             raise ValueError(f"`reporters` must be Reporter objects, got {list(reporters)!r}.")
-        check_int(
+        cooldown_steps = check_int(
             "cooldown_steps",
             cooldown_steps,
             0,
@@ -230,10 +255,15 @@ class OvertrainingMonitor(Callback):
                 " Pass e.g. policy=InflectionPolicy(action='stop')."
             )
 
-        self.reference_data = reference_data
         self.reference_batches = reference_batches
         self.loss_fn: LossFn = loss_fn or transformers_loss
         self.tokens_fn: TokensFn = tokens_fn or count_tokens
+        # A token budget wraps the data, so the set is taken like any other reference_data.
+        self.reference_data: ReferenceData = (
+            reference_data
+            if reference_tokens is None
+            else TokenBudget(reference_data, reference_tokens, self.tokens_fn)
+        )
         self.token_offset = token_offset
         self.init_std = init_std
         self.on_probe_error = on_probe_error
@@ -347,6 +377,8 @@ class OvertrainingMonitor(Callback):
                 LoggerReporter(),
                 FileReporter(),
                 *([PlotReporter()] if matplotlib_available() else []),
+                # Last: its closing line lists the files the others wrote.
+                ConsoleReporter(),
             ]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

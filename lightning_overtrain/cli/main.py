@@ -16,11 +16,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_overtrain.cli.series import (
-    DEFAULT_AUTO_CLASS,
-    SeriesError,
-)
+# No torch, Lightning or engine import at the top: `--help` answers in well under a second
+# (tests/test_package.py checks that it imports no torch).
 
+DEFAULT_AUTO_CLASS = "transformers:AutoModelForCausalLM"
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
 
@@ -341,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported here: `--help` needs neither torch nor the engine.
     from lightning_overtrain.cli.probe import probe_command
     from lightning_overtrain.cli.report import report_command
+    from lightning_overtrain.cli.series import SeriesError
 
     try:
         if args.command == "watch":

@@ -29,7 +29,6 @@ import torch
 Kind = Literal["lightning", "transformers"]
 LIGHTNING: Kind = "lightning"
 TRANSFORMERS: Kind = "transformers"
-DEFAULT_AUTO_CLASS = "transformers:AutoModelForCausalLM"
 _MONITOR_STATE_PREFIX = "OvertrainingMonitor"
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 _COUNT = re.compile(r"^\s*(\d[\d_]*(?:\.\d+)?)\s*([kmbgt]?)\s*$", re.IGNORECASE)

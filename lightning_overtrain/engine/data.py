@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -78,7 +78,41 @@ def take_batches(
     return batches
 
 
-_ON_PROBE_ERROR = ("warn", "raise")
+class TokenBudget:
+    """The leading batches of ``data`` up to a token budget: a reference set sized in tokens.
+
+    Batches are whole, so the set holds at least ``tokens`` tokens (the last batch may
+    pass the budget) unless ``data`` runs out first. It is a callable like any
+    ``reference_data``, so :func:`take_batches` iterates it under its own RNG isolation.
+
+    Args:
+        data: a DataLoader, a list of batches, or a callable returning either.
+        tokens: the budget, counted with ``tokens_fn``.
+        tokens_fn: tokens in a batch.
+
+    Example::
+
+        >>> batches = [{"input_ids": torch.zeros(2, 8, dtype=torch.long)}] * 10
+        >>> from lightning_overtrain.engine.tokens import count_tokens
+        >>> len(list(TokenBudget(batches, 40, count_tokens)()))
+        3
+    """
+
+    def __init__(self, data: ReferenceData, tokens: int, tokens_fn: TokensFn) -> None:
+        self.data = data
+        self.tokens = tokens
+        self.tokens_fn = tokens_fn
+
+    def __call__(self) -> Iterator[Any]:
+        total = 0
+        for batch in self.data() if callable(self.data) else self.data:
+            yield batch
+            total += checked_token_count(self.tokens_fn, batch)
+            if total >= self.tokens:
+                return
+
+    def __repr__(self) -> str:
+        return f"TokenBudget({type(self.data).__name__}, tokens={self.tokens})"
 
 
 def take_reference_set(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lightning_overtrain.engine.backup import ModelBackup, borrowed
+from lightning_overtrain.engine.tokens import describe_batch
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -38,8 +39,8 @@ def transformers_loss(module: nn.Module, batch: Any) -> torch.Tensor:
     """
     if not isinstance(batch, Mapping):
         raise TypeError(
-            f"The default loss calls `module(**batch).loss` and needs a dict batch, got"
-            f" {type(batch).__name__}. Pass `loss_fn=lambda module, batch: <scalar mean loss>`."
+            f"The default loss needs a dict batch, got {type(batch).__name__}. Pass"
+            " `loss_fn=lambda module, batch: <scalar mean loss>`."
         )
     if "labels" not in batch and "input_ids" in batch:
         labels = batch["input_ids"]
@@ -117,25 +118,48 @@ def check_loss(
 ) -> None:
     """Raise a clear error, before training, if ``loss_fn`` cannot use a batch of ``argument``.
 
-    The model is borrowed (and handed back exactly) for the one forward pass.
+    The model is borrowed (and handed back exactly) for the one forward pass. The
+    message speaks of the loss that was passed: the user's own ``loss_fn`` by name,
+    or the default transformers loss with how to replace it.
 
     Raises:
-        ValueError: naming the loss, the argument, the error, and what to pass instead.
+        ValueError: naming the loss, the argument, the error, and what to do instead.
     """
     with borrowed(module, backup), torch.no_grad():
         try:
             loss = loss_fn(module, batch)
         except Exception as exc:
-            raise ValueError(
-                f"`loss_fn` ({getattr(loss_fn, '__name__', loss_fn)}) failed on the first batch"
-                f" of `{argument}`: {type(exc).__name__}: {exc}. The default calls"
-                " `module(**batch).loss` (transformers convention); check that the batches fit"
-                " the model (keys, token ids < vocabulary size), or pass"
-                " `loss_fn=lambda module, batch: <scalar mean next-token loss>`."
-            ) from exc
+            raise ValueError(_loss_failed(loss_fn, batch, argument, exc)) from exc
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ValueError(
-            f"`loss_fn` must return a scalar tensor for a `{argument}` batch, got"
-            f" {type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}."
+            f"`loss_fn` ({_name(loss_fn)}) must return a scalar tensor for a `{argument}` batch,"
+            f" got {type(loss).__name__}"
+            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}."
             " Return the mean next-token loss of the batch."
         )
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__name__", None) or repr(fn)  # a functools.partial has no name
+
+
+def _loss_failed(loss_fn: LossFn, batch: Any, argument: str, exc: Exception) -> str:
+    # The error's own text, without its final period, so the sentence ends with one.
+    error = f"{type(exc).__name__}: {str(exc).rstrip().rstrip('.')}"
+    where = f"on the first batch of `{argument}` ({describe_batch(batch)})"
+    if loss_fn is transformers_loss:
+        advice = (
+            ""
+            if "loss_fn=" in error  # its own message already says what to pass
+            else " Check that the batches fit the model (keys, token ids < vocabulary size),"
+            " or pass `loss_fn=lambda module, batch: <scalar mean next-token loss>`."
+        )
+        return (
+            f"`loss_fn` is the default, `module(**batch).loss` (the transformers convention),"
+            f" and it failed {where}: {error}.{advice}"
+        )
+    return (
+        f"Your `loss_fn` ({_name(loss_fn)}) failed {where}: {error}. Check that"
+        f" `{_name(loss_fn)}(module, batch)` works on these batches and returns their scalar"
+        " mean loss."
+    )

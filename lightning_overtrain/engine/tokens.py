@@ -44,10 +44,9 @@ def count_tokens(batch: Any) -> int:
     elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         return batch[0].numel()
     raise TypeError(
-        f"Cannot count the tokens in a batch of type {type(batch).__name__}"
-        f"{_describe_keys(batch)}: the default `tokens_fn` reads `attention_mask` or `input_ids`"
-        " from a dict, a tensor, or the first tensor of a tuple. Pass"
-        " `tokens_fn=lambda batch: <number of tokens>` to OvertrainingMonitor."
+        f"Cannot count the tokens in this batch ({describe_batch(batch)}): the default"
+        " `tokens_fn` reads `attention_mask` or `input_ids` from a dict, a tensor, or the first"
+        " tensor of a tuple. Pass `tokens_fn=lambda batch: <number of tokens>`."
     )
 
 
@@ -67,10 +66,28 @@ def checked_token_count(tokens_fn: TokensFn, batch: Any) -> int:
     return count
 
 
-def _describe_keys(batch: Any) -> str:
+def describe_batch(batch: Any) -> str:
+    """A batch's shape in a few words, for messages.
+
+    Example::
+
+        >>> describe_batch({"input_ids": torch.zeros(2, 3)})
+        "dict with keys ['input_ids']"
+        >>> describe_batch((torch.zeros(2, 3), 1))
+        'tuple of (Tensor[2, 3], int)'
+    """
+
+    def one(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"Tensor[{', '.join(map(str, value.shape))}]"
+        return type(value).__name__
+
     if isinstance(batch, Mapping):
-        return f" with keys {sorted(map(str, batch))}"
-    return ""
+        return f"dict with keys {sorted(map(str, batch))}"
+    if isinstance(batch, (tuple, list)):
+        more = ", ..." if len(batch) > 4 else ""
+        return f"{type(batch).__name__} of ({', '.join(one(v) for v in batch[:4])}{more})"
+    return one(batch)
 
 
 def count_on_device(tokens_fn: TokensFn, batch: Any) -> tuple[int | torch.Tensor, int | None]:

@@ -1,0 +1,147 @@
+"""One console line per snapshot, through Lightning's logging, so a long run is never silent.
+
+The lines go to the ``lightning.pytorch`` logger at INFO (``rank_zero_info``), like
+Lightning's own messages: they show by default and obey the user's verbosity
+(``logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)`` hides them).
+The formatting is a plain function of a record, :func:`format_snapshot`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_overtrain.reporting.base import Reporter
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+_INFLECTION, _CROSSED, _FORECAST = "inflection/", "/crossed", "/forecast_tokens"
+
+
+def format_tokens(tokens: float) -> str:
+    """A token count in three significant digits: ``565k``, ``1.78M``, ``2.3T``.
+
+    Example::
+
+        >>> [format_tokens(t) for t in (512, 565_248, 1_778_279, 12_288_000)]
+        ['512', '565k', '1.78M', '12.3M']
+    """
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(tokens) >= scale:
+            return f"{tokens / scale:.3g}{suffix}"
+    return f"{tokens:.3g}"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _deltas(record: dict[str, Any]) -> list[str]:
+    """``gamma=<g> <delta>`` for every whole-model noise delta (per-layer keys are left out)."""
+    out = []
+    for key, value in record.items():
+        parts = key.split("/")
+        # <probe>/gamma=<g>/delta; the probe's name is shown unless it is the default one.
+        if len(parts) == 3 and parts[1].startswith("gamma=") and parts[2] == "delta":
+            label = parts[1] if parts[0] == "noise" else f"{parts[0]}/{parts[1]}"
+            out.append(f"{label} {value:.4f}" if _finite(value) else f"{label} -")
+    return out
+
+
+def _verdict(record: dict[str, Any]) -> str:
+    """What the detector says: which signals turned up, else the nearest forecast turn."""
+    crossed, forecasts = [], []
+    for key, value in record.items():
+        if not key.startswith(_INFLECTION):
+            continue
+        if key.endswith(_CROSSED) and _finite(value) and value:
+            signal = key[len(_INFLECTION) : -len(_CROSSED)]
+            bottom = record.get(f"{_INFLECTION}{signal}/bottom_tokens")
+            where = f" (bottom at {format_tokens(bottom)})" if _finite(bottom) else ""
+            crossed.append(f"{signal}{where}")
+        elif key.endswith(_FORECAST) and _finite(value) and value > record.get("tokens", 0):
+            forecasts.append((value, key[len(_INFLECTION) : -len(_FORECAST)]))
+    if crossed:
+        return "TURNED UP: " + ", ".join(crossed)
+    if forecasts:
+        tokens, signal = min(forecasts)
+        return f"no turn yet (forecast: {signal} at ~{format_tokens(tokens)})"
+    return "no turn yet"
+
+
+def format_snapshot(record: dict[str, Any]) -> str:
+    """The console line for one snapshot's record (relative keys, as in ``history.jsonl``).
+
+    Tokens and step, the reference loss, the noise probe's ``delta`` per gamma, the
+    detector's verdict, the probes' cost, and the failures so far when there are any.
+
+    Args:
+        record: one snapshot's record.
+
+    Returns:
+        One line of text.
+
+    Example::
+
+        >>> format_snapshot({"tokens": 2048, "reference_loss": 2.5, "probe_seconds": 1.04})
+        'OvertrainingMonitor @ 2.05k tokens: reference loss 2.5000 | no turn yet | probes 1.0 s'
+    """
+    tokens = record.get("tokens", 0)
+    head = f"OvertrainingMonitor @ {format_tokens(tokens)} tokens"
+    if "step" in record:
+        head += f" (step {record['step']})"
+    loss = record.get("reference_loss")
+    parts = [
+        f"{head}: reference loss {loss:.4f}" if _finite(loss) else f"{head}: no reference loss"
+    ]
+    deltas = _deltas(record)
+    if deltas:
+        parts.append("delta " + ", ".join(deltas))
+    parts.append(_verdict(record))
+    seconds = record.get("probe_seconds")
+    if _finite(seconds):
+        parts.append(f"probes {seconds:.1f} s")
+    failures = record.get("probe_failures")
+    if _finite(failures) and failures > 0:
+        parts.append(f"{int(failures)} probe failure(s) so far")
+    return " | ".join(parts)
+
+
+def files_under(directory: str) -> list[str]:
+    """Every file under ``directory``, relative to it, sorted (empty if it does not exist)."""
+    found = []
+    for root, _, names in os.walk(directory):
+        found.extend(os.path.relpath(os.path.join(root, n), directory) for n in names)
+    return sorted(found)
+
+
+class ConsoleReporter(Reporter):
+    """Logs one line per snapshot (:func:`format_snapshot`) and, at the end, the files written.
+
+    The monitor adds it by itself, last, so its closing line sees the other reporters'
+    files (``history.jsonl``, the plots, ``best.ckpt``). It reads only the run's
+    ``history``, ``dirpath`` and ``tokens``.
+
+    Example::
+
+        monitor = OvertrainingMonitor(
+            reference_data=val_batches,
+            every_n_steps=500,
+            reporters=[LoggerReporter(), FileReporter(), ConsoleReporter()],
+        )
+    """
+
+    def report(self, trainer: pl.Trainer, monitor: Any, record: dict[str, Any]) -> None:
+        rank_zero_info(format_snapshot(record))
+
+    def teardown(self, trainer: pl.Trainer, monitor: Any) -> None:
+        files = files_under(monitor.dirpath)
+        listed = ", ".join(files) if files else "none yet"
+        rank_zero_info(
+            f"OvertrainingMonitor: {len(monitor.history)} snapshot(s) up to"
+            f" {format_tokens(monitor.tokens)} tokens; files in {monitor.dirpath}: {listed}"
+        )
