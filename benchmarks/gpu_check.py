@@ -50,7 +50,8 @@ def batches(n: int, rows: int = 16, length: int = 256, seed: int = 0) -> list[di
 def guard(monitor) -> dict[str, int]:
     """Run the monitor's hot path with sync debugging on "error"; allow it where syncs are due."""
     seen = {"guarded_steps": 0, "exact_counts": 0, "snapshots": 0}
-    hook, sync, snapshot = monitor.on_train_batch_end, monitor._sync_tokens, monitor.snapshot
+    clock = monitor._clock  # its exact count is the one sync an ordinary step may reach
+    hook, sync, snapshot = monitor.on_train_batch_end, clock.sync, monitor.snapshot
 
     def allowed(fn, name):
         def run(*args, **kwargs):
@@ -71,7 +72,7 @@ def guard(monitor) -> dict[str, int]:
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
-    monitor._sync_tokens = allowed(sync, "exact_counts")
+    clock.sync = allowed(sync, "exact_counts")
     monitor.snapshot = allowed(snapshot, "snapshots")
     monitor.on_train_batch_end = guarded
     return seen

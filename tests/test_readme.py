@@ -24,6 +24,7 @@ import conftest as helpers
 import lightning
 import lightning.pytorch as pl
 import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_overtrain.testing.demo import ByteWindows
@@ -104,7 +105,10 @@ def short_trainers(monkeypatch, tmp_path):
             devices=1,
             enable_progress_bar=False,
             enable_model_summary=False,
-            enable_checkpointing=False,
+            # Unless the block keeps checkpoints itself (a ModelCheckpoint it passes).
+            enable_checkpointing=any(
+                isinstance(c, ModelCheckpoint) for c in kwargs.get("callbacks") or []
+            ),
             default_root_dir=str(tmp_path),
         )
         settings.update(kwargs)

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 import lightning_overtrain.reporting.wandb as module
 from lightning_overtrain import OvertrainingMonitor
@@ -275,7 +277,13 @@ def test_without_a_wandb_logger_it_uses_the_active_run_or_warns(fake_wandb, tmp_
 
 def test_the_monitor_adds_the_wandb_reporter_first_only_with_a_wandb_logger(tmp_path):
     monitor = OvertrainingMonitor(reference_data=[{"input_ids": [[1, 2]]}], every_n_steps=1)
-    tr = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), loggers=[])
+    tr = SimpleNamespace(
+        log_dir=str(tmp_path),
+        default_root_dir=str(tmp_path),
+        loggers=[],
+        strategy=SingleDeviceStrategy("cpu"),
+        precision_plugin=Precision(),
+    )
     monitor.setup(tr, None, "fit")
     assert [type(r) for r in monitor.reporters][-2:] == [PlotReporter, ConsoleReporter]
     assert not any(isinstance(r, WandbReporter) for r in monitor.reporters)

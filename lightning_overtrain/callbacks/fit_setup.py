@@ -1,0 +1,146 @@
+"""What the monitor builds once per fit: the reference shard, the cooldown, ``sigma_t``, reporters.
+
+Plain functions of the Trainer and the module, so the callback keeps only the wiring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_overtrain.engine.contract import ProbeContext
+from lightning_overtrain.engine.data import (
+    fingerprint_batches,
+    split_for_rank,
+    take_batches,
+    take_reference_set,
+)
+from lightning_overtrain.engine.init_std import (
+    SOURCE_CONFIG,
+    SOURCE_USER,
+    SOURCE_WEIGHTS,
+    InitStd,
+    config_initializer_range,
+    init_std_from_value,
+    init_std_from_weights,
+)
+from lightning_overtrain.engine.sharding import any_sharded
+from lightning_overtrain.engine.tokens import TokensFn
+from lightning_overtrain.probes.cooldown import CooldownBranch
+from lightning_overtrain.reporting.base import Reporter
+from lightning_overtrain.reporting.console import ConsoleReporter
+from lightning_overtrain.reporting.files import FileReporter
+from lightning_overtrain.reporting.loggers import LoggerReporter
+from lightning_overtrain.reporting.png import PlotReporter, matplotlib_available
+from lightning_overtrain.reporting.wandb import WandbReporter
+
+
+class ReferenceShard:
+    """This rank's share of the reference set, and what identifies the whole set.
+
+    Attributes:
+        batches: this rank's batches, on the module's device.
+        weights: tokens per batch in ``batches``.
+        tokens: tokens in the whole set (all ranks).
+        fingerprint: a hash of the whole set's content (what a resume compares).
+    """
+
+    def __init__(
+        self,
+        reference_data: Iterable[Any] | Callable[[], Iterable[Any]],
+        max_batches: int | None,
+        tokens_fn: TokensFn,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+    ) -> None:
+        batches, weights = take_reference_set(reference_data, max_batches, tokens_fn)
+        self.tokens = sum(weights)
+        self.fingerprint = fingerprint_batches(batches)
+        # Sharded (FSDP2): every forward pass is a collective, so every rank runs as many.
+        even = any_sharded(pl_module.parameters())
+        local, self.weights = split_for_rank(
+            batches, weights, trainer.global_rank, trainer.world_size, even
+        )
+        self.batches = [move_data_to_device(b, pl_module.device) for b in local]
+
+
+def default_reporters(trainer: pl.Trainer) -> list[Reporter]:
+    """The reporters a monitor gets when the user names none."""
+    # W&B first: it names the metrics' x-axis before the loggers log them.
+    wandb = any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
+    return [
+        *([WandbReporter()] if wandb else []),
+        LoggerReporter(),
+        FileReporter(),
+        *([PlotReporter()] if matplotlib_available() else []),
+        # Last: its closing line lists the files the others wrote.
+        ConsoleReporter(),
+    ]
+
+
+def make_cooldown(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    ctx: ProbeContext,
+    cooldown_data: Any,
+    cooldown_steps: int,
+    tokens_fn: TokensFn,
+    backup_device: str | None,
+) -> CooldownBranch:
+    """The cooldown branch over ``cooldown_steps`` batches of ``cooldown_data``, checked.
+
+    Raises:
+        ValueError: without exactly one training optimizer, or on unusable data.
+    """
+    if len(trainer.optimizers) != 1:
+        raise ValueError(
+            f"`cooldown_steps` needs exactly one training optimizer to copy, found"
+            f" {len(trainer.optimizers)}. Set cooldown_steps=0 for this model."
+        )
+    batches = take_batches(
+        cooldown_data,
+        cooldown_steps,
+        "cooldown_data",
+        "Pass pretraining batches for the cooldown branch (a non-empty DataLoader or list).",
+        seed=0,  # a shuffling DataLoader: the same batches on every rank
+    )
+    branch = CooldownBranch(
+        pl_module,
+        batches,
+        cooldown_steps,
+        tokens_fn=tokens_fn,
+        rank=trainer.global_rank,
+        world_size=trainer.world_size,
+        backup_device=backup_device,
+    )
+    branch.validate(ctx, trainer.optimizers[0])
+    return branch
+
+
+def resolve_init_std(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, init_std: InitStd | None
+) -> tuple[dict[str, float], str]:
+    """``sigma_t`` per parameter and where it came from (the user, step 0, the config).
+
+    Raises:
+        ValueError: when the monitor joins after step 0 and has no source for it.
+    """
+    if init_std is not None:
+        return init_std_from_value(pl_module, init_std), SOURCE_USER
+    if trainer.ckpt_path is None and trainer.global_step == 0:
+        return init_std_from_weights(pl_module), SOURCE_WEIGHTS
+    std = config_initializer_range(pl_module)
+    if std is None:
+        raise ValueError(
+            f"OvertrainingMonitor joined the run after step 0 (checkpoint"
+            f" {trainer.ckpt_path!r}) and cannot see the initial weights, and the model"
+            " has no transformers config with `initializer_range`. Pass `init_std`, the"
+            " std the weights were initialized with (e.g. init_std=0.02)."
+        )
+    rank_zero_info(f"OvertrainingMonitor: init std {std} from the model's config.")
+    return init_std_from_value(pl_module, std), SOURCE_CONFIG

@@ -1,0 +1,42 @@
+"""Keeping the best snapshot: the weights that were measured, with their tokens and settings."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_overtrain.engine.backup import ModelBackup, presented
+
+BEST_FILE = "best.ckpt"
+#: With a cooldown the probes measure the cooled branch: the kept snapshot holds its weights.
+BEST_COOLED_FILE = "best-cooled.ckpt"
+
+
+def save_best(
+    trainer: pl.Trainer,
+    path: str,
+    backup: ModelBackup,
+    cooled: bool,
+    state_key: str,
+    state: dict[str, Any],
+) -> None:
+    """Write the snapshot just measured to ``path``: weights only, plus the monitor's state.
+
+    Without a cooldown the measured weights are the live ones. With one, the probes
+    measured the cooled branch, whose weights are still in the backup (the probes
+    borrowed them last). No optimizer state; the monitor's state (its ``tokens``,
+    what ``lightning-overtrain probe`` reads, and its settings under ``"config"``)
+    goes under its state key as in a full checkpoint. Every rank calls it (building
+    the checkpoint is a collective under sharded strategies); rank 0 writes.
+
+    Lightning has no public call for a weights-only checkpoint that keeps a
+    callback's state (``save_checkpoint(weights_only=True)`` drops it), hence the
+    checkpoint connector.
+    """
+    with presented(trainer.lightning_module, backup) if cooled else nullcontext():
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
+    checkpoint["callbacks"] = {state_key: {**state, "weights": "cooled" if cooled else "live"}}
+    trainer.strategy.save_checkpoint(checkpoint, path)
+    trainer.strategy.barrier("OvertrainingMonitor.save_best")

@@ -1,0 +1,77 @@
+"""``T``, the run's token count, kept on the device and counted exactly only when needed.
+
+The hot path (``on_train_batch_end``) adds each micro-batch to a
+:class:`~lightning_overtrain.engine.tokens.TokenCounter` without a host sync or a
+collective; the batches' shapes bound the count from above, and only when that
+bound could reach the cadence's next threshold is the exact count synchronised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_overtrain.callbacks.cadence import Cadence
+from lightning_overtrain.engine.collectives import all_reduce_sum
+from lightning_overtrain.engine.tokens import TokenCounter, TokensFn
+
+
+class TokenClock:
+    """The run's tokens ``T`` (all ranks, all accumulation steps, plus an offset).
+
+    Args:
+        tokens_fn: tokens in a batch.
+        token_offset: tokens seen before this run (continued pretraining).
+    """
+
+    def __init__(self, tokens_fn: TokensFn, token_offset: int = 0) -> None:
+        self.tokens_fn = tokens_fn
+        self.token_offset = token_offset
+        self.counter = TokenCounter(tokens_fn)
+
+    @property
+    def tokens(self) -> int:
+        """``T`` as of the last exact count."""
+        return self.token_offset + self.counter.counted
+
+    def add(self, batch: Any) -> None:
+        """A micro-batch was trained on (no host sync, no collective)."""
+        self.counter.add(batch)
+
+    def end_step(self) -> None:
+        """An optimizer step finished."""
+        self.counter.end_step()
+
+    def may_be_due(self, cadence: Cadence, step: int, world_size: int) -> bool:
+        """Whether a snapshot may be due after ``step``, decided without any communication."""
+        if cadence.every_n_steps is not None:
+            return cadence.due(step, self.tokens)  # by steps: the count is not needed
+        bound = self.token_offset + self.counter.upper_bound(world_size)
+        return bound >= cadence.threshold(cadence.next_index)
+
+    def sync(self, world_size: int, device: torch.device) -> None:
+        """Count exactly, on every rank at the same step (one collective under several)."""
+        if not self.counter.pending_steps:
+            return  # the same on every rank: either all sum or none does
+        self.counter.sync(all_reduce_sum, world_size, device)
+        if self.counter.outgrown:
+            rank_zero_warn(
+                "OvertrainingMonitor: a rank's batch held more tokens than any it had before, so"
+                " the exact count came late and a snapshot may land a few steps after its"
+                " threshold. Keep batch shapes fixed (pad to the context length) to avoid it."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "counted_tokens": self.counter.counted,
+            # T with the token_offset: what `lightning-overtrain probe` reads from a checkpoint.
+            "tokens": self.tokens,
+            "pending_tokens": self.counter.window_tokens(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counter = TokenCounter(self.tokens_fn)
+        self.counter.counted = int(state.get("counted_tokens", 0))
+        self.counter.set_window(int(state.get("pending_tokens", 0)))
