@@ -54,6 +54,20 @@ def finetune_key(lr: float | None, quantity: str, probe: str = "finetune") -> st
     return f"{probe}/{quantity}" if lr is None else f"{probe}/lr={lr:g}/{quantity}"
 
 
+def finetune_tuned_key(quantity: str, probe: str = "finetune") -> str:
+    """``<probe>/tuned/<quantity>``: the fine-tune with the lr tuned per snapshot.
+
+    E.g. ``finetune/tuned/downstream_loss_after`` (the best over the probe's lrs),
+    ``finetune/tuned/lr`` (the lr that won), ``finetune/tuned/reference_loss_after``.
+    """
+    return f"{probe}/tuned/{quantity}"
+
+
+def sharpness_key(quantity: str, probe: str = "sharpness") -> str:
+    """``<probe>/<quantity>``, e.g. ``sharpness/critical_sharpness``."""
+    return f"{probe}/{quantity}"
+
+
 def inflection_key(signal: str, quantity: str) -> str:
     """``inflection/<signal>/<quantity>``: what the detector says about one signal."""
     return f"inflection/{signal}/{quantity}"
