@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import CONTEXT, make_module, make_trainer, reference_batches
 
 from lightning_overtrain import InflectionPolicy, NoiseProbe, OvertrainingMonitor, Probe
+from lightning_overtrain.probes.sharpness import SharpnessProbe
 from lightning_overtrain.testing.demo import ByteWindows, stdlib_code
 
 GLOBAL_BATCH = 16
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--fail-on-rank", type=int, default=None)
     parser.add_argument("--stop-on-rank", type=int, default=None)
+    parser.add_argument("--sharpness", action="store_true", help="add both sharpness probes")
     args = parser.parse_args()
 
     text = stdlib_code(max_bytes=200_000)
@@ -89,6 +91,8 @@ def main() -> None:
     probes: list[Probe] = [NoiseProbe(gammas=(0.5, 1.0), pairs=2)]
     if args.fail_on_rank is not None:
         probes.insert(0, FailsOnOneRank(args.fail_on_rank))
+    if args.sharpness:
+        probes += [SharpnessProbe("update"), SharpnessProbe("gradient", name="sharpness_grad")]
     policy = None
     if args.stop_on_rank is not None:
         probes.append(RankFlag(args.stop_on_rank))

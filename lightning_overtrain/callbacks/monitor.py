@@ -474,6 +474,7 @@ class OvertrainingMonitor(Callback):
             reduce_sum=all_reduce_sum,
             forward_context=trainer.precision_plugin.forward_context,
             world_size=trainer.world_size,
+            extras={"optimizer": trainer.optimizers[0]} if trainer.optimizers else {},
         )
 
     # ------------------------------------------------------------------ set-up checks
