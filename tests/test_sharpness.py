@@ -1,4 +1,4 @@
-"""The critical-sharpness probe: the paper's lambda_c, exact on a quadratic, invisible to training."""
+"""The critical-sharpness probe: lambda_c exact on a quadratic, invisible to training."""
 
 import copy
 import json
@@ -137,7 +137,7 @@ def test_update_direction_without_an_adam_optimizer_fails_before_training():
     with pytest.raises(ValueError, match=r"needs the training optimizer in ctx.extras"):
         SharpnessProbe("update").validate(ctx)
     ctx.extras["optimizer"] = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="Adam or AdamW.*got SGD.*direction='gradient'"):
+    with pytest.raises(ValueError, match=r"Adam or AdamW.*got SGD.*direction='gradient'"):
         SharpnessProbe("update").validate(ctx)
     ctx.extras["optimizer"] = torch.optim.Adam(model.parameters(), amsgrad=True)
     with pytest.raises(ValueError, match="AMSGrad"):

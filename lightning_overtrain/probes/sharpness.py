@@ -304,12 +304,10 @@ class SharpnessProbe(Probe):
                             acc += grad.to(torch.float64)
             flat = [t.flatten() for t in total]
             tokens = torch.tensor([float(sum(ctx.weights))], dtype=torch.float64)
-            return torch.cat(flat + [tokens.to(ctx.device)])
+            return torch.cat([*flat, tokens.to(ctx.device)])
 
         summed = ctx.reduce_or_fail(local, (sum(sizes) + 1,))
         if not bool(torch.isfinite(summed).all()):
             raise ProbeFailure("the reference gradient is not finite")
         mean = summed[:-1] / summed[-1]
-        return [
-            chunk.view_as(p).to(p.dtype) for chunk, p in zip(mean.split(sizes), params)
-        ]
+        return [chunk.view_as(p).to(p.dtype) for chunk, p in zip(mean.split(sizes), params)]
