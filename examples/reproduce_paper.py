@@ -40,6 +40,7 @@ import json
 import math
 import multiprocessing
 import os
+import sysconfig
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -68,6 +69,7 @@ from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.history import Record
 from lightning_overtrain.inflection.detector import InflectionDetector
 from lightning_overtrain.probes.cooldown import CooldownBranch
+from lightning_overtrain.probes.sharpness import SharpnessProbe
 from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
 
 
@@ -76,25 +78,25 @@ class Settings:
     """One reproduction's settings (DESIGN.md section 4's prototype, scaled to fit)."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
-    n_layer: int = 2
-    n_embd: int = 64
+    n_layer: int = 1
+    n_embd: int = 32
     n_head: int = 2
-    context: int = 128
+    context: int = 64
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.1  # without it the norm grows and there is no clean U
     warmup_steps: int = 64
-    start_tokens: int = 400_000  # first snapshot, past warm-up
-    final_tokens: int = 12_800_000  # ~100 tokens per parameter
+    start_tokens: int = 250_000  # first snapshot, past warm-up
+    final_tokens: int = 46_000_000  # 2000 tokens per parameter (23k parameters)
     snapshot_ratio: float = math.sqrt(2)  # log-spaced snapshots
     cooldown_fraction: float = 0.2  # branch length, as a fraction of the steps so far
     gammas: tuple[float, ...] = (0.25, 0.5, 1.0)
     pairs: int = 4
-    reference_batches: int = 8  # of 8 x context tokens: ~8k tokens
+    reference_batches: int = 16  # of 8 x context tokens: ~8k tokens
     finetune_steps: int = 50
     finetune_batch: int = 8
-    finetune_lrs: tuple[float, ...] = (3e-4, 1e-3)
-    text_bytes: int = 32_000_000
+    finetune_lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)  # tuned per snapshot
+    text_bytes: int = 96_000_000  # the standard library, then installed packages' sources
 
     @property
     def tokens_per_step(self) -> int:
@@ -123,7 +125,7 @@ FAST = replace(
     pairs=2,
     reference_batches=2,
     finetune_steps=4,
-    finetune_lrs=(1e-3,),
+    finetune_lrs=(3e-4, 1e-3),
     text_bytes=1_000_000,
 )
 
@@ -159,6 +161,7 @@ class CooledSnapshots(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The monitor's defaults: init std measured from the weights at step 0.
         self.backup = ModelBackup(pl_module)
+        self.optimizer = trainer.optimizers[0]  # the sharpness probe's update direction
         stds = init_std_from_weights(pl_module)
         self.sigmas = [stds[name] for name in self.backup.names]
         self.weights = [count_tokens(b) for b in self.reference]
@@ -173,6 +176,7 @@ class CooledSnapshots(pl.Callback):
             batches=self.reference,
             weights=self.weights,
             loss_fn=transformers_loss,
+            extras={"optimizer": self.optimizer},
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -222,7 +226,7 @@ def prepare_data(s: Settings) -> dict[str, Any]:
     windows are in a fixed random order, so a short branch (the first batches) is as
     representative as a long one.
     """
-    code = ByteWindows(stdlib_code(s.text_bytes), s.context)
+    code = ByteWindows(python_sources(s.text_bytes), s.context)
     n_reference = 8 * s.reference_batches
     n_cooldown = math.ceil(s.cooldown_fraction * s.snapshot_steps()[-1]) * s.batch_size
     spread = np.linspace(0, len(code) - 1, n_reference + n_cooldown).round().astype(int)
@@ -238,6 +242,26 @@ def prepare_data(s: Settings) -> dict[str, Any]:
         "finetune_train": windows(prose_train, s.context, s.finetune_batch)[: s.finetune_steps],
         "finetune_eval": windows(prose_eval, s.context, 8)[:8],
     }
+
+
+def python_sources(max_bytes: int) -> bytes:
+    """The standard library's sources, then the installed packages' ``.py`` files, in a fixed
+    order, up to ``max_bytes``: real code on every machine the project runs on, no download.
+    """
+    text = stdlib_code(max_bytes)
+    root = sysconfig.get_paths()["purelib"]
+    chunks, total = [text], len(text)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if total >= max_bytes:
+                return b"".join(chunks)[:max_bytes]
+            if name.endswith(".py"):
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    data = f.read()
+                chunks.append(data)
+                total += len(data)
+    return b"".join(chunks)[:max_bytes]
 
 
 def batched(data: ByteWindows, indices: np.ndarray, size: int) -> list[dict[str, torch.Tensor]]:
@@ -284,6 +308,9 @@ def pretrain(seed: int, s: Settings, data: dict[str, Any], out: str) -> list[Rec
             lrs=s.finetune_lrs,
             seed=seed,
         ),
+        # Kalra et al.'s critical sharpness along AdamW's next update, searched from the lr.
+        SharpnessProbe("update", initial_step=s.lr),
+        SharpnessProbe("gradient", name="sharpness_gradient"),
     ]
     steps = s.snapshot_steps()
     snapshots = CooledSnapshots(
