@@ -50,6 +50,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from reproduce_analysis import checks, curves, figure
 from torch.utils.data import DataLoader, Subset
 
 from lightning_overtrain import (
@@ -67,7 +68,6 @@ from lightning_overtrain import (
 from lightning_overtrain.cli.text import split_text
 from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.history import Record
-from lightning_overtrain.inflection.detector import InflectionDetector
 from lightning_overtrain.probes.cooldown import CooldownBranch
 from lightning_overtrain.probes.sharpness import SharpnessProbe
 from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
@@ -343,152 +343,6 @@ def pretrain(seed: int, s: Settings, data: dict[str, Any], out: str) -> list[Rec
     return snapshots.history
 
 
-# ---------------------------------------------------------------------- analysis
-def curves(histories: list[list[Record]]) -> dict[str, dict[str, list[float]]]:
-    """Per metric: the mean over seeds, its standard error across seeds, each seed's values."""
-    names = [k for k in histories[0][0] if k not in (keys.TOKENS, keys.STEP)]
-    out = {}
-    for key in names:
-        if key.endswith("_stderr") or key == keys.PROBE_SECONDS:
-            continue
-        values = np.array([[r[key] for r in h] for h in histories], dtype=float)
-        se = values.std(axis=0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else None
-        out[key] = {
-            "mean": values.mean(axis=0).tolist(),
-            "se": se.tolist() if se is not None else [math.nan] * values.shape[1],
-            "per_seed": values.tolist(),
-        }
-    return out
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def turn_up(tokens: list[int], values: list[float], stderrs: list[float] | None) -> dict:
-    """The project's detector on one curve, plus the plain bottom and the rise after it."""
-    detector = InflectionDetector()
-    for i, (t, v) in enumerate(zip(tokens, values)):
-        se = stderrs[i] if stderrs is not None and math.isfinite(stderrs[i]) else None
-        state = detector.update(t, v, se)
-    bottom = int(np.argmin(values))
-    return {
-        "crossed": state.crossed,
-        "crossed_at_tokens": state.crossed_at_tokens,
-        "detector_bottom_tokens": state.bottom_tokens,
-        "forecast_tokens": state.forecast_tokens,
-        "bottom_tokens": tokens[bottom],
-        "rise_after_bottom": values[-1] - values[bottom],
-    }
-
-
-def checks(tokens: list[int], c: dict, s: Settings) -> dict[str, Any]:
-    """What reproduced, as numbers: one entry per claim of the paper."""
-    n_seeds = len(s.seeds)
-    result: dict[str, Any] = {"delta_rises": {}, "perturbed_loss_turns_up": {}, "forgetting": {}}
-    for gamma in s.gammas:
-        per_seed = np.array(c[keys.noise_key(gamma, "delta")]["per_seed"])
-        rising = np.diff(per_seed, axis=1) > 0
-        result["delta_rises"][f"{gamma:g}"] = {
-            "rising_neighbour_pairs": f"{int(rising.sum())}/{rising.size}",
-            "spearman_per_seed": [round(spearman(tokens, d), 3) for d in per_seed],
-            "last_over_first": float(np.mean(per_seed[:, -1] / per_seed[:, 0])),
-        }
-        loss = c[keys.noise_key(gamma, "perturbed_loss")]
-        seeds = [turn_up(tokens, v, None) for v in loss["per_seed"]]
-        rises = np.array([x["rise_after_bottom"] for x in seeds])
-        mean = turn_up(tokens, loss["mean"], loss["se"] if n_seeds > 1 else None)
-        mean["rise_after_bottom_across_seeds"] = {
-            "mean": float(rises.mean()),
-            "se": float(rises.std(ddof=1) / math.sqrt(n_seeds)) if n_seeds > 1 else None,
-        }
-        mean["seeds_with_interior_bottom"] = sum(x["bottom_tokens"] < tokens[-1] for x in seeds)
-        mean["seeds_crossed"] = sum(x["crossed"] for x in seeds)
-        result["perturbed_loss_turns_up"][f"{gamma:g}"] = mean
-    for lr in s.finetune_lrs:
-        per_seed = np.array(c[keys.finetune_key(lr, "forgetting")]["per_seed"])
-        result["forgetting"][f"{lr:g}"] = {
-            "spearman_per_seed": [round(spearman(tokens, f), 3) for f in per_seed],
-            "first": float(per_seed[:, 0].mean()),
-            "min": float(per_seed.mean(axis=0).min()),
-            "last": float(per_seed[:, -1].mean()),
-        }
-    return result
-
-
-# ---------------------------------------------------------------------- figure
-def figure(tokens: list[int], c: dict, result: dict, s: Settings, params: int, path: str) -> None:
-    from matplotlib.figure import Figure
-
-    from lightning_overtrain.reporting.figures import plot_signal
-
-    records: list[dict[str, float]] = [{keys.TOKENS: t} for t in tokens]
-    for key, curve in c.items():
-        for record, mean, se in zip(records, curve["mean"], curve["se"]):
-            record[key], record[key + "_stderr"] = mean, se
-    for gamma, found in result["perturbed_loss_turns_up"].items():
-        prefix = f"inflection/{keys.noise_key(float(gamma), 'perturbed_loss')}/"
-        records[-1][prefix + "crossed"] = float(found["crossed"])
-        records[-1][prefix + "bottom_tokens"] = found["detector_bottom_tokens"] or math.nan
-
-    fig = Figure(figsize=(13, 9.5), layout="constrained")
-    axes = fig.subplots(2, 2)
-    colors = {g: c_ for g, c_ in zip(s.gammas, ("#1b9e77", "#d95f02", "#7570b3"))}
-    n = len(s.seeds)
-    band = f"mean ± s.e. over {n} seeds" if n > 1 else "one seed"
-    ax = axes[0, 0]
-    for g in s.gammas:
-        plot_signal(ax, records, keys.noise_key(g, "delta"), label=f"γ={g:g}", color=colors[g])
-    ax.set_yscale("log")
-    _finish(ax, "δ = E[L(θ+ε)] − L(θ)", f"1. Sensitivity rises with tokens ({band})", params)
-    ax = axes[0, 1]
-    plot_signal(ax, records, keys.REFERENCE_LOSS, label="no noise", color="black")
-    for g in s.gammas:
-        key = keys.noise_key(g, "perturbed_loss")
-        plot_signal(ax, records, key, label=f"γ={g:g}", color=colors[g])
-    _finish(
-        ax, "loss (cooled branch)", "2. Perturbed loss: U-shaped, larger γ turns earlier", params
-    )
-    ax = axes[1, 0]
-    g = max(s.gammas)
-    key = keys.noise_key(g, "perturbed_loss")
-    for k, values in enumerate(c[key]["per_seed"]):
-        ax.plot(tokens, values, marker="o", markersize=3, alpha=0.8, label=f"seed {s.seeds[k]}")
-    _finish(
-        ax, f"perturbed loss, γ={g:g}", "Each seed on its own: the U is not one seed's luck", params
-    )
-    ax = axes[1, 1]
-    lr_colors = ("#e7298a", "#66a61e", "#e6ab02")
-    for lr, color in zip(s.finetune_lrs, lr_colors):
-        key = keys.finetune_key(lr, "forgetting")
-        plot_signal(ax, records, key, label=f"lr={lr:g}", color=color)
-    _finish(
-        ax,
-        "L(θ_ft) − L(θ) on pretraining text",
-        f"3. Forgetting after {s.finetune_steps} fine-tune steps on prose",
-        params,
-    )
-    fig.suptitle(
-        f"Catastrophic overtraining in miniature: {params / 1e3:.0f}k-parameter byte-level GPT-2,"
-        f" {n} seed(s), cooldown branch of {s.cooldown_fraction:.0%} at each snapshot",
-        fontsize=12,
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
-
-
-def _finish(ax: Any, ylabel: str, title: str, params: int) -> None:
-    ax.set_xscale("log")
-    ax.set_xlabel("tokens of the constant-lr run at the branch point")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
-    top = ax.secondary_xaxis("top", functions=(lambda t: t / params, lambda r: r * params))
-    top.set_xlabel("tokens per parameter", fontsize=8)
-
-
 # ---------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
@@ -531,6 +385,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         runs = [run_seed(seed, s, args.out, args.threads) for seed in s.seeds]
     histories = [history for history, _ in runs]
+    # A run cut short (--report-only on unfinished seeds): compare the snapshots all seeds reached.
+    common = min(len(h) for h in histories)
+    incomplete = any(len(h) > common for h in histories) or common < len(s.snapshot_steps())
+    histories = [h[:common] for h in histories]
     cpu = [round(c, 1) for _, c in runs if c is not None]
     seconds = time.perf_counter() - start
 
@@ -544,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "parameters": params,
         "seconds": None if args.report_only else round(seconds, 1),
         "jobs": jobs,
+        "incomplete": incomplete,
         "cpu_seconds_per_seed": cpu or None,
         "torch_threads": torch.get_num_threads(),
         "tokens": tokens,
