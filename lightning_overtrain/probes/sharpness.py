@@ -192,7 +192,7 @@ class SharpnessProbe(Probe):
 
     Raises:
         ValueError: on bad arguments; before training, for ``direction="update"``
-            without an Adam/AdamW training optimizer.
+            without an Adam/AdamW training optimizer, or for FSDP2-sharded parameters.
 
     Example::
 
@@ -244,6 +244,11 @@ class SharpnessProbe(Probe):
         }
 
     def validate(self, ctx: ProbeContext) -> None:
+        if any(type(p).__name__ == "DTensor" for p in ctx.backup.params):
+            raise ValueError(
+                "SharpnessProbe does not support sharded (FSDP2 DTensor) parameters yet: its"
+                " direction is gathered as one flat tensor. Use it under DDP or one process."
+            )
         if self.direction == "update":
             optimizer = ctx.extras.get("optimizer")
             if optimizer is None:
