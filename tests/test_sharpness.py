@@ -190,3 +190,13 @@ def test_two_processes_measure_the_same_critical_sharpness_as_one(tmp_path):
         for name in ("sharpness", "sharpness_grad"):
             key = f"{name}/critical_sharpness"
             assert two[key] == pytest.approx(one[key], rel=1e-3), key
+
+
+def test_sharded_parameters_are_refused_before_training():
+    class DTensor(torch.nn.Parameter):  # stands in for FSDP2's sharded parameter type
+        pass
+
+    ctx = quadratic_context(Quadratic())
+    ctx.backup.params = [DTensor(torch.zeros(2))]
+    with pytest.raises(ValueError, match="does not support sharded"):
+        SharpnessProbe("gradient").validate(ctx)
