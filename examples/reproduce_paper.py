@@ -1,19 +1,23 @@
 """Catastrophic overtraining in miniature (Springer et al., arXiv 2503.19206), on 2 CPU cores.
 
-Tiny byte-level GPT-2s (125k parameters, AdamW with weight decay 0.1, constant lr
-after warm-up) are pretrained on the Python standard library's sources, one run
-per seed. At log-spaced token counts each run branches off a cooldown (20% of the
-steps so far, lr annealed linearly to 0, as if pretraining stopped there) and the
-cooled branch is probed with the project's own engine: init-scaled Gaussian noise
-at gammas 0.25, 0.5 and 1 (antithetic pairs, common random numbers) and a short
-fine-tune on English prose. The curves are averaged over seeds, with margins
-across seeds, and checked against what the paper shows:
+Tiny byte-level GPT-2s (23k parameters: 1 layer, width 32, context 64; AdamW with
+weight decay 0.1, constant lr after warm-up) are pretrained on Python sources (the
+standard library, then the installed packages' ``.py`` files: 96 MB, so 46M tokens
+read about half the training windows once and repeat none), one run per seed, to
+2000 tokens per parameter. At sqrt(2)-spaced token counts each run branches off a
+cooldown (20% of the steps so far, lr annealed linearly to 0, as if pretraining
+stopped there) and the cooled branch is probed with the project's own engine:
 
-1. for fixed gamma, the sensitivity ``delta`` rises with tokens;
-2. the perturbed loss is U-shaped, and larger gammas turn up earlier;
-3. forgetting after fine-tuning rises with tokens, and the loss after fine-tuning
-   turns upward (the paper's headline; only the first half shows at this scale,
-   see the README).
+* init-scaled Gaussian noise at gammas 0.25, 0.5 and 1 (antithetic pairs, common
+  random numbers);
+* a short fine-tune on English prose at a sweep of learning rates, with the lr tuned
+  per snapshot (the fine-tune probe's ``finetune/tuned/*`` signals);
+* the critical sharpness of Kalra et al. (arXiv 2601.16979) along AdamW's update and
+  along the gradient.
+
+:mod:`reproduce_analysis` turns the per-seed histories into the paper's checks:
+where each signal bottoms out on each seed, what the project's detector says about
+it, whether the noise probe's bottom precedes the fine-tune's, and the figure.
 
 Why a cooldown branch per snapshot rather than the monitor's ``cooldown_steps``:
 the paper anneals every token budget to zero lr, and a branch proportional to the
@@ -22,15 +26,17 @@ has a fixed length. The branch itself is the monitor's :class:`CooldownBranch`.
 
 Usage::
 
-    python examples/reproduce_paper.py                      # full: 3 seeds to 12.8M tokens,
-                                                            # in parallel: ~20 min on 2 cores
+    python examples/reproduce_paper.py                      # full: 3 seeds in parallel
     python examples/reproduce_paper.py --fast               # smoke run for CI, < 60 s
     python examples/reproduce_paper.py --figure docs/reproduction.png \\
         --summary docs/reproduction.json                    # what the README shows
+    python examples/reproduce_paper.py --report-only        # numbers and figure again,
+                                                            # from the seeds' histories
 
 Each seed's history goes to ``<out>/seed<k>/history.jsonl`` (``lightning-overtrain
 report <out>`` renders them); the figure and the numbers go to ``--figure`` and
-``--summary``.
+``--summary``. ``--report-only`` on seeds cut short compares the snapshots all of
+them reached (``"incomplete": true`` in the numbers).
 """
 
 from __future__ import annotations
