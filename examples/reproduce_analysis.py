@@ -85,8 +85,8 @@ def signal_keys(s: Any) -> dict[str, str]:
 def compare(noise: dict, finetune: dict) -> dict[str, Any]:
     """Does the noise curve's bottom precede, meet or trail the fine-tune curve's?"""
     if not finetune["interior_bottom"]:
-        verdict = "fine-tune still falling" + (
-            "; noise turned" if noise["interior_bottom"] else "; neither turned"
+        verdict = "fine-tune still falling, " + (
+            "noise turned" if noise["interior_bottom"] else "neither turned"
         )
         return {"verdict": verdict, "snapshots": None}
     lead = finetune["bottom_snapshot"] - noise["bottom_snapshot"]
@@ -95,16 +95,28 @@ def compare(noise: dict, finetune: dict) -> dict[str, Any]:
 
 
 def lr_trend(tokens: list[int], lrs: list[float]) -> dict[str, Any]:
-    """The winning lr against tokens: its slope in log-log, and a word for it."""
-    slope = float(np.polyfit(np.log(tokens), np.log(lrs), 1)[0]) if len(set(lrs)) > 1 else 0.0
-    word = (
-        "constant"
-        if slope == 0
-        else "rising"
-        if slope > 0
-        else ("slowly falling" if slope > -0.5 else "quickly falling")
-    )
-    return {"winning_lrs": lrs, "loglog_slope": slope, "trend": word}
+    """The winning lr against tokens: its log-log slope over each half of the snapshots.
+
+    A word for each half: constant (the same lr won throughout), slowly falling (slope
+    above -0.5: the lr falls less than a factor 10 per 100x tokens), quickly falling.
+    """
+
+    def slope(t: list[int], y: list[float]) -> float:
+        return float(np.polyfit(np.log(t), np.log(y), 1)[0]) if len(set(y)) > 1 else 0.0
+
+    def word(k: float) -> str:
+        if k == 0:
+            return "constant"
+        return "rising" if k > 0 else "slowly falling" if k > -0.5 else "quickly falling"
+
+    half = len(tokens) // 2
+    early, late = slope(tokens[: half + 1], lrs[: half + 1]), slope(tokens[half:], lrs[half:])
+    return {
+        "winning_lrs": lrs,
+        "loglog_slope_first_half": early,
+        "loglog_slope_second_half": late,
+        "trend": f"{word(early)}, then {word(late)}",
+    }
 
 
 def checks(tokens: list[int], c: dict, s: Any) -> dict[str, Any]:
