@@ -1,19 +1,23 @@
 """Catastrophic overtraining in miniature (Springer et al., arXiv 2503.19206), on 2 CPU cores.
 
-Tiny byte-level GPT-2s (125k parameters, AdamW with weight decay 0.1, constant lr
-after warm-up) are pretrained on the Python standard library's sources, one run
-per seed. At log-spaced token counts each run branches off a cooldown (20% of the
-steps so far, lr annealed linearly to 0, as if pretraining stopped there) and the
-cooled branch is probed with the project's own engine: init-scaled Gaussian noise
-at gammas 0.25, 0.5 and 1 (antithetic pairs, common random numbers) and a short
-fine-tune on English prose. The curves are averaged over seeds, with margins
-across seeds, and checked against what the paper shows:
+Tiny byte-level GPT-2s (23k parameters: 1 layer, width 32, context 64; AdamW with
+weight decay 0.1, constant lr after warm-up) are pretrained on Python sources (the
+standard library, then the installed packages' ``.py`` files: 96 MB, so 46M tokens
+read about half the training windows once and repeat none), one run per seed, to
+2000 tokens per parameter. At sqrt(2)-spaced token counts each run branches off a
+cooldown (20% of the steps so far, lr annealed linearly to 0, as if pretraining
+stopped there) and the cooled branch is probed with the project's own engine:
 
-1. for fixed gamma, the sensitivity ``delta`` rises with tokens;
-2. the perturbed loss is U-shaped, and larger gammas turn up earlier;
-3. forgetting after fine-tuning rises with tokens, and the loss after fine-tuning
-   turns upward (the paper's headline; only the first half shows at this scale,
-   see the README).
+* init-scaled Gaussian noise at gammas 0.25, 0.5 and 1 (antithetic pairs, common
+  random numbers);
+* a short fine-tune on English prose at a sweep of learning rates, with the lr tuned
+  per snapshot (the fine-tune probe's ``finetune/tuned/*`` signals);
+* the critical sharpness of Kalra et al. (arXiv 2601.16979) along AdamW's update and
+  along the gradient.
+
+:mod:`reproduce_analysis` turns the per-seed histories into the paper's checks:
+where each signal bottoms out on each seed, what the project's detector says about
+it, whether the noise probe's bottom precedes the fine-tune's, and the figure.
 
 Why a cooldown branch per snapshot rather than the monitor's ``cooldown_steps``:
 the paper anneals every token budget to zero lr, and a branch proportional to the
@@ -22,15 +26,17 @@ has a fixed length. The branch itself is the monitor's :class:`CooldownBranch`.
 
 Usage::
 
-    python examples/reproduce_paper.py                      # full: 3 seeds to 12.8M tokens,
-                                                            # in parallel: ~20 min on 2 cores
+    python examples/reproduce_paper.py                      # full: 3 seeds in parallel
     python examples/reproduce_paper.py --fast               # smoke run for CI, < 60 s
     python examples/reproduce_paper.py --figure docs/reproduction.png \\
         --summary docs/reproduction.json                    # what the README shows
+    python examples/reproduce_paper.py --report-only        # numbers and figure again,
+                                                            # from the seeds' histories
 
 Each seed's history goes to ``<out>/seed<k>/history.jsonl`` (``lightning-overtrain
 report <out>`` renders them); the figure and the numbers go to ``--figure`` and
-``--summary``.
+``--summary``. ``--report-only`` on seeds cut short compares the snapshots all of
+them reached (``"incomplete": true`` in the numbers).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import json
 import math
 import multiprocessing
 import os
+import sysconfig
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -49,6 +56,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from reproduce_analysis import checks, curves, figure
 from torch.utils.data import DataLoader, Subset
 
 from lightning_overtrain import FineTuneProbe, NoiseProbe, ProbeContext, keys, read_history
@@ -59,8 +67,8 @@ from lightning_overtrain.engine.losses import transformers_loss
 from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.engine.tokens import count_tokens
 from lightning_overtrain.history import Record, write_history
-from lightning_overtrain.inflection.detector import InflectionDetector
 from lightning_overtrain.probes.cooldown import CooldownBranch
+from lightning_overtrain.probes.sharpness import SharpnessProbe
 from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
 
 
@@ -69,25 +77,25 @@ class Settings:
     """One reproduction's settings (DESIGN.md section 4's prototype, scaled to fit)."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
-    n_layer: int = 2
-    n_embd: int = 64
+    n_layer: int = 1
+    n_embd: int = 32
     n_head: int = 2
-    context: int = 128
+    context: int = 64
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.1  # without it the norm grows and there is no clean U
     warmup_steps: int = 64
-    start_tokens: int = 400_000  # first snapshot, past warm-up
-    final_tokens: int = 12_800_000  # ~100 tokens per parameter
+    start_tokens: int = 250_000  # first snapshot, past warm-up
+    final_tokens: int = 46_000_000  # 2000 tokens per parameter (23k parameters)
     snapshot_ratio: float = math.sqrt(2)  # log-spaced snapshots
     cooldown_fraction: float = 0.2  # branch length, as a fraction of the steps so far
     gammas: tuple[float, ...] = (0.25, 0.5, 1.0)
     pairs: int = 4
-    reference_batches: int = 8  # of 8 x context tokens: ~8k tokens
+    reference_batches: int = 16  # of 8 x context tokens: ~8k tokens
     finetune_steps: int = 50
     finetune_batch: int = 8
-    finetune_lrs: tuple[float, ...] = (3e-4, 1e-3)
-    text_bytes: int = 32_000_000
+    finetune_lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)  # tuned per snapshot
+    text_bytes: int = 96_000_000  # the standard library, then installed packages' sources
 
     @property
     def tokens_per_step(self) -> int:
@@ -116,7 +124,7 @@ FAST = replace(
     pairs=2,
     reference_batches=2,
     finetune_steps=4,
-    finetune_lrs=(1e-3,),
+    finetune_lrs=(3e-4, 1e-3),
     text_bytes=1_000_000,
 )
 
@@ -152,6 +160,7 @@ class CooledSnapshots(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The monitor's defaults: init std measured from the weights at step 0.
         self.backup = ModelBackup(pl_module)
+        self.optimizer = trainer.optimizers[0]  # the sharpness probe's update direction
         stds = init_std_from_weights(pl_module)
         self.sigmas = [stds[name] for name in self.backup.names]
         self.weights = [count_tokens(b) for b in self.reference]
@@ -166,6 +175,7 @@ class CooledSnapshots(pl.Callback):
             batches=self.reference,
             weights=self.weights,
             loss_fn=transformers_loss,
+            extras={"optimizer": self.optimizer},
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -215,7 +225,7 @@ def prepare_data(s: Settings) -> dict[str, Any]:
     windows are in a fixed random order, so a short branch (the first batches) is as
     representative as a long one.
     """
-    code = ByteWindows(stdlib_code(s.text_bytes), s.context)
+    code = ByteWindows(python_sources(s.text_bytes), s.context)
     n_reference = 8 * s.reference_batches
     n_cooldown = math.ceil(s.cooldown_fraction * s.snapshot_steps()[-1]) * s.batch_size
     spread = np.linspace(0, len(code) - 1, n_reference + n_cooldown).round().astype(int)
@@ -231,6 +241,26 @@ def prepare_data(s: Settings) -> dict[str, Any]:
         "finetune_train": windows(prose_train, s.context, s.finetune_batch)[: s.finetune_steps],
         "finetune_eval": windows(prose_eval, s.context, 8)[:8],
     }
+
+
+def python_sources(max_bytes: int) -> bytes:
+    """The standard library's sources, then the installed packages' ``.py`` files, in a fixed
+    order, up to ``max_bytes``: real code on every machine the project runs on, no download.
+    """
+    text = stdlib_code(max_bytes)
+    root = sysconfig.get_paths()["purelib"]
+    chunks, total = [text], len(text)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if total >= max_bytes:
+                return b"".join(chunks)[:max_bytes]
+            if name.endswith(".py"):
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    data = f.read()
+                chunks.append(data)
+                total += len(data)
+    return b"".join(chunks)[:max_bytes]
 
 
 def batched(data: ByteWindows, indices: np.ndarray, size: int) -> list[dict[str, torch.Tensor]]:
@@ -277,6 +307,9 @@ def pretrain(seed: int, s: Settings, data: dict[str, Any], out: str) -> list[Rec
             lrs=s.finetune_lrs,
             seed=seed,
         ),
+        # Kalra et al.'s critical sharpness along AdamW's next update, searched from the lr.
+        SharpnessProbe("update", initial_step=s.lr),
+        SharpnessProbe("gradient", name="sharpness_gradient"),
     ]
     steps = s.snapshot_steps()
     snapshots = CooledSnapshots(
@@ -307,152 +340,6 @@ def pretrain(seed: int, s: Settings, data: dict[str, Any], out: str) -> list[Rec
     )
     trainer.fit(model, loader)
     return snapshots.history
-
-
-# ---------------------------------------------------------------------- analysis
-def curves(histories: list[list[Record]]) -> dict[str, dict[str, list[float]]]:
-    """Per metric: the mean over seeds, its standard error across seeds, each seed's values."""
-    names = [k for k in histories[0][0] if k not in (keys.TOKENS, keys.STEP)]
-    out = {}
-    for key in names:
-        if key.endswith("_stderr") or key == keys.PROBE_SECONDS:
-            continue
-        values = np.array([[r[key] for r in h] for h in histories], dtype=float)
-        se = values.std(axis=0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else None
-        out[key] = {
-            "mean": values.mean(axis=0).tolist(),
-            "se": se.tolist() if se is not None else [math.nan] * values.shape[1],
-            "per_seed": values.tolist(),
-        }
-    return out
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def turn_up(tokens: list[int], values: list[float], stderrs: list[float] | None) -> dict:
-    """The project's detector on one curve, plus the plain bottom and the rise after it."""
-    detector = InflectionDetector()
-    for i, (t, v) in enumerate(zip(tokens, values)):
-        se = stderrs[i] if stderrs is not None and math.isfinite(stderrs[i]) else None
-        state = detector.update(t, v, se)
-    bottom = int(np.argmin(values))
-    return {
-        "crossed": state.crossed,
-        "crossed_at_tokens": state.crossed_at_tokens,
-        "detector_bottom_tokens": state.bottom_tokens,
-        "forecast_tokens": state.forecast_tokens,
-        "bottom_tokens": tokens[bottom],
-        "rise_after_bottom": values[-1] - values[bottom],
-    }
-
-
-def checks(tokens: list[int], c: dict, s: Settings) -> dict[str, Any]:
-    """What reproduced, as numbers: one entry per claim of the paper."""
-    n_seeds = len(s.seeds)
-    result: dict[str, Any] = {"delta_rises": {}, "perturbed_loss_turns_up": {}, "forgetting": {}}
-    for gamma in s.gammas:
-        per_seed = np.array(c[keys.noise_key(gamma, "delta")]["per_seed"])
-        rising = np.diff(per_seed, axis=1) > 0
-        result["delta_rises"][f"{gamma:g}"] = {
-            "rising_neighbour_pairs": f"{int(rising.sum())}/{rising.size}",
-            "spearman_per_seed": [round(spearman(tokens, d), 3) for d in per_seed],
-            "last_over_first": float(np.mean(per_seed[:, -1] / per_seed[:, 0])),
-        }
-        loss = c[keys.noise_key(gamma, "perturbed_loss")]
-        seeds = [turn_up(tokens, v, None) for v in loss["per_seed"]]
-        rises = np.array([x["rise_after_bottom"] for x in seeds])
-        mean = turn_up(tokens, loss["mean"], loss["se"] if n_seeds > 1 else None)
-        mean["rise_after_bottom_across_seeds"] = {
-            "mean": float(rises.mean()),
-            "se": float(rises.std(ddof=1) / math.sqrt(n_seeds)) if n_seeds > 1 else None,
-        }
-        mean["seeds_with_interior_bottom"] = sum(x["bottom_tokens"] < tokens[-1] for x in seeds)
-        mean["seeds_crossed"] = sum(x["crossed"] for x in seeds)
-        result["perturbed_loss_turns_up"][f"{gamma:g}"] = mean
-    for lr in s.finetune_lrs:
-        per_seed = np.array(c[keys.finetune_key(lr, "forgetting")]["per_seed"])
-        result["forgetting"][f"{lr:g}"] = {
-            "spearman_per_seed": [round(spearman(tokens, f), 3) for f in per_seed],
-            "first": float(per_seed[:, 0].mean()),
-            "min": float(per_seed.mean(axis=0).min()),
-            "last": float(per_seed[:, -1].mean()),
-        }
-    return result
-
-
-# ---------------------------------------------------------------------- figure
-def figure(tokens: list[int], c: dict, result: dict, s: Settings, params: int, path: str) -> None:
-    from matplotlib.figure import Figure
-
-    from lightning_overtrain.reporting.figures import plot_signal
-
-    records: list[dict[str, float]] = [{keys.TOKENS: t} for t in tokens]
-    for key, curve in c.items():
-        for record, mean, se in zip(records, curve["mean"], curve["se"]):
-            record[key], record[key + "_stderr"] = mean, se
-    for gamma, found in result["perturbed_loss_turns_up"].items():
-        prefix = f"inflection/{keys.noise_key(float(gamma), 'perturbed_loss')}/"
-        records[-1][prefix + "crossed"] = float(found["crossed"])
-        records[-1][prefix + "bottom_tokens"] = found["detector_bottom_tokens"] or math.nan
-
-    fig = Figure(figsize=(13, 9.5), layout="constrained")
-    axes = fig.subplots(2, 2)
-    colors = {g: c_ for g, c_ in zip(s.gammas, ("#1b9e77", "#d95f02", "#7570b3"))}
-    n = len(s.seeds)
-    band = f"mean ± s.e. over {n} seeds" if n > 1 else "one seed"
-    ax = axes[0, 0]
-    for g in s.gammas:
-        plot_signal(ax, records, keys.noise_key(g, "delta"), label=f"γ={g:g}", color=colors[g])
-    ax.set_yscale("log")
-    _finish(ax, "δ = E[L(θ+ε)] − L(θ)", f"1. Sensitivity rises with tokens ({band})", params)
-    ax = axes[0, 1]
-    plot_signal(ax, records, keys.REFERENCE_LOSS, label="no noise", color="black")
-    for g in s.gammas:
-        key = keys.noise_key(g, "perturbed_loss")
-        plot_signal(ax, records, key, label=f"γ={g:g}", color=colors[g])
-    _finish(
-        ax, "loss (cooled branch)", "2. Perturbed loss: U-shaped, larger γ turns earlier", params
-    )
-    ax = axes[1, 0]
-    g = max(s.gammas)
-    key = keys.noise_key(g, "perturbed_loss")
-    for k, values in enumerate(c[key]["per_seed"]):
-        ax.plot(tokens, values, marker="o", markersize=3, alpha=0.8, label=f"seed {s.seeds[k]}")
-    _finish(
-        ax, f"perturbed loss, γ={g:g}", "Each seed on its own: the U is not one seed's luck", params
-    )
-    ax = axes[1, 1]
-    lr_colors = ("#e7298a", "#66a61e", "#e6ab02")
-    for lr, color in zip(s.finetune_lrs, lr_colors):
-        key = keys.finetune_key(lr, "forgetting")
-        plot_signal(ax, records, key, label=f"lr={lr:g}", color=color)
-    _finish(
-        ax,
-        "L(θ_ft) − L(θ) on pretraining text",
-        f"3. Forgetting after {s.finetune_steps} fine-tune steps on prose",
-        params,
-    )
-    fig.suptitle(
-        f"Catastrophic overtraining in miniature: {params / 1e3:.0f}k-parameter byte-level GPT-2,"
-        f" {n} seed(s), cooldown branch of {s.cooldown_fraction:.0%} at each snapshot",
-        fontsize=12,
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
-
-
-def _finish(ax: Any, ylabel: str, title: str, params: int) -> None:
-    ax.set_xscale("log")
-    ax.set_xlabel("tokens of the constant-lr run at the branch point")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
-    top = ax.secondary_xaxis("top", functions=(lambda t: t / params, lambda r: r * params))
-    top.set_xlabel("tokens per parameter", fontsize=8)
 
 
 # ---------------------------------------------------------------------- main
@@ -497,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         runs = [run_seed(seed, s, args.out, args.threads) for seed in s.seeds]
     histories = [history for history, _ in runs]
+    # A run cut short (--report-only on unfinished seeds): compare the snapshots all seeds reached.
+    common = min(len(h) for h in histories)
+    incomplete = any(len(h) > common for h in histories) or common < len(s.snapshot_steps())
+    histories = [h[:common] for h in histories]
     cpu = [round(c, 1) for _, c in runs if c is not None]
     seconds = time.perf_counter() - start
 
@@ -510,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "parameters": params,
         "seconds": None if args.report_only else round(seconds, 1),
         "jobs": jobs,
+        "incomplete": incomplete,
         "cpu_seconds_per_seed": cpu or None,
         "torch_threads": torch.get_num_threads(),
         "tokens": tokens,

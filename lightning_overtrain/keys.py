@@ -129,6 +129,20 @@ def parse_finetune_key(key: str) -> tuple[str, float, str] | None:
     return parts[0], lr, parts[2]
 
 
+def finetune_tuned_key(quantity: str, probe: str = "finetune") -> str:
+    """``<probe>/tuned/<quantity>``: the fine-tune with the lr tuned per snapshot.
+
+    E.g. ``finetune/tuned/downstream_loss_after`` (the best over the probe's lrs),
+    ``finetune/tuned/lr`` (the lr that won), ``finetune/tuned/reference_loss_after``.
+    """
+    return f"{probe}/tuned/{quantity}"
+
+
+def sharpness_key(quantity: str, probe: str = "sharpness") -> str:
+    """``<probe>/<quantity>``, e.g. ``sharpness/critical_sharpness``."""
+    return f"{probe}/{quantity}"
+
+
 def inflection_key(signal: str, quantity: str) -> str:
     """``inflection/<signal>/<quantity>``: what the detector says about one signal."""
     return f"inflection/{signal}/{quantity}"
@@ -332,6 +346,39 @@ def finetune_signals(lrs: Iterable[float], probe: str = "finetune") -> list[Sign
                     rank=3 + lr / (1 + lr) if decomposed else None,
                 )
             )
+    if len(set(lrs)) > 1:  # with one lr the tuned view is that lr's curve again
+        out += _tuned_signals(probe, title)
+    return out
+
+
+def _tuned_signals(probe: str, title: str) -> list[Signal]:
+    """The lr tuned per snapshot (the paper's Figure 5): its losses are watched like an lr's."""
+    panels = {q: _FINETUNE_PANELS[q] for q in ("reference_loss_after", "downstream_loss_after")}
+    out = [
+        Signal(
+            finetune_tuned_key(quantity, probe),
+            u_shaped=True,
+            label="tuned lr",
+            unit=unit,
+            figure=probe,
+            title=title,
+            panel=panel,
+            summary=quantity == "downstream_loss_after",
+            rank=None,
+        )
+        for quantity, (panel, unit) in panels.items()
+    ]
+    out.append(
+        Signal(
+            finetune_tuned_key("lr", probe),
+            label="tuned lr",
+            unit="lr",
+            figure=probe,
+            title=title,
+            panel="the lr tuned for the downstream loss",
+            rank=None,
+        )
+    )
     return out
 
 

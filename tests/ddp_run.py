@@ -20,6 +20,7 @@ from conftest import CONTEXT, make_module, make_trainer, reference_batches
 from syncs import count_hot_path
 
 from lightning_overtrain import InflectionPolicy, NoiseProbe, OvertrainingMonitor, Probe
+from lightning_overtrain.probes.sharpness import SharpnessProbe
 from lightning_overtrain.testing.demo import ByteWindows, stdlib_code
 
 GLOBAL_BATCH = 16
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--every-n-tokens", type=int, default=None)
     parser.add_argument("--masked", action="store_true")
     parser.add_argument("--count-syncs", action="store_true")
+    parser.add_argument("--sharpness", action="store_true", help="add both sharpness probes")
     args = parser.parse_args()
 
     text = stdlib_code(max_bytes=200_000)
@@ -104,6 +106,8 @@ def main() -> None:
     probes: list[Probe] = [NoiseProbe(gammas=(0.5, 1.0), pairs=2)]
     if args.fail_on_rank is not None:
         probes.insert(0, FailsOnOneRank(args.fail_on_rank))
+    if args.sharpness:
+        probes += [SharpnessProbe("update"), SharpnessProbe("gradient", name="sharpness_grad")]
     policy = None
     if args.stop_on_rank is not None:
         probes.append(RankFlag(args.stop_on_rank))

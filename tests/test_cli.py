@@ -374,6 +374,15 @@ def test_reproduction_fast_mode_writes_sane_outputs(tmp_path):
                 tokens
             )
     assert set(summary["checks"]["delta_rises"]) == {f"{g:g}" for g in gammas}
+    checks, seeds = summary["checks"], summary["settings"]["seeds"]
+    lrs = summary["settings"]["finetune_lrs"]
+    assert {"ft tuned downstream loss", f"ft pretrain loss lr={lrs[0]:g}"} <= set(checks["signals"])
+    for lrs_won in summary["curves"]["finetune/tuned/lr"]["per_seed"]:
+        assert set(lrs_won) <= set(lrs)
+    noise = checks["noise_vs_finetune"][f"noise gamma={gammas[-1]:g}"]
+    verdicts = noise["ft tuned downstream loss"]
+    assert len(verdicts) == len(seeds) and all("verdict" in v for v in verdicts)
+    assert set(checks["sharpness"]) == {"sharpness", "sharpness_gradient"}
     assert (tmp_path / "reproduction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for seed in summary["settings"]["seeds"]:
         assert len(read_history(str(tmp_path / f"seed{seed}" / "history.jsonl"))) == len(tokens)

@@ -22,6 +22,7 @@ from lightning_overtrain import FineTuneProbe, NoiseProbe, OvertrainingMonitor, 
 from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.losses import transformers_loss
 from lightning_overtrain.engine.snapshot import measure_snapshot
+from lightning_overtrain.probes.finetune import tuned_lr
 from lightning_overtrain.testing.demo import ByteWindows
 
 LRS = (3e-4, 1e-3)
@@ -98,6 +99,41 @@ def test_fine_tuning_code_model_on_prose_forgets_code_and_learns_prose(
         assert record[key + "downstream_loss_after"] == pytest.approx(
             record["finetune/downstream_loss_before"] - record[key + "adaptation"]
         )
+
+
+def test_the_tuned_lr_view_reports_the_best_downstream_loss_its_lr_and_the_forgetting_there(
+    code_model, code_text, prose_text
+):
+    lrs = (1e-4, 1e-3, 3e-2)
+    probe = FineTuneProbe(
+        prose_batches(prose_text, 10), prose_batches(prose_text, 4, start=60_000), steps=10, lrs=lrs
+    )
+    record = probe_once(code_model, code_text, probe)
+    after = {lr: record[f"finetune/lr={lr:g}/downstream_loss_after"] for lr in lrs}
+    best = min(after, key=after.get)
+    assert record["finetune/tuned/lr"] == best
+    assert record["finetune/tuned/downstream_loss_after"] == min(after.values())
+    assert (
+        record["finetune/tuned/reference_loss_after"]
+        == (record[f"finetune/lr={best:g}/reference_loss_after"])
+    )
+
+
+def test_tuned_lr_picks_the_lowest_downstream_loss_and_the_smaller_lr_on_a_tie():
+    results = {
+        1e-3: {"downstream_loss": 1.5, "reference_loss": 3.0},
+        1e-4: {"downstream_loss": 1.5, "reference_loss": 2.0},
+        1e-2: {"downstream_loss": 1.7, "reference_loss": 4.0},
+    }
+    assert tuned_lr(results) == {
+        "downstream_loss_after": 1.5,
+        "lr": 1e-4,
+        "reference_loss_after": 2.0,
+    }
+    results[1e-2]["downstream_loss"] = 1.0
+    assert tuned_lr(results)["lr"] == 1e-2
+    with pytest.raises(ValueError, match="`results` is empty"):
+        tuned_lr({})
 
 
 def test_a_torchmetric_and_a_callable_metric_are_reported_before_and_after(
@@ -311,6 +347,7 @@ def test_training_is_bit_identical_and_a_nan_lr_is_logged_and_skipped(
     for record in monitor.history:
         assert "finetune/lr=1/forgetting" not in record
         assert math.isfinite(record["finetune/lr=0.001/forgetting"])  # the other lr is kept
+        assert record["finetune/tuned/lr"] == 1e-3  # tuned over the lrs that ran
 
 
 # ---------------------------------------------------------------------- DDP

@@ -61,6 +61,9 @@ def u_history():
                 for quantity in ("reference_loss_after", "downstream_loss_after"):
                     record[keys.finetune_key(lr, quantity, probe)] = u + lr
                 record[keys.finetune_key(lr, "forgetting", probe)] = u - record["reference_loss"]
+            for quantity in ("reference_loss_after", "downstream_loss_after"):
+                record[keys.finetune_tuned_key(quantity, probe)] = u + 1e-4  # the lr that won
+            record[keys.finetune_tuned_key("lr", probe)] = 1e-4
         record["mine/loss"], record["mine/loss_stderr"] = u, 0.01
         history.append(record)
     return history
@@ -72,6 +75,11 @@ U_SHAPED = [
         for probe in ("finetune", "code_ft")
         for quantity in ("reference_loss_after", "downstream_loss_after")
         for lr in (1e-4, 1e-3)
+    ),
+    *(
+        keys.finetune_tuned_key(quantity, probe)
+        for probe in ("finetune", "code_ft")
+        for quantity in ("reference_loss_after", "downstream_loss_after")
     ),
     "mine/loss",
 ]
@@ -158,8 +166,10 @@ def test_the_figures_draw_every_declared_signal():
         "forgetting (pretraining loss rise)",
         "pretraining loss after fine-tuning",
         "downstream loss after fine-tuning",
+        "the lr tuned for the downstream loss",
     ]
     assert [line.get_label() for line in code_ft.axes[0].lines] == ["lr=0.0001", "lr=0.001"]
+    assert "tuned lr" in [line.get_label() for line in code_ft.axes[2].lines]
     (mine,) = figures["mine"].axes
     assert [line.get_label() for line in mine.lines] == ["my loss"]
 
@@ -281,3 +291,39 @@ def test_an_old_policy_config_still_loads():
     with pytest.raises(ValueError, match="`detector` and \\['patience'\\] both set"):
         InflectionPolicy(patience=2, detector={"patience": 3})
     assert not math.isnan(policy.detector_config.forecast_level)
+
+
+def test_the_lr_tuned_per_snapshot_is_declared_watched_and_drawn_with_two_lrs_or_more():
+    one, two = (FineTuneProbe(BATCH, BATCH, steps=1, lrs=lrs) for lrs in ((1e-3,), (1e-4, 1e-3)))
+    tuned = {keys.finetune_tuned_key(q) for q in ("reference_loss_after", "downstream_loss_after")}
+    assert not tuned & {s.key for s in one.signals()}  # one lr: its own curve already
+    declared = {s.key: s for s in two.signals()}
+    assert all(declared[k].u_shaped for k in tuned)
+    assert not declared[keys.finetune_tuned_key("lr")].u_shaped
+    policy = InflectionPolicy()
+    policy.declare(declared_signals([two]))
+    assert tuned <= set(policy.detectors)
+
+
+def test_the_sharpness_probe_declares_a_rising_curve_the_figures_draw():
+    pytest.importorskip("matplotlib")
+    from lightning_overtrain.probes.sharpness import SharpnessProbe
+    from lightning_overtrain.reporting.figures import render_figures
+
+    probe = SharpnessProbe(direction="gradient")
+    declared = {s.key: s for s in probe.signals()}
+    assert set(declared) == {"sharpness/critical_sharpness", "sharpness/critical_lr"}
+    assert not any(s.u_shaped for s in declared.values())  # not watched for a bottom
+    history = [
+        {
+            "tokens": 1e6 * 2**i,
+            "step": i,
+            "reference_loss": 3.0 - 0.1 * i,
+            "sharpness/critical_sharpness": 10.0 + i,
+            "sharpness/critical_lr": 2 / (10.0 + i),
+        }
+        for i in range(4)
+    ]
+    figures = render_figures(history, declared_signals([probe]))
+    lines = [line for ax in figures["sharpness"].axes for line in ax.get_lines()]
+    assert any(list(line.get_ydata()) == [10.0, 11.0, 12.0, 13.0] for line in lines)

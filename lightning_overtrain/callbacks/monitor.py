@@ -518,5 +518,9 @@ class OvertrainingMonitor(Callback):
             reduce_sum=all_reduce_sum,
             forward_context=trainer.precision_plugin.forward_context,
             world_size=trainer.world_size,
-            extras=precision_extras(trainer.precision_plugin),
+            extras={
+                **precision_extras(trainer.precision_plugin),
+                # The training optimizer, read only (the sharpness probe's update direction).
+                **({"optimizer": trainer.optimizers[0]} if trainer.optimizers else {}),
+            },
         )

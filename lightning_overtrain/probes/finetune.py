@@ -99,6 +99,38 @@ def _structure(batch: Any) -> Any:
     return sorted(map(str, batch)) if isinstance(batch, Mapping) else type(batch).__name__
 
 
+def tuned_lr(results: Mapping[float, Mapping[str, float]]) -> dict[str, float]:
+    """The fine-tune with the lr tuned for the downstream task (the paper's Figure 5 view).
+
+    Of the learning rates measured at one snapshot, the one with the lowest held-out
+    downstream loss after fine-tuning wins (the smaller lr on a tie); reported are that
+    loss, the lr itself and the pretraining reference loss at that lr.
+
+    Args:
+        results: ``{lr: {"downstream_loss": ..., "reference_loss": ...}}`` after fine-tuning.
+
+    Returns:
+        ``{"downstream_loss_after", "lr", "reference_loss_after"}``.
+
+    Raises:
+        ValueError: if ``results`` is empty.
+
+    Example::
+
+        >>> tuned_lr({1e-4: {"downstream_loss": 2.0, "reference_loss": 1.5},
+        ...           1e-3: {"downstream_loss": 1.8, "reference_loss": 1.9}})["lr"]
+        0.001
+    """
+    if not results:
+        raise ValueError("`results` is empty: no learning rate was measured.")
+    lr = min(results, key=lambda r: (results[r]["downstream_loss"], r))
+    return {
+        "downstream_loss_after": results[lr]["downstream_loss"],
+        "lr": lr,
+        "reference_loss_after": results[lr]["reference_loss"],
+    }
+
+
 class FineTuneProbe(Probe):
     """Forgetting and adaptation after a short, fixed fine-tune, per learning rate.
 
@@ -112,7 +144,10 @@ class FineTuneProbe(Probe):
     * ``finetune/lr=<lr>/forgetting``: ``L(theta_ft) - L(theta_T)`` on the reference set;
     * ``finetune/lr=<lr>/reference_loss_after``: ``L(theta_ft)``;
     * ``finetune/lr=<lr>/downstream_loss_after`` (and ``/metric_after``), and
-      ``/adaptation``: ``downstream_loss_before - downstream_loss_after``.
+      ``/adaptation``: ``downstream_loss_before - downstream_loss_after``;
+    * the lr tuned per snapshot (:func:`tuned_lr`, over the lrs that ran):
+      ``finetune/tuned/downstream_loss_after`` (the best), ``finetune/tuned/lr``
+      (the winner) and ``finetune/tuned/reference_loss_after`` (at that lr).
 
     Memory beyond training's, in parameter sizes (this rank's shard under FSDP2):
     the monitor's backup (1, or 0 on the accelerator with ``backup_device="cpu"``),
@@ -293,7 +328,7 @@ class FineTuneProbe(Probe):
         key = partial(keys.finetune_key, probe=self.name)
         before = self._evaluate(ctx, reference=False)
         record = {key(None, f"{q}_before"): v for q, v in before.items()}
-        failures = []
+        failures, results = [], {}
         for lr in self.lrs:
             try:
                 self._fine_tune(ctx, lr)
@@ -301,11 +336,15 @@ class FineTuneProbe(Probe):
             except ProbeFailure as exc:
                 failures.append(f"lr={lr:g}: {exc}")
                 continue
+            results[lr] = dict(after)
             ref_after = after.pop("reference_loss")
             record[key(lr, "forgetting")] = ref_after - ctx.reference_loss
             record[key(lr, "reference_loss_after")] = ref_after
             record.update({key(lr, f"{q}_after"): v for q, v in after.items()})
             record[key(lr, "adaptation")] = before["downstream_loss"] - after["downstream_loss"]
+        if results:
+            tuned = tuned_lr(results)
+            record.update({keys.finetune_tuned_key(q, self.name): v for q, v in tuned.items()})
         if failures:
             raise ProbeFailure("; ".join(failures), partial=record)
         return record
