@@ -302,6 +302,8 @@ def test_the_lr_tuned_per_snapshot_is_declared_watched_and_drawn_with_two_lrs_or
     assert not declared[keys.finetune_tuned_key("lr")].u_shaped
     policy = InflectionPolicy()
     policy.declare(declared_signals([two]))
+    for record in u_history():
+        policy.judge(record)
     assert tuned <= set(policy.detectors)
 
 

@@ -28,6 +28,7 @@ from lightning_overtrain.cli.series import (
     Checkpoint,
     CheckpointError,
     SeriesError,
+    TokensRule,
     find_checkpoints,
     read_metadata,
     tokens_from_checkpoint,
@@ -119,6 +120,19 @@ def build_setup(args: argparse.Namespace, ordered: list[Checkpoint]) -> ProbeSet
     )
 
 
+def tokens_rule(args: argparse.Namespace) -> TokensRule:
+    """Where each checkpoint's tokens come from: ``--tokens-pattern``, ``--tokens-map`` or itself.
+
+    Raises:
+        SeriesError: on a bad ``--tokens-pattern`` or ``--tokens-map``.
+    """
+    if args.tokens_pattern is not None:
+        return tokens_from_pattern(args.tokens_pattern, args.tokens_per_step)
+    if args.tokens_map is not None:
+        return tokens_from_mapping(args.tokens_map)
+    return tokens_from_checkpoint(args.tokens_per_step)
+
+
 def collect_series(args: argparse.Namespace) -> tuple[list[Checkpoint], list[tuple[str, str]]]:
     """The checkpoints of ``args.checkpoints`` in token order, their metadata read.
 
@@ -128,12 +142,7 @@ def collect_series(args: argparse.Namespace) -> tuple[list[Checkpoint], list[tup
     Raises:
         SeriesError: on a bad ``--tokens-pattern`` or ``--tokens-map``.
     """
-    if args.tokens_pattern is not None:
-        rule = tokens_from_pattern(args.tokens_pattern, args.tokens_per_step)
-    elif args.tokens_map is not None:
-        rule = tokens_from_mapping(args.tokens_map)
-    else:
-        rule = tokens_from_checkpoint(args.tokens_per_step)
+    rule = tokens_rule(args)
     found, failures = find_checkpoints(args.checkpoints)
     readable = []
     for ckpt in found:

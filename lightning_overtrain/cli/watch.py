@@ -43,11 +43,8 @@ from lightning_overtrain.cli.series import (
     SeriesError,
     find_checkpoints,
     read_metadata,
-    tokens_from_checkpoint,
-    tokens_from_mapping,
-    tokens_from_pattern,
 )
-from lightning_overtrain.cli.setup import build_setup, module_class_from
+from lightning_overtrain.cli.setup import build_setup, module_class_from, tokens_rule
 from lightning_overtrain.cli.watch_wandb import WandbLog
 from lightning_overtrain.history import Record, write_history
 from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
@@ -100,12 +97,7 @@ class Watcher:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         policy_from_args(args)  # bad thresholds fail before anything is loaded
-        if args.tokens_pattern is not None:
-            self.rule = tokens_from_pattern(args.tokens_pattern, args.tokens_per_step)
-        elif args.tokens_map is not None:
-            self.rule = tokens_from_mapping(args.tokens_map)
-        else:
-            self.rule = tokens_from_checkpoint(args.tokens_per_step)
+        self.rule = tokens_rule(args)
         # Built as `probe` builds it, from what is there now (a saved tokenizer, say); the
         # loader and the init std are set again from the first checkpoints that come.
         present, _ = find_checkpoints([args.dir])
