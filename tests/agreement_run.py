@@ -17,15 +17,13 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import quadratic_context
 from test_noise import Quadratic
 
-from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.collectives import all_reduce_sum
-from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
+from lightning_overtrain.engine.contract import Probe, ProbeFailure
 from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.probes.noise import NoiseProbe
-
-SIGMAS = {"a": 0.3, "b": 0.1, "gain": 0.0}
 
 
 class RaisesOnRankOne(Probe):
@@ -116,17 +114,8 @@ def main() -> None:
 
 def snapshot(probes: list[Probe], world_size: int) -> dict:
     model = Quadratic()
-    backup = ModelBackup(model)
-    ctx = ProbeContext(
-        module=model,
-        backup=backup,
-        sigmas=[SIGMAS[n] for n in backup.names],
-        batches=[None],
-        weights=[1],
-        loss_fn=lambda module, batch: module.loss(),
-        reduce_sum=all_reduce_sum,
-        world_size=world_size,
-    )
+    ctx = quadratic_context(model)
+    ctx.reduce_sum, ctx.world_size = all_reduce_sum, world_size
     failures: list[str] = []
     probes = [*probes, NoiseProbe(gammas=(0.5, 1.0), pairs=2)]
     record = measure_snapshot(ctx, probes, lambda what, exc: failures.append(f"{what}: {exc}"))

@@ -120,3 +120,31 @@ def test_the_lines_follow_lightnings_verbosity(tmp_path, code_text, caplog):
     finally:
         logging.getLogger("lightning.pytorch").setLevel(logging.INFO)
     assert not [r for r in caplog.records if "OvertrainingMonitor @" in r.getMessage()]
+
+
+def test_a_forecast_far_beyond_the_observed_tokens_is_not_quoted_as_a_date():
+    record = {
+        "tokens": 5_620_000,
+        "step": 1373,
+        "reference_loss": 1.575,
+        "inflection/finetune/lr=0.001/reference_loss_after/crossed": 0.0,
+        "inflection/finetune/lr=0.001/reference_loss_after/forecast_tokens": 1.56e10,
+    }
+    line = format_snapshot(record)
+    assert "15.6B" not in line and "beyond 10x the observed tokens" in line
+    record["inflection/finetune/lr=0.001/reference_loss_after/forecast_tokens"] = 9e6
+    assert "at ~9M" in format_snapshot(record)
+
+
+def test_a_rise_above_the_noise_before_the_patience_is_said():
+    record = {
+        "tokens": 10_000_000,
+        "step": 2442,
+        "reference_loss": 1.45,
+        "inflection/noise/gamma=1/perturbed_loss/crossed": 0.0,
+        "inflection/noise/gamma=1/perturbed_loss/rise": 0.25,
+        "inflection/noise/gamma=1/perturbed_loss/rise_threshold": 0.16,
+    }
+    assert "rising above its bottom: noise/gamma=1/perturbed_loss" in format_snapshot(record)
+    record["inflection/noise/gamma=1/perturbed_loss/rise"] = 0.1
+    assert "rising" not in format_snapshot(record)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_overtrain.inflection.verdicts import FAR_FACTOR, far_tokens
 from lightning_overtrain.reporting.base import Reporter
 
 if TYPE_CHECKING:
@@ -67,8 +68,21 @@ def _verdict(record: dict[str, Any]) -> str:
             forecasts.append((value, key[len(_INFLECTION) : -len(_FORECAST)]))
     if crossed:
         return "TURNED UP: " + ", ".join(crossed)
+    rising = [
+        key[len(_INFLECTION) : -len("/rise")]
+        for key, value in record.items()
+        if key.startswith(_INFLECTION)
+        and key.endswith("/rise")
+        and _finite(value)
+        and _finite(threshold := record.get(key + "_threshold"))
+        and value > threshold
+    ]
+    if rising:  # above the noise once; the detector's patience has not passed yet
+        return "rising above its bottom: " + ", ".join(rising)
     if forecasts:
         tokens, signal = min(forecasts)
+        if far_tokens(tokens, record.get("tokens")):  # as the verdicts say it: not a date
+            return f"no turn yet (any forecast lies beyond {FAR_FACTOR:g}x the observed tokens)"
         return f"no turn yet (forecast: {signal} at ~{format_tokens(tokens)})"
     return "no turn yet"
 
