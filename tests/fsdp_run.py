@@ -21,10 +21,40 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import CONTEXT, make_module, make_trainer, reference_batches
 
 from lightning_overtrain import FineTuneProbe, InflectionPolicy, NoiseProbe, OvertrainingMonitor
-from lightning_overtrain.engine.sharding import is_dtensor
+from lightning_overtrain.engine.contract import Probe
+from lightning_overtrain.engine.sharding import is_dtensor, local_tensor
 from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
 
 GLOBAL_BATCH = 8
+
+
+class StateDictWhileBorrowed(Probe):
+    """Perturbs the shards, then checks ``state_dict()`` still shows the live run.
+
+    The live run is the cooldown's origin (the probes measure the cooled branch).
+    Under FSDP2 the saved copies are local shards: they must be shown as DTensors of
+    the parameter's global shape (what a checkpoint gathers or saves distributed).
+    """
+
+    name = "check"
+
+    def __init__(self, origin):
+        self.origin = origin  # () -> the backup that holds the live training weights
+
+    def run(self, ctx):
+        with torch.no_grad():
+            for param in ctx.backup.params:
+                local_tensor(param).add_(1.0)  # the probe's weights, not the run's
+        shown = ctx.module.state_dict()
+        names = {id(p): n for n, p in ctx.module.named_parameters()}
+        same = True
+        for param, saved in self.origin().saved_tensors():
+            if id(param) in names:
+                got = shown[names[id(param)]]
+                same &= tuple(got.shape) == tuple(param.shape)
+                same &= is_dtensor(got) == is_dtensor(param)
+                same &= torch.equal(local_tensor(got), saved)
+        return {"check/state_dict_live": float(same)}
 
 
 class ShardedLM(TinyCausalLM):
@@ -86,10 +116,11 @@ def main() -> None:
         lrs=(1e-3,),
     )
     cooldown = list(DataLoader(data, batch_size=1))[200:202]
+    check = StateDictWhileBorrowed(lambda: monitor._cooldown.origin)
     monitor = OvertrainingMonitor(
         reference_batches(text, n=3, batch_size=4),  # 3 batches: 2 and 1 per rank
         every_n_steps=2,
-        probes=[NoiseProbe(gammas=(1.0,), pairs=2, per_layer=True), finetune],
+        probes=[NoiseProbe(gammas=(1.0,), pairs=2, per_layer=True), finetune, check],
         cooldown_steps=2,
         cooldown_data=cooldown,
         dirpath=args.out,

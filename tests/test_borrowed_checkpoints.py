@@ -297,3 +297,69 @@ def test_a_policy_failure_stops_training_with_on_probe_error_raise(tmp_path, cod
     trainer = make_trainer(tmp_path, [monitor, SnapshotAgain(monitor)], max_steps=6)
     with pytest.raises(ValueError, match="must strictly increase"):
         trainer.fit(make_module(), train_loader(code_text))
+
+
+class SaveInside(Probe):
+    """Writes a full checkpoint the first time it runs (inside the cadence's snapshot)."""
+
+    name = "save_inside"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.trainer: pl.Trainer | None = None
+
+    def run(self, ctx):
+        if self.trainer is not None and not os.path.exists(self.path):
+            self.trainer.save_checkpoint(self.path)
+        return {}
+
+
+class Attach(pl.Callback):
+    def __init__(self, probe: SaveInside) -> None:
+        self.probe = probe
+
+    def on_fit_start(self, trainer, pl_module):
+        self.probe.trainer = trainer
+
+
+def test_a_checkpoint_written_during_a_due_snapshot_resumes_to_take_it_again(tmp_path, code_text):
+    """The cadence in such a checkpoint is the one before `due` passed this threshold, so a
+    requeued run takes the snapshot it was writing (one step later), instead of losing it."""
+    path = str(tmp_path / "requeue.ckpt")
+    inside = SaveInside(path)
+
+    def run(root, probes, ckpt_path=None):
+        monitor = OvertrainingMonitor(
+            reference_batches(code_text, n=1), every_n_tokens=1024, probes=probes
+        )
+        trainer = make_trainer(root, [monitor, Attach(inside)], max_steps=8)
+        trainer.fit(make_module(), train_loader(code_text), ckpt_path=ckpt_path)
+        return monitor
+
+    whole = run(tmp_path / "whole", [NoiseProbe(pairs=1)])
+    run(tmp_path / "first", [NoiseProbe(pairs=1), inside])
+    saved = torch.load(path, weights_only=False)
+    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("OvertrainingMonitor")]
+    assert state["history"] == [] and state["cadence"]["next_index"] == 0
+    resumed = run(tmp_path / "second", [NoiseProbe(pairs=1)], ckpt_path=path)
+    assert len(resumed.history) == len(whole.history)
+    assert resumed.history[0]["step"] == whole.history[0]["step"] + 1  # taken again, a step late
+
+
+def test_a_best_snapshot_that_cannot_be_written_is_skipped_and_training_goes_on(
+    tmp_path, code_text, monkeypatch
+):
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    def full_disk(self, checkpoint, filepath, storage_options=None):
+        if os.path.basename(filepath).startswith("best"):
+            raise OSError("No space left on device")
+        return real(self, checkpoint, filepath, storage_options)
+
+    real = SingleDeviceStrategy.save_checkpoint
+    monkeypatch.setattr(SingleDeviceStrategy, "save_checkpoint", full_disk)
+    monitor = OvertrainingMonitor(reference_batches(code_text, n=1), every_n_steps=2)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=6)
+    trainer.fit(make_module(), train_loader(code_text))
+    assert trainer.global_step == 6 and len(monitor.history) == 3
+    assert monitor.probe_failures >= 1 and monitor.best_path is None

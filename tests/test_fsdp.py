@@ -42,6 +42,8 @@ def test_two_sharded_processes_match_one_unsharded_process(tmp_path):
     probes = ("reference_loss", "noise/gamma=1/delta", "finetune/lr=0.001/forgetting")
     layers = ("noise/gamma=1/layer=embeddings/delta", "noise/gamma=1/layer=h.1/delta")
     cooldown = ("cooldown/train_loss", "cooldown/raw_reference_loss")
+    # While a probe holds the model, state_dict() gathers to the live weights (sharded too).
+    assert all(r["check/state_dict_live"] == 1.0 for r in (*single["history"], *rank0["history"]))
     for one, two in zip(single["history"], rank0["history"]):
         assert set(one) == set(two)
         assert one["tokens"] == two["tokens"] and one["step"] == two["step"]

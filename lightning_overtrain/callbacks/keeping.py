@@ -38,5 +38,12 @@ def save_best(
     with presented(trainer.lightning_module, backup) if cooled else nullcontext():
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
     checkpoint["callbacks"] = {state_key: {**state, "weights": "cooled" if cooled else "live"}}
-    trainer.strategy.save_checkpoint(checkpoint, path)
-    trainer.strategy.barrier("OvertrainingMonitor.save_best")
+    error: Exception | None = None
+    try:
+        trainer.strategy.save_checkpoint(checkpoint, path)
+    except Exception as exc:  # e.g. a full disk on rank 0, which alone writes
+        error = exc
+    # Every rank reaches this one agreement (never a barrier a failed rank skips), and
+    # all fail alike, so the monitor skips this best snapshot on every rank.
+    if trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+        raise error or RuntimeError(f"another rank could not write the best snapshot {path}")

@@ -225,6 +225,7 @@ class OvertrainingMonitor(Callback):
         self._last_step = 0
         self._progress = SnapshotProgress()
         self._state_before_snapshot: dict[str, Any] | None = None
+        self._cadence_before: dict[str, Any] | None = None
         self._trainer_world, self._device = 1, torch.device("cpu")
 
     # ------------------------------------------------------------------ properties
@@ -359,7 +360,9 @@ class OvertrainingMonitor(Callback):
         if not self._clock.may_be_due(self.cadence, step, trainer.world_size):
             return
         self._clock.sync(trainer.world_size, pl_module.device)
+        cadence = self.cadence.state_dict()  # before `due` moves past this threshold
         if self.cadence.due(step, self.tokens):
+            self._cadence_before = cadence
             self.snapshot(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -385,7 +388,7 @@ class OvertrainingMonitor(Callback):
         return {
             "version": 1,
             "history": [dict(r) for r in self.history],
-            **self._clock.state_dict(),
+            **self._clock.state_dict(self._trainer_world, self._device),
             "probe_failures": self.probe_failures,
             "cadence": self.cadence.state_dict(),
             "init_stds": dict(self.init_stds) if self.init_stds is not None else None,
@@ -419,6 +422,9 @@ class OvertrainingMonitor(Callback):
             self._probe_failed(what, exc, record)
 
         before = self._current_state()
+        if self._cadence_before is not None:
+            # A checkpoint written during this snapshot resumes to take it again.
+            before["cadence"], self._cadence_before = self._cadence_before, None
         self._state_before_snapshot = before
         try:
             ctx = self._context(trainer, pl_module)
@@ -467,13 +473,14 @@ class OvertrainingMonitor(Callback):
         cooled = keys.COOLDOWN_TRAIN_LOSS in record
         path = os.path.join(self.dirpath, BEST_COOLED_FILE if cooled else BEST_FILE)
         judgement = self.policy.judge(record, best_path=path)
-        if judgement.best_moved:
-            self._save_best(trainer, path, cooled)
         record.update(judgement.additions)
+        if judgement.best_moved:
+            self._save_best(trainer, path, cooled, record)
         return judgement.decisions
 
-    def _save_best(self, trainer: pl.Trainer, path: str, cooled: bool) -> None:
-        """Keep the weights the current record measured at ``path`` (see :func:`save_best`)."""
+    def _save_best(self, trainer: pl.Trainer, path: str, cooled: bool, record: Record) -> None:
+        """Keep the weights ``record`` measured at ``path`` (see :func:`save_best`), with the
+        monitor's state as judged, this record included."""
         if cooled and not self._kept_cooled:
             self._kept_cooled = True
             rank_zero_info(
@@ -481,7 +488,8 @@ class OvertrainingMonitor(Callback):
                 f" cooldown branch the probes measured), not the live run's, as {path}."
             )
         assert self._backup is not None
-        state = {**self.state_dict(), "config": self.config()}
+        state = {**self._current_state(), "config": self.config()}
+        state["history"] = [*state["history"], dict(record)]
         save_best(trainer, path, self._backup, cooled, self.state_key, state)
 
     def _act(self, trainer: pl.Trainer, decisions: list[Decision]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_overtrain.callbacks.cadence import Cadence
@@ -63,15 +64,30 @@ class TokenClock:
                 " threshold. Keep batch shapes fixed (pad to the context length) to avoid it."
             )
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, world_size: int = 1, device: torch.device | None = None) -> dict[str, Any]:
+        """The count, with the unfinished accumulation window summed over ranks.
+
+        Every rank calls it at the same point (Lightning builds a checkpoint on every
+        rank), so under several ranks its one sum pairs up.
+        """
+        window = self.counter.window_tokens()
+        if world_size > 1:
+            total = torch.tensor([window], dtype=torch.int64, device=device)
+            window = int(all_reduce_sum(total).item())
         return {
             "counted_tokens": self.counter.counted,
             # T with the token_offset: what `lightning-overtrain probe` reads from a checkpoint.
             "tokens": self.tokens,
-            "pending_tokens": self.counter.window_tokens(),
+            "pending_tokens": window,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.counter = TokenCounter(self.tokens_fn)
         self.counter.counted = int(state.get("counted_tokens", 0))
-        self.counter.set_window(int(state.get("pending_tokens", 0)))
+        # Every rank loads rank 0's file: the window's sum is carried by rank 0 alone.
+        window = int(state.get("pending_tokens", 0))
+        self.counter.set_window(window if _rank() == 0 else 0)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

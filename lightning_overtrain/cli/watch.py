@@ -217,6 +217,13 @@ class Watcher:
         except CheckpointError as exc:
             self._failed(ckpt.path, str(exc))
             return
+        except SeriesError:
+            raise  # the set-up itself is wrong (exit 2): the user must act
+        except Exception as exc:  # a fault once the set-up is known good: reported, not fatal
+            if not self.checked:
+                raise
+            self._failed(ckpt.path, f"{type(exc).__name__}: {exc}")
+            return
         if not self.checked:
             print(f"init std from {self.setup.init.source}", flush=True)
             self.settings["init_std_source"] = self.setup.init.source

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lightning_overtrain.engine.rng import RngState
-from lightning_overtrain.engine.sharding import fsdp_modules, local_tensor, reshard
+from lightning_overtrain.engine.sharding import fsdp_modules, like_sharded, local_tensor, reshard
 
 
 class ModelBackup:
@@ -152,7 +152,8 @@ def _show_saved(
     for name, tensor in named:
         key = prefix + name
         if key in state_dict and id(tensor) in saved:
-            state_dict[key] = saved[id(tensor)].detach()
+            # A sharded parameter's copy is its local shard: shown as the DTensor it backs.
+            state_dict[key] = like_sharded(saved[id(tensor)], tensor).detach()
 
 
 @contextmanager

@@ -57,6 +57,25 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor._local_tensor if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
+def like_sharded(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``local`` (a copy of ``like``'s shard) as a tensor of ``like``'s kind.
+
+    For a ``DTensor`` the copy is wrapped with its mesh, placements and global shape,
+    so a state dict built from it gathers (or saves as a distributed checkpoint)
+    like the parameter would; any other tensor is returned as it is.
+    """
+    if not is_dtensor(like):
+        return local
+    return DTensor.from_local(
+        local.to(like.device),
+        like.device_mesh,  # type: ignore[attr-defined]
+        like.placements,  # type: ignore[attr-defined]
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (a collective for a ``DTensor``)."""
     return tensor.full_tensor() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
