@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -16,14 +17,15 @@ def run(tmp_path, devices: int) -> list[dict]:
     out = tmp_path / f"devices{devices}"
     out.mkdir()
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, "--devices", str(devices), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    command = [sys.executable, SCRIPT, "--devices", str(devices), "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    if proc.returncode != 0 and "Traceback" not in proc.stderr:
+        # Seen once in ~10 runs on a loaded 2-core machine: a rank died with no Python
+        # error after its last snapshot (gloo teardown). One more try tells it apart from
+        # a real failure, which raises a traceback or fails again.
+        warnings.warn(f"fsdp_run.py exited {proc.returncode}, no traceback: retrying", stacklevel=2)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     return [json.loads((out / f"history_rank{r}.json").read_text()) for r in range(devices)]
 
 
