@@ -77,6 +77,7 @@ class WriteHistory(pl.Callback):
                     "history": self.monitor.history,
                     "failures": self.monitor.probe_failures,
                     "stop_reason": self.monitor.stop_reason,
+                    "best_path": self.monitor.best_path,
                     "global_step": trainer.global_step,
                     "hot_path": self.calls,
                 },
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--masked", action="store_true")
     parser.add_argument("--count-syncs", action="store_true")
     parser.add_argument("--sharpness", action="store_true", help="add both sharpness probes")
+    parser.add_argument("--full-disk", action="store_true", help="rank 0 cannot write best.ckpt")
     args = parser.parse_args()
 
     text = stdlib_code(max_bytes=200_000)
@@ -130,6 +132,15 @@ def main() -> None:
         strategy="ddp" if args.devices > 1 else "auto",
         use_distributed_sampler=False,
     )
+    if args.full_disk:
+        real = trainer.strategy.save_checkpoint
+
+        def full_disk(checkpoint, filepath, storage_options=None):
+            if trainer.is_global_zero and os.path.basename(filepath).startswith("best"):
+                raise OSError("No space left on device")
+            return real(checkpoint, filepath, storage_options)
+
+        trainer.strategy.save_checkpoint = full_disk
     trainer.fit(make_module(0), loader)
 
 

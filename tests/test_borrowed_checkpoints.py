@@ -36,6 +36,17 @@ N_REF = 2  # reference batches: the loss is called this many times per evaluatio
 COOLDOWN = 2
 
 
+def noise_monitor(code_text: bytes, tmp_path, **kwargs) -> OvertrainingMonitor:
+    """A monitor with one noise probe, snapshotting every 3 steps."""
+    return OvertrainingMonitor(
+        reference_batches(code_text, n=N_REF),
+        every_n_steps=3,
+        probes=[NoiseProbe(gammas=(1.0,), pairs=2)],
+        dirpath=tmp_path / "mon",
+        **kwargs,
+    )
+
+
 def live_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's parameters and buffers as they are now, by state-dict name."""
     named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers()]
@@ -224,12 +235,7 @@ def test_with_a_cooldown_the_kept_snapshot_is_the_cooled_weights_that_were_measu
 
 
 def test_without_a_cooldown_the_kept_snapshot_carries_its_tokens_and_settings(tmp_path, code_text):
-    monitor = OvertrainingMonitor(
-        reference_batches(code_text, n=N_REF),
-        every_n_steps=3,
-        probes=[NoiseProbe(gammas=(1.0,), pairs=2)],
-        dirpath=tmp_path / "mon",
-    )
+    monitor = noise_monitor(code_text, tmp_path)
     model = make_module()
     make_trainer(tmp_path, [monitor], max_steps=3).fit(model, train_loader(code_text))
     assert monitor.best_path == os.path.join(monitor.dirpath, "best.ckpt")
@@ -256,12 +262,7 @@ class SnapshotAgain(pl.Callback):
 
 
 def test_a_policy_failure_is_counted_and_skipped_while_training_goes_on(tmp_path, code_text):
-    monitor = OvertrainingMonitor(
-        reference_batches(code_text, n=N_REF),
-        every_n_steps=3,
-        probes=[NoiseProbe(gammas=(1.0,), pairs=2)],
-        dirpath=tmp_path / "mon",
-    )
+    monitor = noise_monitor(code_text, tmp_path)
     policy_before = {}
 
     class Remember(pl.Callback):
@@ -287,13 +288,7 @@ def test_a_policy_failure_is_counted_and_skipped_while_training_goes_on(tmp_path
 
 
 def test_a_policy_failure_stops_training_with_on_probe_error_raise(tmp_path, code_text):
-    monitor = OvertrainingMonitor(
-        reference_batches(code_text, n=N_REF),
-        every_n_steps=3,
-        probes=[NoiseProbe(gammas=(1.0,), pairs=2)],
-        dirpath=tmp_path / "mon",
-        on_probe_error="raise",
-    )
+    monitor = noise_monitor(code_text, tmp_path, on_probe_error="raise")
     trainer = make_trainer(tmp_path, [monitor, SnapshotAgain(monitor)], max_steps=6)
     with pytest.raises(ValueError, match="must strictly increase"):
         trainer.fit(make_module(), train_loader(code_text))

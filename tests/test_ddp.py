@@ -85,3 +85,12 @@ def test_ordinary_steps_make_no_conversion_and_no_collective_under_ddp(tmp_path)
         quiet = [c for c in calls if c["step"] not in synced]
         assert len(quiet) >= len(calls) / 2
         assert all(not c.get("conversions") and not c.get("collectives") for c in quiet)
+
+
+@pytest.mark.slow
+def test_a_best_snapshot_rank_zero_cannot_write_is_skipped_on_every_rank_without_a_hang(tmp_path):
+    rank0, rank1 = run(tmp_path, 2, "--full-disk")
+    for rank in (rank0, rank1):
+        assert rank["global_step"] == 6 and len(rank["history"]) == 2  # training went on
+        assert rank["failures"] >= 1 and rank["best_path"] is None
+    assert rank0["failures"] == rank1["failures"]  # skipped alike: the ranks still agree

@@ -167,12 +167,12 @@ def test_ranks_with_different_batch_shapes_agree_on_the_bound_and_flag_growth(mo
     def sync_all() -> list[int]:
         packed = []
         for rank, counter in enumerate(counters):  # what each rank would send
-            monkeypatch.setattr(tokens_module, "_rank", lambda r=rank: r)
+            monkeypatch.setattr(tokens_module, "rank", lambda r=rank: r)
             copy.deepcopy(counter).sync(lambda t: packed.append(t.clone()) or t, 2, CPU)
         total = packed[0] + packed[1]
         out = []
         for rank, counter in enumerate(counters):
-            monkeypatch.setattr(tokens_module, "_rank", lambda r=rank: r)
+            monkeypatch.setattr(tokens_module, "rank", lambda r=rank: r)
             out.append(counter.sync(lambda t: total.clone(), 2, CPU))
         return out
 
@@ -182,7 +182,7 @@ def test_ranks_with_different_batch_shapes_agree_on_the_bound_and_flag_growth(mo
     for step in range(30):
         rows = small[step] if step < 20 else big[step]  # rank 1 grows at step 20
         for rank, batch in enumerate((big[step], rows)):
-            monkeypatch.setattr(tokens_module, "_rank", lambda r=rank: r)
+            monkeypatch.setattr(tokens_module, "rank", lambda r=rank: r)
             counters[rank].add(batch)
             counters[rank].end_step()
         exact += int(big[step]["attention_mask"].sum()) + int(rows["attention_mask"].sum())

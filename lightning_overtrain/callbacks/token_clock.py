@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_overtrain.callbacks.cadence import Cadence
-from lightning_overtrain.engine.collectives import all_reduce_sum
+from lightning_overtrain.engine.collectives import all_reduce_sum, rank
 from lightning_overtrain.engine.tokens import TokenCounter, TokensFn
 
 
@@ -86,8 +85,4 @@ class TokenClock:
         self.counter.counted = int(state.get("counted_tokens", 0))
         # Every rank loads rank 0's file: the window's sum is carried by rank 0 alone.
         window = int(state.get("pending_tokens", 0))
-        self.counter.set_window(window if _rank() == 0 else 0)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.counter.set_window(window if rank() == 0 else 0)

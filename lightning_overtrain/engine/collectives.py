@@ -1,4 +1,4 @@
-"""The one collective the monitor uses: a sum across ranks."""
+"""The one collective the monitor uses, a sum across ranks, and where this rank stands."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import torch.distributed as dist
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's global rank (0 in one process)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from lightning_overtrain.engine.collectives import rank
 
 TokensFn = Callable[[Any], int]
 
@@ -202,7 +203,7 @@ class TokenCounter:
             self._largest_step = None
         elif bound > self._largest_step:
             self._largest_step = bound
-        if self._agreed is not None and (bound is None or bound > self._agreed[_rank()]):
+        if self._agreed is not None and (bound is None or bound > self._agreed[rank()]):
             self._grew = True
         self._window_int, self._window_dev, self._window_bound = 0, None, 0
 
@@ -241,7 +242,7 @@ class TokenCounter:
             if self._steps_dev is not None:
                 packed[0] += self._steps_dev.to(device)
             packed[1] = int(self._grew)
-            packed[2 + _rank()] = largest
+            packed[2 + rank()] = largest
             totals = reduce_sum(packed).tolist()
             self.counted += totals[0]
             self.outgrown = bool(totals[1])
@@ -258,7 +259,3 @@ class TokenCounter:
     def set_window(self, tokens: int) -> None:
         """Restore the unfinished window's tokens (from a checkpoint)."""
         self._window_int, self._window_dev, self._window_bound = tokens, None, tokens
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -23,13 +23,13 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from lightning_overtrain import keys
 from lightning_overtrain.checks import check_positive_numbers
 from lightning_overtrain.engine.backup import borrowed
+from lightning_overtrain.engine.collectives import rank as global_rank
 from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
 from lightning_overtrain.engine.data import (
     ShardedBatches,
@@ -85,10 +85,6 @@ def next_token_inputs(module: nn.Module, batch: Mapping[str, Any]) -> tuple[Any,
         if isinstance(mask, torch.Tensor):
             labels = labels.masked_fill(mask == 0, -100)
     return logits[:, :-1], labels[:, 1:]
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _is_torchmetric(metric: Any) -> bool:
@@ -292,7 +288,7 @@ class FineTuneProbe(Probe):
         return keys.finetune_signals(self.lrs, self.name)
 
     def validate(self, ctx: ProbeContext) -> None:
-        rank, size, loss_fn = _rank(), ctx.world_size, self._loss_fn(ctx)
+        rank, size, loss_fn = global_rank(), ctx.world_size, self._loss_fn(ctx)
         # Seeded: a shuffling DataLoader gives the same batches on every rank and every fit.
         train = take_batches(self.train_data, self.steps, "train_data", seed=self.seed)
         held_out = take_batches(self.eval_data, self.eval_batches, "eval_data", seed=self.seed)
