@@ -50,7 +50,7 @@ def batches(n: int, rows: int = 16, length: int = 256, seed: int = 0) -> list[di
 def guard(monitor) -> dict[str, int]:
     """Run the monitor's hot path with sync debugging on "error"; allow it where syncs are due."""
     seen = {"guarded_steps": 0, "exact_counts": 0, "snapshots": 0}
-    clock = monitor._clock  # its exact count is the one sync an ordinary step may reach
+    clock = monitor.core.clock  # its exact count is the one sync an ordinary step may reach
     hook, sync, snapshot = monitor.on_train_batch_end, clock.sync, monitor.snapshot
 
     def allowed(fn, name):

@@ -82,7 +82,7 @@ class WriteHistory(pl.Callback):
                     "history": self.monitor.history,
                     "failures": self.monitor.probe_failures,
                     "sharded": all(is_dtensor(p) for p in params),
-                    "backup_bytes": self.monitor._backup.nbytes,
+                    "backup_bytes": self.monitor.core.backup.nbytes,
                     "local_param_bytes": sum(
                         p.to_local().nbytes if is_dtensor(p) else p.nbytes for p in params
                     ),
@@ -116,7 +116,7 @@ def main() -> None:
         lrs=(1e-3,),
     )
     cooldown = list(DataLoader(data, batch_size=1))[200:202]
-    check = StateDictWhileBorrowed(lambda: monitor._cooldown.origin)
+    check = StateDictWhileBorrowed(lambda: monitor.core.cooldown.origin)
     monitor = OvertrainingMonitor(
         reference_batches(text, n=3, batch_size=4),  # 3 batches: 2 and 1 per rank
         every_n_steps=2,

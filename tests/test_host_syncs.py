@@ -155,24 +155,20 @@ def test_a_real_run_converts_nothing_on_ordinary_steps(tmp_path, code_text):
     assert sum(1 for c in ordinary if not c.get("conversions")) >= 0.75 * len(ordinary)
 
 
-def test_ranks_with_different_batch_shapes_agree_on_the_bound_and_flag_growth(monkeypatch):
+def test_ranks_with_different_batch_shapes_agree_on_the_bound_and_flag_growth():
     """Two ranks simulated in one process: the bound is the same on both, never below the
     global exact count, and a rank whose batch outgrows its largest is flagged at the next count."""
     import copy
 
-    import lightning_overtrain.engine.tokens as tokens_module
-
-    counters = [TokenCounter(count_tokens), TokenCounter(count_tokens)]
+    counters = [TokenCounter(count_tokens, rank=0), TokenCounter(count_tokens, rank=1)]
 
     def sync_all() -> list[int]:
         packed = []
-        for rank, counter in enumerate(counters):  # what each rank would send
-            monkeypatch.setattr(tokens_module, "rank", lambda r=rank: r)
+        for counter in counters:  # what each rank would send
             copy.deepcopy(counter).sync(lambda t: packed.append(t.clone()) or t, 2, CPU)
         total = packed[0] + packed[1]
         out = []
-        for rank, counter in enumerate(counters):
-            monkeypatch.setattr(tokens_module, "rank", lambda r=rank: r)
+        for counter in counters:
             out.append(counter.sync(lambda t: total.clone(), 2, CPU))
         return out
 
@@ -182,7 +178,6 @@ def test_ranks_with_different_batch_shapes_agree_on_the_bound_and_flag_growth(mo
     for step in range(30):
         rows = small[step] if step < 20 else big[step]  # rank 1 grows at step 20
         for rank, batch in enumerate((big[step], rows)):
-            monkeypatch.setattr(tokens_module, "rank", lambda r=rank: r)
             counters[rank].add(batch)
             counters[rank].end_step()
         exact += int(big[step]["attention_mask"].sum()) + int(rows["attention_mask"].sum())

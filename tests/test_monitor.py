@@ -210,7 +210,7 @@ def test_joining_late_without_any_init_std_says_what_to_pass(tmp_path, code_text
     model = make_module()
     # A model with no transformers config to read `initializer_range` from.
     monkeypatch.setattr(
-        "lightning_overtrain.callbacks.fit_setup.config_initializer_range", lambda m: None
+        "lightning_overtrain.core.fit_setup.config_initializer_range", lambda m: None
     )
     mon = monitor(code_text, tmp_path)
     with pytest.raises(ValueError, match="Pass `init_std`"):

@@ -7,11 +7,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from lightning_overtrain.core.keeping import BEST_COOLED_FILE, BEST_FILE  # noqa: F401
 from lightning_overtrain.engine.backup import ModelBackup, presented
-
-BEST_FILE = "best.ckpt"
-#: With a cooldown the probes measure the cooled branch: the kept snapshot holds its weights.
-BEST_COOLED_FILE = "best-cooled.ckpt"
 
 
 def save_best(

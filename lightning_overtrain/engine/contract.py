@@ -52,8 +52,9 @@ class ProbeContext:
         reference_loss: ``L(theta_T)`` over the whole reference set (all ranks).
         reduce_sum: adds a tensor across ranks in place (identity in one process);
             while a probe runs under several ranks, guarded by the engine.
-        forward_context: the trainer's precision context.
+        forward_context: the training framework's precision context.
         world_size: number of ranks.
+        rank: this rank (from the front end's collectives, like ``reduce_sum``).
     """
 
     module: nn.Module
@@ -67,6 +68,7 @@ class ProbeContext:
     forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext
     world_size: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
 
     @property
     def device(self) -> torch.device:

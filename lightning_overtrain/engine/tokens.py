@@ -7,8 +7,6 @@ from typing import Any
 
 import torch
 
-from lightning_overtrain.engine.collectives import rank
-
 TokensFn = Callable[[Any], int]
 
 
@@ -150,6 +148,7 @@ class TokenCounter:
 
     Args:
         tokens_fn: tokens in a batch, as :func:`count_on_device` takes it.
+        rank: this rank (its slot in the agreed per-rank bounds).
 
     Example::
 
@@ -160,8 +159,9 @@ class TokenCounter:
             tokens = counter.sync(all_reduce_sum, world_size=1, device=device)
     """
 
-    def __init__(self, tokens_fn: TokensFn) -> None:
+    def __init__(self, tokens_fn: TokensFn, rank: int = 0) -> None:
         self.tokens_fn = tokens_fn
+        self.rank = rank
         self.counted = 0  # exact, all ranks, every step up to the last sync
         self.outgrown = False  # some rank's step outgrew the agreed bound before the last sync
         self._window_int = 0  # this accumulation window (local)
@@ -177,7 +177,10 @@ class TokenCounter:
 
     def add(self, batch: Any) -> None:
         """Add a micro-batch (no host sync, no collective)."""
-        count, bound = count_on_device(self.tokens_fn, batch)
+        self.add_count(*count_on_device(self.tokens_fn, batch))
+
+    def add_count(self, count: int | torch.Tensor, bound: int | None) -> None:
+        """Add a micro-batch's count (an int, or a 0-dim tensor on the device) and its bound."""
         if isinstance(count, torch.Tensor):
             self._window_dev = count if self._window_dev is None else self._window_dev + count
         else:
@@ -203,7 +206,7 @@ class TokenCounter:
             self._largest_step = None
         elif bound > self._largest_step:
             self._largest_step = bound
-        if self._agreed is not None and (bound is None or bound > self._agreed[rank()]):
+        if self._agreed is not None and (bound is None or bound > self._agreed[self.rank]):
             self._grew = True
         self._window_int, self._window_dev, self._window_bound = 0, None, 0
 
@@ -242,7 +245,7 @@ class TokenCounter:
             if self._steps_dev is not None:
                 packed[0] += self._steps_dev.to(device)
             packed[1] = int(self._grew)
-            packed[2 + rank()] = largest
+            packed[2 + self.rank] = largest
             totals = reduce_sum(packed).tolist()
             self.counted += totals[0]
             self.outgrown = bool(totals[1])

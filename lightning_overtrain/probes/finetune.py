@@ -29,7 +29,6 @@ from torch import nn
 from lightning_overtrain import keys
 from lightning_overtrain.checks import check_positive_numbers
 from lightning_overtrain.engine.backup import borrowed
-from lightning_overtrain.engine.collectives import rank as global_rank
 from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
 from lightning_overtrain.engine.data import (
     ShardedBatches,
@@ -288,7 +287,7 @@ class FineTuneProbe(Probe):
         return keys.finetune_signals(self.lrs, self.name)
 
     def validate(self, ctx: ProbeContext) -> None:
-        rank, size, loss_fn = global_rank(), ctx.world_size, self._loss_fn(ctx)
+        rank, size, loss_fn = ctx.rank, ctx.world_size, self._loss_fn(ctx)
         # Seeded: a shuffling DataLoader gives the same batches on every rank and every fit.
         train = take_batches(self.train_data, self.steps, "train_data", seed=self.seed)
         held_out = take_batches(self.eval_data, self.eval_batches, "eval_data", seed=self.seed)

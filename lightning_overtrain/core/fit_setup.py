@@ -1,18 +1,20 @@
-"""What the monitor builds once per fit: the reference shard, the cooldown, ``sigma_t``, reporters.
+"""What the core builds once per run: the reference shard, the cooldown, ``sigma_t``, reporters.
 
-Plain functions of the Trainer and the module, so the callback keeps only the wiring.
+Plain functions of the model and the front end's collectives, so the core keeps
+only the wiring and no training framework appears here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
+from lightning_overtrain.core.log import info
+from lightning_overtrain.engine.collectives import Collectives
 from lightning_overtrain.engine.contract import ProbeContext
 from lightning_overtrain.engine.data import (
     fingerprint_batches,
@@ -33,11 +35,6 @@ from lightning_overtrain.engine.sharding import any_sharded
 from lightning_overtrain.engine.tokens import TokensFn
 from lightning_overtrain.probes.cooldown import CooldownBranch
 from lightning_overtrain.reporting.base import Reporter
-from lightning_overtrain.reporting.console import ConsoleReporter
-from lightning_overtrain.reporting.files import FileReporter
-from lightning_overtrain.reporting.loggers import LoggerReporter
-from lightning_overtrain.reporting.png import PlotReporter, matplotlib_available
-from lightning_overtrain.reporting.wandb import WandbReporter
 
 
 class ReferenceShard:
@@ -55,24 +52,34 @@ class ReferenceShard:
         reference_data: Iterable[Any] | Callable[[], Iterable[Any]],
         max_batches: int | None,
         tokens_fn: TokensFn,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
+        collectives: Collectives,
+        module: nn.Module,
+        device: torch.device,
     ) -> None:
         batches, weights = take_reference_set(reference_data, max_batches, tokens_fn)
         self.tokens = sum(weights)
         self.fingerprint = fingerprint_batches(batches)
         # Sharded (FSDP2): every forward pass is a collective, so every rank runs as many.
-        even = any_sharded(pl_module.parameters())
+        even = any_sharded(module.parameters())
         local, self.weights = split_for_rank(
-            batches, weights, trainer.global_rank, trainer.world_size, even
+            batches, weights, collectives.rank, collectives.world_size, even
         )
-        self.batches = [move_data_to_device(b, pl_module.device) for b in local]
+        self.batches = [move_data_to_device(b, device) for b in local]
 
 
-def default_reporters(trainer: pl.Trainer) -> list[Reporter]:
-    """The reporters a monitor gets when the user names none."""
+def default_reporters(wandb: bool = False) -> list[Reporter]:
+    """The reporters a monitor gets when the user names none.
+
+    Args:
+        wandb: add the W&B reporter (the front end knows whether the run logs to W&B).
+    """
+    from lightning_overtrain.reporting.console import ConsoleReporter
+    from lightning_overtrain.reporting.files import FileReporter
+    from lightning_overtrain.reporting.loggers import LoggerReporter
+    from lightning_overtrain.reporting.png import PlotReporter, matplotlib_available
+    from lightning_overtrain.reporting.wandb import WandbReporter
+
     # W&B first: it names the metrics' x-axis before the loggers log them.
-    wandb = any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
     return [
         *([WandbReporter()] if wandb else []),
         LoggerReporter(),
@@ -84,8 +91,9 @@ def default_reporters(trainer: pl.Trainer) -> list[Reporter]:
 
 
 def make_cooldown(
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
+    module: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    collectives: Collectives,
     ctx: ProbeContext,
     cooldown_data: Any,
     cooldown_steps: int,
@@ -97,10 +105,10 @@ def make_cooldown(
     Raises:
         ValueError: without exactly one training optimizer, or on unusable data.
     """
-    if len(trainer.optimizers) != 1:
+    if len(optimizers) != 1:
         raise ValueError(
             f"`cooldown_steps` needs exactly one training optimizer to copy, found"
-            f" {len(trainer.optimizers)}. Set cooldown_steps=0 for this model."
+            f" {len(optimizers)}. Set cooldown_steps=0 for this model."
         )
     batches = take_batches(
         cooldown_data,
@@ -110,37 +118,45 @@ def make_cooldown(
         seed=0,  # a shuffling DataLoader: the same batches on every rank
     )
     branch = CooldownBranch(
-        pl_module,
+        module,
         batches,
         cooldown_steps,
         tokens_fn=tokens_fn,
-        rank=trainer.global_rank,
-        world_size=trainer.world_size,
+        rank=collectives.rank,
+        world_size=collectives.world_size,
         backup_device=backup_device,
     )
-    branch.validate(ctx, trainer.optimizers[0])
+    branch.validate(ctx, optimizers[0])
     return branch
 
 
 def resolve_init_std(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, init_std: InitStd | None
+    module: nn.Module,
+    init_std: InitStd | None,
+    from_start: bool,
+    collectives: Collectives,
+    resumed_from: str | None = None,
 ) -> tuple[dict[str, float], str]:
     """``sigma_t`` per parameter and where it came from (the user, step 0, the config).
+
+    Args:
+        from_start: whether the weights are the initial ones (step 0, no checkpoint).
+        resumed_from: the checkpoint the run resumed from, for the message.
 
     Raises:
         ValueError: when the monitor joins after step 0 and has no source for it.
     """
     if init_std is not None:
-        return init_std_from_value(pl_module, init_std), SOURCE_USER
-    if trainer.ckpt_path is None and trainer.global_step == 0:
-        return init_std_from_weights(pl_module), SOURCE_WEIGHTS
-    std = config_initializer_range(pl_module)
+        return init_std_from_value(module, init_std), SOURCE_USER
+    if from_start:
+        return init_std_from_weights(module), SOURCE_WEIGHTS
+    std = config_initializer_range(module)
     if std is None:
         raise ValueError(
             f"OvertrainingMonitor joined the run after step 0 (checkpoint"
-            f" {trainer.ckpt_path!r}) and cannot see the initial weights, and the model"
+            f" {resumed_from!r}) and cannot see the initial weights, and the model"
             " has no transformers config with `initializer_range`. Pass `init_std`, the"
             " std the weights were initialized with (e.g. init_std=0.02)."
         )
-    rank_zero_info(f"OvertrainingMonitor: init std {std} from the model's config.")
-    return init_std_from_value(pl_module, std), SOURCE_CONFIG
+    info(collectives, f"OvertrainingMonitor: init std {std} from the model's config.")
+    return init_std_from_value(module, std), SOURCE_CONFIG

@@ -1,0 +1,52 @@
+"""Keeping the best snapshot: which file, and writing it where no framework does it for us."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_overtrain.engine.backup import ModelBackup, presented
+from lightning_overtrain.engine.collectives import Collectives
+
+BEST_FILE = "best.ckpt"
+#: With a cooldown the probes measure the cooled branch: the kept snapshot holds its weights.
+BEST_COOLED_FILE = "best-cooled.ckpt"
+
+
+def save_weights(
+    module: nn.Module,
+    collectives: Collectives,
+    path: str,
+    backup: ModelBackup,
+    cooled: bool,
+    state_key: str,
+    state: dict[str, Any],
+) -> None:
+    """Write the snapshot just measured to ``path`` as ``{"state_dict", "callbacks"}``.
+
+    The layout of a Lightning checkpoint without the optimizer, so
+    ``lightning-overtrain probe`` and ``torch.load`` read it alike: the weights
+    the probes measured (the cooled branch's when ``cooled``) and the monitor's
+    state under ``state_key``. Rank 0 writes; every rank calls it and agrees on
+    failure, so a full disk on rank 0 is skipped on every rank alike.
+
+    Raises:
+        OSError (or what ``torch.save`` raised): on every rank when rank 0 could not write.
+    """
+    with presented(module, backup) if cooled else nullcontext():
+        weights = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    checkpoint = {
+        "state_dict": weights,
+        "callbacks": {state_key: {**state, "weights": "cooled" if cooled else "live"}},
+    }
+    error: Exception | None = None
+    if collectives.is_global_zero:
+        try:
+            torch.save(checkpoint, path)
+        except Exception as exc:  # e.g. a full disk on rank 0, which alone writes
+            error = exc
+    if collectives.any_rank(error is not None):
+        raise error or RuntimeError(f"another rank could not write the best snapshot {path}")

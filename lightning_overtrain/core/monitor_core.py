@@ -1,0 +1,520 @@
+"""``MonitorCore``: a monitored run's whole life, in no particular training framework.
+
+Data flows one way: a front end's hooks -> token clock and cadence (when?) ->
+snapshot (tokens, step, weights) -> probes -> one record -> history -> policy
+(warn / stop / keep) -> reporters. The front end hands the core a
+:class:`~lightning_overtrain.core.host.Host` (the model, the ranks' channel, the
+precision context, the optimizers, how to save) and reads back :attr:`stop_requested`
+and :meth:`state_dict`. The probes borrow the live module and hand it back
+exactly; the only collectives are the ones every rank makes at the same points,
+so one rank's fault never leaves the others waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Literal
+
+from lightning_overtrain import keys
+from lightning_overtrain.callbacks.arguments import check_arguments
+from lightning_overtrain.callbacks.cadence import Cadence
+from lightning_overtrain.core.acting import act
+from lightning_overtrain.core.fit_setup import ReferenceShard, make_cooldown, resolve_init_std
+from lightning_overtrain.core.host import Host
+from lightning_overtrain.core.keeping import BEST_COOLED_FILE, BEST_FILE, save_weights
+from lightning_overtrain.core.log import info, warn
+from lightning_overtrain.core.token_clock import TokenClock
+from lightning_overtrain.engine.backup import ModelBackup
+from lightning_overtrain.engine.collectives import Collectives
+from lightning_overtrain.engine.contract import Probe, ProbeContext, declared_signals
+from lightning_overtrain.engine.data import ReferenceData, TokenBudget
+from lightning_overtrain.engine.init_std import InitStd
+from lightning_overtrain.engine.losses import LossFn, check_loss, transformers_loss
+from lightning_overtrain.engine.snapshot import measure_snapshot
+from lightning_overtrain.engine.tokens import TokensFn, count_tokens
+from lightning_overtrain.history import Record
+from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
+from lightning_overtrain.keys import Signal
+from lightning_overtrain.probes.cooldown import CooldownBranch
+from lightning_overtrain.reporting.base import Reporter, RunView
+from lightning_overtrain.reporting.progress import SnapshotProgress, counted
+
+_JUDGING = "judging the snapshot (detector and policy)"
+
+
+def default_state_key(prefix: str) -> str:
+    """The key the monitor's state goes under in a checkpoint (Lightning's for the callback)."""
+    return f"OvertrainingMonitor{ {'prefix': prefix}!r}"
+
+
+class MonitorCore:
+    """A monitored run's state and life; arguments as ``OvertrainingMonitor``'s.
+
+    Front ends call, on every rank: :meth:`start` once before training,
+    :meth:`after_batch` after every micro-batch (or :meth:`set_tokens` where the
+    framework counts tokens), :meth:`snapshot` when one is due, :meth:`end` when
+    training ends, and :meth:`state_dict` / :meth:`load_state_dict` with checkpoints.
+
+    Raises:
+        ValueError: on bad arguments (naming the argument, the value and the fix).
+    """
+
+    def __init__(
+        self,
+        reference_data: ReferenceData,
+        *,
+        probes: Sequence[Probe] | None = None,
+        every_n_steps: int | None = None,
+        every_n_tokens: int | None = None,
+        points_per_decade: int | None = None,
+        start_tokens: int | None = None,
+        reference_batches: int | None = None,
+        reference_tokens: int | None = None,
+        loss_fn: LossFn | None = None,
+        tokens_fn: TokensFn | None = None,
+        token_offset: int = 0,
+        init_std: InitStd | None = None,
+        on_probe_error: Literal["warn", "raise"] = "warn",
+        dirpath: str | os.PathLike[str] | None = None,
+        prefix: str = "overtrain",
+        reporters: Sequence[Reporter] | None = None,
+        cooldown_steps: int = 0,
+        cooldown_data: ReferenceData | None = None,
+        policy: InflectionPolicy | None = None,
+        backup_device: str | None = None,
+    ) -> None:
+        checked = check_arguments(
+            reference_data,
+            probes,
+            reference_batches,
+            reference_tokens,
+            loss_fn,
+            tokens_fn,
+            token_offset,
+            init_std,
+            on_probe_error,
+            prefix,
+            reporters,
+            cooldown_steps,
+            cooldown_data,
+            policy,
+            backup_device,
+        )
+        self.cadence = Cadence(every_n_steps, every_n_tokens, points_per_decade, start_tokens)
+        self.probes: list[Probe] = checked.probes
+        self.reference_batches = checked.reference_batches
+        self.loss_fn: LossFn = loss_fn or transformers_loss
+        self.tokens_fn: TokensFn = tokens_fn or count_tokens
+        # A token budget wraps the data, so the set is taken like any other reference_data.
+        self.reference_data: ReferenceData = (
+            reference_data
+            if checked.reference_tokens is None
+            else TokenBudget(reference_data, checked.reference_tokens, self.tokens_fn)
+        )
+        self.token_offset = checked.token_offset
+        self.init_std = init_std
+        self.on_probe_error = on_probe_error
+        self.prefix = prefix
+        self.state_key = default_state_key(prefix)
+        self._dirpath = os.fspath(dirpath) if dirpath is not None else None
+        self.user_reporters = list(reporters) if reporters is not None else None
+        self.cooldown_steps = checked.cooldown_steps
+        self.cooldown_data = cooldown_data
+        self.backup_device = backup_device
+        self.reporters: list[Reporter] = []
+        self.signals: list[Signal] = [keys.reference_signal()]
+
+        # Run state: all of it goes through state_dict().
+        self.history: list[Record] = []
+        self.clock = TokenClock(self.tokens_fn, self.token_offset)
+        self.probe_failures = 0
+        self.init_stds: dict[str, float] | None = None
+        self.init_std_source: str | None = None
+        self.policy = policy if policy is not None else InflectionPolicy()
+        self.stop_reason: str | None = None
+        self.stop_requested = False  # this run's policy said stop (not carried by checkpoints)
+        self._kept_cooled = False  # said once that best-cooled.ckpt is the cooled branch
+
+        # Per-run working state, rebuilt in start().
+        self.host: Host | None = None
+        self.collectives = Collectives()
+        self.batches: list[Any] = []
+        self.weights: list[int] = []
+        self.reference_tokens = 0
+        self.reference_fingerprint: str | None = None
+        self.backup: ModelBackup | None = None
+        self.cooldown: CooldownBranch | None = None
+        self.last_step = 0
+        self.progress = SnapshotProgress()
+        self._state_before_snapshot: dict[str, Any] | None = None
+        self._cadence_before: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tokens(self) -> int:
+        """``T``: tokens seen by the whole run (all ranks, all accumulation steps)."""
+        return self.clock.tokens
+
+    @property
+    def counted_tokens(self) -> int:
+        """Tokens of every optimizer step up to the last exact count (all ranks)."""
+        return self.clock.counter.counted
+
+    @property
+    def dirpath(self) -> str:
+        if self._dirpath is None:
+            raise RuntimeError("`dirpath` is known once the monitor is attached to a training run.")
+        return self._dirpath
+
+    def set_default_dirpath(self, dirpath: str | os.PathLike[str]) -> None:
+        """Where history files go unless the user chose (every rank must pass the same)."""
+        if self._dirpath is None:
+            self._dirpath = os.fspath(dirpath)
+
+    @property
+    def best_path(self) -> str | None:
+        """The kept snapshot at the bottom of the best signal's curve."""
+        return self.policy.best["path"] if self.policy.best else None
+
+    @property
+    def best_tokens(self) -> float | None:
+        return self.policy.best["tokens"] if self.policy.best else None
+
+    def config(self) -> dict[str, Any]:
+        """The monitor's settings, as written to ``monitor.json`` and the run's config."""
+        return {
+            "cadence": self.cadence.describe(),
+            "probes": {p.name: p.config() for p in self.probes},
+            "reference_batches": len(self.batches) * max(self.collectives.world_size, 1)
+            if self.reference_batches is None
+            else self.reference_batches,
+            "reference_tokens": self.reference_tokens,
+            "reference_fingerprint": self.reference_fingerprint,
+            "loss_fn": getattr(self.loss_fn, "__name__", repr(self.loss_fn)),
+            "token_offset": self.token_offset,
+            "init_std_source": self.init_std_source,
+            "on_probe_error": self.on_probe_error,
+            "prefix": self.prefix,
+            "cooldown_steps": self.cooldown_steps,
+            "policy": self.policy.config(),
+            "signals": [s.to_dict() for s in self.signals],
+        }
+
+    def view(self) -> RunView:
+        """The read-only view of the run that reporters get."""
+        return RunView(
+            dirpath=self.dirpath,
+            prefix=self.prefix,
+            history=tuple(self.history),
+            tokens=self.tokens,
+            config=self.config(),
+            signals=tuple(self.signals),
+            best_path=self.best_path,
+            stop_reason=self.stop_reason,
+        )
+
+    # ------------------------------------------------------------------ life
+    def start(
+        self, host: Host, *, step: int = 0, resumed_from: str | None = None, quiet: bool = False
+    ) -> None:
+        """Take the reference shard, back up the model, check every input; before training.
+
+        Args:
+            host: the framework, as the front end sees it.
+            step: the optimizer step training starts from.
+            resumed_from: the checkpoint the run resumed from (None: a fresh run).
+            quiet: skip the reporters' set-up (a front end calls it later itself).
+
+        Raises:
+            ValueError: when the reference data, the loss or a probe does not work with the model.
+        """
+        self.host, self.collectives = host, host.collectives
+        self.clock.bind(host.collectives)
+        module = host.module
+        shard = ReferenceShard(
+            self.reference_data,
+            self.reference_batches,
+            self.tokens_fn,
+            self.collectives,
+            module,
+            host.device,
+        )
+        self.batches, self.weights = shard.batches, shard.weights
+        self.reference_tokens, self.reference_fingerprint = shard.tokens, shard.fingerprint
+        self.backup = ModelBackup(module, device=self.backup_device)
+        if self.init_stds is None:  # else restored from a checkpoint: the same noise scale
+            self.init_stds, self.init_std_source = resolve_init_std(
+                module,
+                self.init_std,
+                resumed_from is None and step == 0,
+                self.collectives,
+                resumed_from,
+            )
+        if self.batches:  # a rank without reference batches has nothing to check
+            check_loss(module, self.backup, self.batches[0], self.loss_fn, "reference_data")
+        ctx = self.context()
+        if self.cooldown_steps:
+            self.cooldown = make_cooldown(
+                module,
+                host.optimizers(),
+                self.collectives,
+                ctx,
+                self.cooldown_data,
+                self.cooldown_steps,
+                self.tokens_fn,
+                self.backup_device,
+            )
+        for probe in self.probes:
+            probe.validate(ctx)
+        self.signals = declared_signals(self.probes)
+        self.policy.declare(self.signals)
+        self.last_step = step
+        if not quiet:
+            self.setup_reporters()
+
+    def setup_reporters(self) -> None:
+        """The reporters' set-up, on rank zero, and the monitor's opening line."""
+        assert self.host is not None
+        if self.collectives.is_global_zero:
+            view = self.view()
+            for reporter in self.reporters:
+                reporter.setup(self.host.handle, view)
+        info(
+            self.collectives,
+            f"OvertrainingMonitor: {len(self.probes)} probe(s),"
+            f" snapshots {self.cadence.describe()},"
+            f" reference set of {self.reference_tokens:,} tokens, init std from"
+            f" {self.init_std_source}; history in {self.dirpath}",
+        )
+
+    def after_batch(self, batch: Any, step: int) -> bool:
+        """A micro-batch was trained on; ``step`` is the optimizer steps taken so far.
+
+        The hot path: no host sync and no collective unless a snapshot may be due.
+
+        Returns:
+            Whether a snapshot is due now (call :meth:`snapshot` on every rank).
+        """
+        self.clock.add(batch)
+        if step == self.last_step:
+            return False  # inside a gradient-accumulation window: no optimizer step yet
+        return self.end_step(step)
+
+    def count(self, batch: Any) -> None:
+        """A micro-batch was trained on (no host sync, no collective)."""
+        self.clock.add(batch)
+
+    def count_tokens(self, tokens: int) -> None:
+        """This rank trained on ``tokens`` more tokens (no collective)."""
+        self.clock.add_count(tokens)
+
+    def end_step(self, step: int) -> bool:
+        """Optimizer step ``step`` finished: whether a snapshot is due now (every rank)."""
+        self.last_step = step
+        self.clock.end_step()
+        return self._due(step)
+
+    def set_tokens(self, tokens: int, step: int) -> bool:
+        """The framework's own count of this run's tokens (all ranks) after optimizer ``step``.
+
+        Returns:
+            Whether a snapshot is due now.
+        """
+        self.clock.set_counted(tokens)
+        self.last_step = step
+        return self._due(step, counted=True)
+
+    @property
+    def probing(self) -> bool:
+        """Whether a snapshot holds the model now (its forward passes are not training's)."""
+        return self._state_before_snapshot is not None
+
+    def _due(self, step: int, counted: bool = False) -> bool:
+        if not counted and not self.clock.may_be_due(self.cadence, step):
+            return False
+        self.clock.sync(self._device())
+        cadence = self.cadence.state_dict()  # before `due` moves past this threshold
+        if self.cadence.due(step, self.tokens):
+            self._cadence_before = cadence
+            return True
+        return False
+
+    def _device(self) -> Any:
+        return self.host.device if self.host is not None else "cpu"
+
+    def end(self) -> None:
+        """Training ended: the exact count, and the reporters' closing (every rank calls it)."""
+        self.clock.sync(self._device())
+        if self.collectives.is_global_zero and self.host is not None:
+            view = self.view()
+            for reporter in self.reporters:
+                reporter.teardown(self.host.handle, view)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The run state; during a snapshot, the state as it was before the snapshot began.
+
+        A checkpoint written while a probe holds the model (a SLURM requeue handler,
+        a user's hook) then pairs the live weights with the state that goes with them.
+        Every rank must call it (the count is summed over ranks).
+        """
+        if self._state_before_snapshot is not None:
+            return self._state_before_snapshot
+        self.clock.sync(self._device())
+        return self.current_state()
+
+    def current_state(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "history": [dict(r) for r in self.history],
+            **self.clock.state_dict(self._device()),
+            "probe_failures": self.probe_failures,
+            "cadence": self.cadence.state_dict(),
+            "init_stds": dict(self.init_stds) if self.init_stds is not None else None,
+            "init_std_source": self.init_std_source,
+            "policy": self.policy.state_dict(),
+            "stop_reason": self.stop_reason,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(r) for r in state_dict.get("history", [])]
+        self.clock.load_state_dict(state_dict)
+        self.probe_failures = int(state_dict.get("probe_failures", 0))
+        self.cadence.load_state_dict(state_dict.get("cadence", {}))
+        stds = state_dict.get("init_stds")
+        self.init_stds = dict(stds) if stds is not None else None
+        self.init_std_source = state_dict.get("init_std_source", self.init_std_source)
+        self.policy.load_state_dict(state_dict.get("policy", {}))
+        self.stop_reason = state_dict.get("stop_reason")
+
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self, step: int) -> Record:
+        """Probe the live model now, append the record to :attr:`history` and report it.
+
+        Every rank calls it at the same step. Sets :attr:`stop_requested` when the
+        ranks agree to stop.
+        """
+        assert self.host is not None, "start() comes before the first snapshot"
+        began = time.perf_counter()
+        self.clock.sync(self._device())
+        record: Record = {keys.TOKENS: self.tokens, keys.STEP: step}
+
+        def failed(what: str, exc: Exception) -> None:
+            self._probe_failed(what, exc, record)
+
+        before = self.current_state()
+        if self._cadence_before is not None:
+            # A checkpoint written during this snapshot resumes to take it again.
+            before["cadence"], self._cadence_before = self._cadence_before, None
+        self._state_before_snapshot = before
+        try:
+            ctx = self.context()
+            progress = self.progress.track(self.host.handle, f"Probing at {self.tokens:,} tokens")
+            with progress as tick:
+                ctx.loss_fn = counted(ctx.loss_fn, tick)
+                cooldown = None
+                if self.cooldown is not None:
+                    cooldown = partial(
+                        self.cooldown.branch,
+                        optimizer=self.host.optimizers()[0],
+                        gradient_clip_val=self.host.gradient_clip_val,
+                        gradient_clip_algorithm=self.host.gradient_clip_algorithm,
+                    )
+                record.update(measure_snapshot(ctx, self.probes, failed, cooldown))
+            record[keys.PROBE_FAILURES] = self.probe_failures
+            try:
+                decisions = self._judge(record)
+            except Exception as exc:  # e.g. a repeated token count: the policy skips this one
+                self.policy.load_state_dict(before["policy"])
+                failed(_JUDGING, exc)
+                record[keys.PROBE_FAILURES] = self.probe_failures
+                decisions = []
+        finally:
+            self._state_before_snapshot = None
+        record[keys.PROBE_SECONDS] = time.perf_counter() - began
+        self.history.append(record)
+        if self.collectives.is_global_zero:
+            view = self.view()
+            for reporter in self.reporters:
+                reporter.report(self.host.handle, view, record)
+        self._act(decisions)
+        return record
+
+    def _judge(self, record: Record) -> list[Decision]:
+        """Let the policy judge the record; add its fields; keep the best snapshot."""
+        cooled = keys.COOLDOWN_TRAIN_LOSS in record
+        path = os.path.join(self.dirpath, BEST_COOLED_FILE if cooled else BEST_FILE)
+        judgement = self.policy.judge(record, best_path=path)
+        record.update(judgement.additions)
+        if judgement.best_moved:
+            self._save_best(path, cooled, record)
+        return judgement.decisions
+
+    def _save_best(self, path: str, cooled: bool, record: Record) -> None:
+        """Keep the weights ``record`` measured at ``path``, with the monitor's state as judged."""
+        assert self.host is not None and self.backup is not None
+        if cooled and not self._kept_cooled:
+            self._kept_cooled = True
+            info(
+                self.collectives,
+                f"OvertrainingMonitor: keeping the best snapshot's cooled weights (the"
+                f" cooldown branch the probes measured), not the live run's, as {path}.",
+            )
+        state = {**self.current_state(), "config": self.config()}
+        state["history"] = [*state["history"], dict(record)]
+        if self.host.save_best is not None:
+            self.host.save_best(path, self.backup, cooled, self.state_key, state)
+            return
+        os.makedirs(self.dirpath, exist_ok=True)
+        save_weights(
+            self.host.module, self.collectives, path, self.backup, cooled, self.state_key, state
+        )
+
+    def _act(self, decisions: list[Decision]) -> None:
+        def alert(title: str, text: str, level: str) -> None:
+            assert self.host is not None
+            view = self.view()
+            for reporter in self.reporters:
+                reporter.alert(self.host.handle, view, title, text, level)
+
+        reason = act(self.collectives, decisions, alert)
+        if reason is not None:
+            self.stop_reason, self.stop_requested = reason, True
+
+    def _probe_failed(self, what: str, exc: Exception, record: Record) -> None:
+        if self.on_probe_error == "raise":
+            raise exc
+        self.probe_failures += 1
+        subject = what if what == _JUDGING else f"the {what} probe"
+        warn(
+            self.collectives,
+            f"OvertrainingMonitor: {subject} failed at {record[keys.TOKENS]:,} tokens"
+            f" (step {record[keys.STEP]}) and was skipped ({type(exc).__name__}: {exc})."
+            f" Failures so far: {self.probe_failures}. Training goes on; pass"
+            " on_probe_error='raise' to stop instead.",
+        )
+
+    def context(self) -> ProbeContext:
+        """The probes' context: the borrowed model, the shard, the ranks' channel."""
+        assert self.host is not None and self.backup is not None and self.init_stds is not None
+        optimizers = self.host.optimizers()
+        return ProbeContext(
+            module=self.host.module,
+            backup=self.backup,
+            sigmas=[self.init_stds.get(n, 0.0) for n in self.backup.names],
+            batches=self.batches,
+            weights=self.weights,
+            loss_fn=self.loss_fn,
+            reduce_sum=self.collectives.reduce_sum,
+            forward_context=self.host.forward_context,
+            world_size=self.collectives.world_size,
+            rank=self.collectives.rank,
+            extras={
+                **self.host.extras,
+                # The training optimizer, read only (the sharpness probe's update direction).
+                **({"optimizer": optimizers[0]} if optimizers else {}),
+            },
+        )
