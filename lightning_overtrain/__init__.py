@@ -4,6 +4,9 @@ The public API is the names a user writes::
 
     from lightning_overtrain import NoiseProbe, OvertrainingMonitor
 
+(or ``FabricMonitor``, ``HFTrainerMonitor``, ``LoopMonitor``: the same monitor for a
+Fabric loop, the Hugging Face ``Trainer`` or a plain PyTorch loop).
+
 Everything else is imported from its module, e.g.
 ``from lightning_overtrain.reporting import PlotReporter`` or
 ``from lightning_overtrain.engine.backup import ModelBackup``.
@@ -31,31 +34,49 @@ _LAZY = {
     "ProbeFailure": "lightning_overtrain.engine.contract",
     "Reporter": "lightning_overtrain.reporting.base",
     "read_history": "lightning_overtrain.history",
+    "SharpnessProbe": "lightning_overtrain.probes.sharpness",
+    "WatcherStop": "lightning_overtrain.callbacks.remote",
+    "Signal": "lightning_overtrain.keys",
+    "FabricMonitor": "lightning_overtrain.frontends.fabric",
+    "HFTrainerMonitor": "lightning_overtrain.frontends.hf",
+    "LoopMonitor": "lightning_overtrain.frontends.loop",
 }
 
 # Written out, not computed, so linters and type checkers read it.
 __all__ = [
+    "FabricMonitor",
     "FineTuneProbe",
+    "HFTrainerMonitor",
     "InflectionDetector",
     "InflectionPolicy",
+    "LoopMonitor",
     "NoiseProbe",
     "OvertrainingMonitor",
     "Probe",
     "ProbeContext",
     "ProbeFailure",
     "Reporter",
+    "SharpnessProbe",
+    "Signal",
+    "WatcherStop",
     "__version__",
     "read_history",
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads them
     from lightning_overtrain.callbacks.monitor import OvertrainingMonitor
+    from lightning_overtrain.callbacks.remote import WatcherStop
     from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
+    from lightning_overtrain.frontends.fabric import FabricMonitor
+    from lightning_overtrain.frontends.hf import HFTrainerMonitor
+    from lightning_overtrain.frontends.loop import LoopMonitor
     from lightning_overtrain.history import read_history
     from lightning_overtrain.inflection.detector import InflectionDetector
     from lightning_overtrain.inflection.policy import InflectionPolicy
+    from lightning_overtrain.keys import Signal
     from lightning_overtrain.probes.finetune import FineTuneProbe
     from lightning_overtrain.probes.noise import NoiseProbe
+    from lightning_overtrain.probes.sharpness import SharpnessProbe
     from lightning_overtrain.reporting.base import Reporter
 
 

@@ -35,6 +35,12 @@ PUBLIC = {
     "ProbeFailure",
     "Reporter",
     "read_history",
+    "SharpnessProbe",
+    "WatcherStop",
+    "Signal",
+    "FabricMonitor",
+    "HFTrainerMonitor",
+    "LoopMonitor",
     "__version__",
 }
 
