@@ -16,6 +16,11 @@ BEST_FILE = "best.ckpt"
 BEST_COOLED_FILE = "best-cooled.ckpt"
 
 
+def default_state_key(prefix: str) -> str:
+    """The key the monitor's state goes under in a checkpoint (Lightning's for the callback)."""
+    return f"OvertrainingMonitor{ {'prefix': prefix}!r}"
+
+
 def save_weights(
     module: nn.Module,
     collectives: Collectives,

@@ -13,44 +13,34 @@ so one rank's fault never leaves the others waiting.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
-from functools import partial
 from typing import Any, Literal
 
 from lightning_overtrain import keys
 from lightning_overtrain.callbacks.arguments import check_arguments
 from lightning_overtrain.callbacks.cadence import Cadence
-from lightning_overtrain.core.acting import act
 from lightning_overtrain.core.fit_setup import ReferenceShard, make_cooldown, resolve_init_std
 from lightning_overtrain.core.host import Host
-from lightning_overtrain.core.keeping import BEST_COOLED_FILE, BEST_FILE, save_weights
-from lightning_overtrain.core.log import info, warn
+from lightning_overtrain.core.keeping import default_state_key
+from lightning_overtrain.core.log import info
+from lightning_overtrain.core.snapshotting import SnapshotSteps
 from lightning_overtrain.core.token_clock import TokenClock
 from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.collectives import Collectives
-from lightning_overtrain.engine.contract import Probe, ProbeContext, declared_signals
+from lightning_overtrain.engine.contract import Probe, declared_signals
 from lightning_overtrain.engine.data import ReferenceData, TokenBudget
 from lightning_overtrain.engine.init_std import InitStd
 from lightning_overtrain.engine.losses import LossFn, check_loss, transformers_loss
-from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.engine.tokens import TokensFn, count_tokens
 from lightning_overtrain.history import Record
-from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
+from lightning_overtrain.inflection.policy import InflectionPolicy
 from lightning_overtrain.keys import Signal
 from lightning_overtrain.probes.cooldown import CooldownBranch
 from lightning_overtrain.reporting.base import Reporter, RunView
-from lightning_overtrain.reporting.progress import SnapshotProgress, counted
-
-_JUDGING = "judging the snapshot (detector and policy)"
+from lightning_overtrain.reporting.progress import SnapshotProgress
 
 
-def default_state_key(prefix: str) -> str:
-    """The key the monitor's state goes under in a checkpoint (Lightning's for the callback)."""
-    return f"OvertrainingMonitor{ {'prefix': prefix}!r}"
-
-
-class MonitorCore:
+class MonitorCore(SnapshotSteps):
     """A monitored run's state and life; arguments as ``OvertrainingMonitor``'s.
 
     Front ends call, on every rank: :meth:`start` once before training,
@@ -389,132 +379,3 @@ class MonitorCore:
         self.init_std_source = state_dict.get("init_std_source", self.init_std_source)
         self.policy.load_state_dict(state_dict.get("policy", {}))
         self.stop_reason = state_dict.get("stop_reason")
-
-    # ------------------------------------------------------------------ snapshot
-    def snapshot(self, step: int) -> Record:
-        """Probe the live model now, append the record to :attr:`history` and report it.
-
-        Every rank calls it at the same step. Sets :attr:`stop_requested` when the
-        ranks agree to stop.
-        """
-        assert self.host is not None, "start() comes before the first snapshot"
-        began = time.perf_counter()
-        self.clock.sync(self._device())
-        record: Record = {keys.TOKENS: self.tokens, keys.STEP: step}
-
-        def failed(what: str, exc: Exception) -> None:
-            self._probe_failed(what, exc, record)
-
-        before = self.current_state()
-        if self._cadence_before is not None:
-            # A checkpoint written during this snapshot resumes to take it again.
-            before["cadence"], self._cadence_before = self._cadence_before, None
-        self._state_before_snapshot = before
-        try:
-            ctx = self.context()
-            progress = self.progress.track(self.host.handle, f"Probing at {self.tokens:,} tokens")
-            with progress as tick:
-                ctx.loss_fn = counted(ctx.loss_fn, tick)
-                cooldown = None
-                if self.cooldown is not None:
-                    cooldown = partial(
-                        self.cooldown.branch,
-                        optimizer=self.host.optimizers()[0],
-                        gradient_clip_val=self.host.gradient_clip_val,
-                        gradient_clip_algorithm=self.host.gradient_clip_algorithm,
-                    )
-                record.update(measure_snapshot(ctx, self.probes, failed, cooldown))
-            record[keys.PROBE_FAILURES] = self.probe_failures
-            try:
-                decisions = self._judge(record)
-            except Exception as exc:  # e.g. a repeated token count: the policy skips this one
-                self.policy.load_state_dict(before["policy"])
-                failed(_JUDGING, exc)
-                record[keys.PROBE_FAILURES] = self.probe_failures
-                decisions = []
-        finally:
-            self._state_before_snapshot = None
-        record[keys.PROBE_SECONDS] = time.perf_counter() - began
-        self.history.append(record)
-        if self.collectives.is_global_zero:
-            view = self.view()
-            for reporter in self.reporters:
-                reporter.report(self.host.handle, view, record)
-        self._act(decisions)
-        return record
-
-    def _judge(self, record: Record) -> list[Decision]:
-        """Let the policy judge the record; add its fields; keep the best snapshot."""
-        cooled = keys.COOLDOWN_TRAIN_LOSS in record
-        path = os.path.join(self.dirpath, BEST_COOLED_FILE if cooled else BEST_FILE)
-        judgement = self.policy.judge(record, best_path=path)
-        record.update(judgement.additions)
-        if judgement.best_moved:
-            self._save_best(path, cooled, record)
-        return judgement.decisions
-
-    def _save_best(self, path: str, cooled: bool, record: Record) -> None:
-        """Keep the weights ``record`` measured at ``path``, with the monitor's state as judged."""
-        assert self.host is not None and self.backup is not None
-        if cooled and not self._kept_cooled:
-            self._kept_cooled = True
-            info(
-                self.collectives,
-                f"OvertrainingMonitor: keeping the best snapshot's cooled weights (the"
-                f" cooldown branch the probes measured), not the live run's, as {path}.",
-            )
-        state = {**self.current_state(), "config": self.config()}
-        state["history"] = [*state["history"], dict(record)]
-        if self.host.save_best is not None:
-            self.host.save_best(path, self.backup, cooled, self.state_key, state)
-            return
-        os.makedirs(self.dirpath, exist_ok=True)
-        save_weights(
-            self.host.module, self.collectives, path, self.backup, cooled, self.state_key, state
-        )
-
-    def _act(self, decisions: list[Decision]) -> None:
-        def alert(title: str, text: str, level: str) -> None:
-            assert self.host is not None
-            view = self.view()
-            for reporter in self.reporters:
-                reporter.alert(self.host.handle, view, title, text, level)
-
-        reason = act(self.collectives, decisions, alert)
-        if reason is not None:
-            self.stop_reason, self.stop_requested = reason, True
-
-    def _probe_failed(self, what: str, exc: Exception, record: Record) -> None:
-        if self.on_probe_error == "raise":
-            raise exc
-        self.probe_failures += 1
-        subject = what if what == _JUDGING else f"the {what} probe"
-        warn(
-            self.collectives,
-            f"OvertrainingMonitor: {subject} failed at {record[keys.TOKENS]:,} tokens"
-            f" (step {record[keys.STEP]}) and was skipped ({type(exc).__name__}: {exc})."
-            f" Failures so far: {self.probe_failures}. Training goes on; pass"
-            " on_probe_error='raise' to stop instead.",
-        )
-
-    def context(self) -> ProbeContext:
-        """The probes' context: the borrowed model, the shard, the ranks' channel."""
-        assert self.host is not None and self.backup is not None and self.init_stds is not None
-        optimizers = self.host.optimizers()
-        return ProbeContext(
-            module=self.host.module,
-            backup=self.backup,
-            sigmas=[self.init_stds.get(n, 0.0) for n in self.backup.names],
-            batches=self.batches,
-            weights=self.weights,
-            loss_fn=self.loss_fn,
-            reduce_sum=self.collectives.reduce_sum,
-            forward_context=self.host.forward_context,
-            world_size=self.collectives.world_size,
-            rank=self.collectives.rank,
-            extras={
-                **self.host.extras,
-                # The training optimizer, read only (the sharpness probe's update direction).
-                **({"optimizer": optimizers[0]} if optimizers else {}),
-            },
-        )
