@@ -11,8 +11,10 @@ import csv
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from lightning_overtrain import keys
 
 Record = dict[str, float]
 SETTINGS_FILE = "monitor.json"  # the run's settings, beside its history
@@ -63,3 +65,37 @@ def read_history(path: str) -> list[Record]:
             for line in f
             if line.strip()
         ]
+
+
+def infer_signals(record_keys: Iterable[str]) -> list[keys.Signal]:
+    """The built-in declarations of the keys in ``record_keys``, from the grammar alone.
+
+    For a history written without declarations (an older run, a bare record): the
+    reference loss, the noise probe's keys and any ``<probe>/lr=<lr>/<quantity>``
+    fine-tune keys, whatever the probe's name. Other keys get no declaration.
+    """
+    names = list(dict.fromkeys(record_keys))
+    gammas: list[float] = []
+    layers: dict[float, list[str]] = {}
+    finetunes: dict[str, list[float]] = {}
+    for key in names:
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "noise" and parts[1].startswith("gamma="):
+            if parts[2] in keys.NOISE_QUANTITIES:
+                gammas.append(float(parts[1][len("gamma=") :]))
+        elif (layer := keys.parse_layer_noise_key(key)) is not None and layer[2] == "delta":
+            layers.setdefault(layer[0], []).append(layer[1])
+        elif (ft := keys.parse_finetune_key(key)) is not None and ft[2] in keys.FINETUNE_QUANTITIES:
+            finetunes.setdefault(ft[0], []).append(ft[1])
+    declared = [keys.reference_signal(), *keys.noise_signals(gammas, layers)]
+    for probe, lrs in finetunes.items():
+        declared += keys.finetune_signals(lrs, probe)
+    present = set(names)
+    return [s for s in declared if s.key in present]
+
+
+def merge_signals(declared: Iterable[keys.Signal], record_keys: Iterable[str]) -> list[keys.Signal]:
+    """``declared``, then the inferred declarations of the other keys in ``record_keys``."""
+    out = list(declared)
+    known = {s.key for s in out}
+    return out + [s for s in infer_signals(record_keys) if s.key not in known]

@@ -11,8 +11,8 @@ Numbers in keys (``gamma=``, ``lr=``) are written in one canonical form, Python'
 
 A probe declares what it measures as :class:`Signal` objects (``Probe.signals()``); the
 policy's default watch list, the figures, the summary table, W&B's axes and the best
-snapshot all follow from those declarations. :func:`infer_signals` rebuilds the
-built-in declarations from record keys alone, for a history whose run saved none.
+snapshot all follow from those declarations. :func:`~lightning_overtrain.history.infer_signals`
+rebuilds the built-in declarations from record keys alone, for a history whose run saved none.
 """
 
 from __future__ import annotations
@@ -382,35 +382,10 @@ def _tuned_signals(probe: str, title: str) -> list[Signal]:
     return out
 
 
-def infer_signals(record_keys: Iterable[str]) -> list[Signal]:
-    """The built-in declarations of the keys in ``record_keys``, from the grammar alone.
+def __getattr__(name: str) -> Any:
+    # Inferring declarations from key names reads old histories: it lives with them.
+    if name in ("infer_signals", "merge_signals"):
+        from lightning_overtrain import history
 
-    For a history written without declarations (an older run, a bare record): the
-    reference loss, the noise probe's keys and any ``<probe>/lr=<lr>/<quantity>``
-    fine-tune keys, whatever the probe's name. Other keys get no declaration.
-    """
-    names = list(dict.fromkeys(record_keys))
-    gammas: list[float] = []
-    layers: dict[float, list[str]] = {}
-    finetunes: dict[str, list[float]] = {}
-    for key in names:
-        parts = key.split("/")
-        if len(parts) == 3 and parts[0] == "noise" and parts[1].startswith("gamma="):
-            if parts[2] in NOISE_QUANTITIES:
-                gammas.append(float(parts[1][len("gamma=") :]))
-        elif (layer := parse_layer_noise_key(key)) is not None and layer[2] == "delta":
-            layers.setdefault(layer[0], []).append(layer[1])
-        elif (ft := parse_finetune_key(key)) is not None and ft[2] in FINETUNE_QUANTITIES:
-            finetunes.setdefault(ft[0], []).append(ft[1])
-    declared = [reference_signal(), *noise_signals(gammas, layers)]
-    for probe, lrs in finetunes.items():
-        declared += finetune_signals(lrs, probe)
-    present = set(names)
-    return [s for s in declared if s.key in present]
-
-
-def merge_signals(declared: Iterable[Signal], record_keys: Iterable[str]) -> list[Signal]:
-    """``declared``, then the inferred declarations of the other keys in ``record_keys``."""
-    out = list(declared)
-    known = {s.key for s in out}
-    return out + [s for s in infer_signals(record_keys) if s.key not in known]
+        return getattr(history, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
