@@ -152,3 +152,26 @@ def test_a_stop_decision_stops_every_front_end_at_the_same_step(tmp_path, code_t
     for monitor in (loop, fabric, hf):
         assert monitor.should_stop and monitor.stop_reason == lit.stop_reason
         assert history_text(monitor.history) == history_text(lit.history)
+
+
+def test_the_core_and_the_other_front_ends_import_no_lightning_trainer():
+    import ast
+    import os
+
+    import lightning_overtrain
+
+    root = os.path.dirname(lightning_overtrain.__file__)
+    for folder in ("core", "frontends"):
+        for name in os.listdir(os.path.join(root, folder)):
+            if not name.endswith(".py"):
+                continue
+            with open(os.path.join(root, folder, name)) as f:
+                tree = ast.parse(f.read())
+            imported = [
+                alias.name if isinstance(node, ast.Import) else node.module or ""
+                for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names
+            ]
+            assert not [m for m in imported if m.startswith("lightning.pytorch")], name
+            assert "torch.distributed" not in imported, name  # ranks come from Collectives

@@ -45,7 +45,10 @@ class Reporter:
     """Receives the monitor's events on rank zero only.
 
     Reporters never make collective calls: the monitor calls them from rank zero
-    after every rank has agreed on the numbers.
+    after every rank has agreed on the numbers. Their first argument is the Lightning
+    ``Trainer``, or outside it the front end's
+    :class:`~lightning_overtrain.core.host.RunHandle` (``global_step``, ``loggers``,
+    ``is_global_zero``), so a reporter that reads only those works under every front end.
     """
 
     def setup(self, trainer: pl.Trainer, view: RunView) -> None:
