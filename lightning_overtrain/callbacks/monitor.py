@@ -200,8 +200,7 @@ class OvertrainingMonitor(Callback):
             os.path.join(trainer.log_dir or trainer.default_root_dir, self.prefix)
         )
         wandb = any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
-        users = self.core.user_reporters
-        self.core.reporters = list(users) if users is not None else default_reporters(wandb)
+        self.core.use_reporters(default_reporters(wandb))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         host = Host(

@@ -44,12 +44,22 @@ class MonitorCore(SnapshotSteps):
     """A monitored run's state and life; arguments as ``OvertrainingMonitor``'s.
 
     Front ends call, on every rank: :meth:`start` once before training,
-    :meth:`after_batch` after every micro-batch (or :meth:`set_tokens` where the
-    framework counts tokens), :meth:`snapshot` when one is due, :meth:`end` when
-    training ends, and :meth:`state_dict` / :meth:`load_state_dict` with checkpoints.
+    :meth:`after_batch` after every micro-batch (or :meth:`count` and
+    :meth:`end_step`, or :meth:`set_tokens` where the framework counts tokens),
+    :meth:`snapshot` when one is due, :meth:`end` when training ends, and
+    :meth:`state_dict` / :meth:`load_state_dict` with checkpoints.
 
     Raises:
         ValueError: on bad arguments (naming the argument, the value and the fix).
+
+    Example::
+
+        core = MonitorCore(held_out_batches, every_n_steps=100, dirpath="overtrain")
+        core.start(Host(module=model, optimizers=lambda: [optimizer]))
+        ...  # after each optimizer step:
+        core.count(batch)
+        if core.end_step(step):
+            core.snapshot(step)
     """
 
     def __init__(
@@ -163,6 +173,11 @@ class MonitorCore(SnapshotSteps):
         """Where history files go unless the user chose (every rank must pass the same)."""
         if self._dirpath is None:
             self._dirpath = os.fspath(dirpath)
+
+    def use_reporters(self, defaults: Sequence[Reporter]) -> None:
+        """The user's reporters if they named any, else the front end's ``defaults``."""
+        users = self.user_reporters
+        self.reporters = list(users) if users is not None else list(defaults)
 
     @property
     def best_path(self) -> str | None:

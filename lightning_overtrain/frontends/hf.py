@@ -87,8 +87,7 @@ class HFTrainerMonitor(TrainerCallback):
         resumed = self._load_beside_checkpoint(args, state, collectives)
         core = self.core
         core.set_default_dirpath(os.path.join(args.output_dir, core.prefix))
-        users = core.user_reporters
-        core.reporters = list(users) if users is not None else default_reporters()
+        core.use_reporters(default_reporters())
         loggers = [TrainerLog(self.trainer)] if self.trainer is not None else []
         self._handle = RunHandle(state.global_step, loggers, collectives.is_global_zero)
         clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None

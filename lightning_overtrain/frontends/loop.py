@@ -122,8 +122,7 @@ class LoopMonitor:
         collectives = collectives or Collectives.from_torch(device)
         core = self.core
         core.set_default_dirpath(default_dirpath or os.path.join(os.getcwd(), core.prefix))
-        users = core.user_reporters
-        core.reporters = list(users) if users is not None else default_reporters()
+        core.use_reporters(default_reporters())
         self._handle = RunHandle(self.global_step, list(loggers), collectives.is_global_zero)
         host = Host(
             module=module,
