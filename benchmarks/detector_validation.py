@@ -28,8 +28,9 @@ out "never turns up" (bounded interval), a confident but spurious forecast.
 Two noise models. "of range": noise std a fixed fraction of the U's dynamic range at
 every snapshot, on delta and so on the perturbed loss (pessimistic early on, where delta
 is small). "of delta": std a fraction of delta itself at each snapshot, which is how the
-noise probe's spread across noise directions behaves (8-20% of delta per antithetic pair,
-DESIGN.md section 4: 4-10% with 4 pairs). The reference loss has noise 0.1% of the range.
+noise probe's spread across noise directions behaves (8-20% of delta per antithetic pair
+in the prototype this package grew from: 4-10% with 4 pairs). The reference loss has
+noise 0.1% of the range.
 "floor 2%": delta starts on a floor of 2% of the range instead of rising from about zero.
 
 The defaults were tuned on seeds from 7,000,000 up (crossing) and 10,000,000..10,000,299
