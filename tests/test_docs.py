@@ -283,3 +283,13 @@ def test_the_shape_check_tells_fields_apart():
     assert not shape(line).fullmatch(line.replace(" | probes", " | timing"))
     without_gamma = {k: v for k, v in _SNAPSHOT.items() if k != "noise/gamma=1/delta"}
     assert not shape(line).fullmatch(format_snapshot(without_gamma))
+
+
+def test_the_api_reference_lists_every_public_name():
+    """A name added to ``lightning_overtrain.__all__`` needs its one line in docs/api.md."""
+    import lightning_overtrain
+
+    api = read("docs/api.md")
+    documented = set(re.findall(r"^\.\. auto\w+:: lightning_overtrain\.(\w+)$", api, re.M))
+    missing = sorted(set(lightning_overtrain.__all__) - {"__version__"} - documented)
+    assert not missing, f"docs/api.md lacks an autodoc line for {missing}"
