@@ -293,3 +293,10 @@ def test_the_api_reference_lists_every_public_name():
     documented = set(re.findall(r"^\.\. auto\w+:: lightning_overtrain\.(\w+)$", api, re.M))
     missing = sorted(set(lightning_overtrain.__all__) - {"__version__"} - documented)
     assert not missing, f"docs/api.md lacks an autodoc line for {missing}"
+
+
+def test_the_readme_shows_the_command_ci_runs_verbatim():
+    """The README's second command is the project's contract: `.ci/run` runs it as written."""
+    ci = read(".ci/run").strip().splitlines()[-1]
+    assert ci.startswith("python3 -m venv .venv")
+    assert ci in read("README.md").splitlines()
