@@ -73,5 +73,10 @@ def _fill_toctree(app, docname: str, source: list[str]) -> None:
         source[0] = source[0].replace(TOCTREE_PLACEHOLDER, "\n".join(_pages(app.srcdir)))
 
 
+def _reread_index(app, env, added, changed, removed) -> list[str]:
+    return ["index"]  # an incremental build sees a page added or removed since the last
+
+
 def setup(app) -> None:
     app.connect("source-read", _fill_toctree)
+    app.connect("env-get-outdated", _reread_index)
