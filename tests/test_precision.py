@@ -15,6 +15,8 @@ from lightning_overtrain.engine.noise import normal_range, tensor_key
 from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.engine.tokens import count_tokens
 from lightning_overtrain.engine.train_loop import train_steps
+from lightning_overtrain.probes.schedule import ScheduleProbe
+from lightning_overtrain.probes.sharpness import SharpnessProbe
 
 
 class BF16Quadratic(Quadratic):
@@ -119,7 +121,12 @@ def test_every_probe_runs_under_each_precision(tmp_path, code_text, prose_text, 
         every_n_steps=2,
         probes=[
             NoiseProbe(gammas=(1.0,), pairs=1),
-            FineTuneProbe(train_data=prose[:1], eval_data=prose[1:], steps=1, lrs=(1e-3,)),
+            FineTuneProbe(
+                train_data=prose[:1], eval_data=prose[1:], steps=1, lrs=(1e-3,), matched_loss=9.0
+            ),
+            SharpnessProbe("update"),
+            SharpnessProbe("gradient", name="sharpness_grad", downstream_data=prose[:1]),
+            ScheduleProbe(),
         ],
         cooldown_steps=1,
         cooldown_data=reference_batches(code_text, n=1, batch_size=2),
@@ -130,6 +137,15 @@ def test_every_probe_runs_under_each_precision(tmp_path, code_text, prose_text, 
     trainer.fit(make_module(0, n_layer=1, n_embd=16), train_loader(code_text, batch_size=2))
     (record,) = monitor.history
     assert record["probe_failures"] == 0
-    for key in ("reference_loss", "noise/gamma=1/delta", "finetune/lr=0.001/forgetting"):
+    measured = (
+        "reference_loss",
+        "noise/gamma=1/delta",
+        "finetune/lr=0.001/forgetting",
+        "finetune/lr=0.001/matched_steps",
+        "sharpness/critical_sharpness",
+        "sharpness_grad/relative_alignment",
+        "schedule/lr",
+    )
+    for key in measured:
         assert torch.isfinite(torch.tensor(record[key])), key
     assert count_tokens  # the default counter served the run
