@@ -149,3 +149,27 @@ def test_every_probe_runs_under_each_precision(tmp_path, code_text, prose_text, 
     for key in measured:
         assert torch.isfinite(torch.tensor(record[key])), key
     assert count_tokens  # the default counter served the run
+
+
+def test_after_step_sees_each_step_and_stopping_early_leaves_the_weights_of_that_step():
+    def run(steps, stop_at=None):
+        model = Linear()
+        gen = torch.Generator().manual_seed(1)
+        batches = [{"x": torch.randn(4, 4, generator=gen), "y": torch.randn(4, 1, generator=gen)}]
+        data = shard_batches(batches, 0, 1, lambda b: 4, torch.device("cpu"), "data")
+        seen = []
+
+        def after_step(step):
+            seen.append((step, model.layer.weight.detach().clone()))
+            return step == stop_at
+
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = train_steps(model, optimizer, data, steps, loss_fn, after_step=after_step)
+        return model, seen, losses
+
+    _, seen, losses = run(5)
+    assert [s for s, _ in seen] == [1, 2, 3, 4, 5] and len(losses) == 5
+    stopped, seen_stopped, losses_stopped = run(5, stop_at=3)
+    assert [s for s, _ in seen_stopped] == [1, 2, 3] and losses_stopped == losses[:3]
+    # The weights after 3 steps, as the full run saw them at its step 3.
+    assert torch.equal(stopped.layer.weight.detach(), seen[2][1])

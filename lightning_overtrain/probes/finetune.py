@@ -1,4 +1,4 @@
-"""The fine-tune probe (Springer et al. 2025, section 3.4), and data-parallel training steps.
+"""The fine-tune probe (Springer et al. 2025, section 3.4).
 
 At each snapshot the probe fine-tunes the borrowed model for a fixed budget (the
 same batches in the same order, the same steps, lr and optimizer settings every
@@ -12,11 +12,11 @@ time) on a downstream dataset unlike the pretraining text, then measures:
 * optionally, the forgetting at a **matched** downstream loss, and the steps the
   fine-tune took to reach it (:mod:`lightning_overtrain.probes.matched`).
 
-The held-out split and its metric live in :mod:`lightning_overtrain.probes.downstream`.
-
-:func:`train_steps` is the training loop shared with the cooldown branch: under
-DDP every global batch is split across ranks by rows and the gradients are
-summed token-weighted, so 2 processes follow 1 process on the same batches.
+The held-out split and its metric live in :mod:`lightning_overtrain.probes.downstream`;
+the training loop, shared with the cooldown branch, in
+:func:`lightning_overtrain.engine.train_loop.train_steps`: under DDP every global
+batch is split across ranks by rows and the gradients are summed token-weighted,
+so 2 processes follow 1 process on the same batches.
 """
 
 from __future__ import annotations
