@@ -530,5 +530,11 @@ class OvertrainingMonitor(Callback):
                 **precision_extras(trainer.precision_plugin),
                 # The training optimizer, read only (the sharpness probe's update direction).
                 **({"optimizer": trainer.optimizers[0]} if trainer.optimizers else {}),
+                # Its lr scheduler, read only (the schedule probe steps a copy of it).
+                **(
+                    {"lr_scheduler": trainer.lr_scheduler_configs[0].scheduler}
+                    if trainer.lr_scheduler_configs
+                    else {}
+                ),
             },
         )
