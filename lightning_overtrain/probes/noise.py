@@ -260,12 +260,15 @@ class NoiseProbe(Probe):
 
         sums = ctx.reduce_or_fail(local, (n_gammas, pairs, 2, 2))
         losses = (sums[..., 0] / sums[..., 1]).cpu().numpy()
-        if not np.isfinite(losses).all():
-            raise ProbeFailure(f"non-finite perturbed loss at gammas {self.gammas}")
         record: dict[str, float] = {}
         for gi, gamma in enumerate(self.gammas):
+            if not np.isfinite(losses[gi]).all():
+                continue  # only this gamma's numbers are lost (see below)
             summary = summarize_noise(ctx.reference_loss, losses[gi, :, 0], losses[gi, :, 1])
             record.update({keys.noise_key(gamma, q): v for q, v in summary.items()})
+        blown = [g for gi, g in enumerate(self.gammas) if not np.isfinite(losses[gi]).all()]
+        if blown:
+            raise ProbeFailure(f"non-finite perturbed loss at gamma(s) {blown}", partial=record)
         if self.layer_groups:
             ctx.backup.restore()  # each group is perturbed with the others at the saved weights
             try:
