@@ -10,7 +10,7 @@ Counts are whole numbers, but ``1e6`` is accepted for ``1_000_000``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_overtrain.checks import check_int
@@ -58,6 +58,10 @@ class Cadence:
     points_per_decade: int | None = None
     start_tokens: int | None = None
     next_index: int = 0
+    #: A snapshot that was interrupted (Ctrl-C in a probe): due again at the next step,
+    #: also after a resume from a checkpoint saved on that exception.
+    retake: bool = False
+    _retake_step: int | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         chosen = {
@@ -105,6 +109,16 @@ class Cadence:
         (a resume with a large ``token_offset``): the next index is computed, then
         corrected by at most a few steps for float rounding.
         """
+        if self.retake:
+            if self._retake_step is None:  # the first step after the interruption
+                self._retake_step = step
+                if self.every_n_steps is None:
+                    self.next_index = max(self.next_index, self._first_index_above(tokens))
+                    while tokens >= self.threshold(self.next_index):
+                        self.next_index += 1
+            if self._retake_step == step:  # asked twice at one step: the same answer
+                return True
+            self.retake, self._retake_step = False, None
         if self.every_n_steps is not None:
             return step > 0 and step % self.every_n_steps == 0
         if tokens < self.threshold(self.next_index):
@@ -122,10 +136,11 @@ class Cadence:
         return max(0, math.floor(self.points_per_decade * math.log10(tokens / self.start_tokens)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"next_index": self.next_index}
+        return {"next_index": self.next_index, "retake": self.retake and self._retake_step is None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.next_index = int(state.get("next_index", self.next_index))
+        self.retake, self._retake_step = bool(state.get("retake", False)), None
 
     def describe(self) -> str:
         if self.every_n_steps is not None:

@@ -480,7 +480,7 @@ class OvertrainingMonitor(Callback):
                 record[keys.PROBE_FAILURES] = self.probe_failures
                 decisions = []
         except BaseException:  # e.g. Ctrl-C in a probe: a checkpoint saved now retakes it
-            self.cadence.load_state_dict(before["cadence"])
+            self.cadence.load_state_dict({**before["cadence"], "retake": True})
             self.policy.load_state_dict(before["policy"])
             raise
         finally:
