@@ -26,7 +26,12 @@ def _refuse(name: str, requirement: str, value: Any, fix: str) -> ValueError:
 
 
 def check_int(
-    name: str, value: Any, minimum: int, fix: str, maximum: int | None = MAX_COUNT
+    name: str,
+    value: Any,
+    minimum: int,
+    fix: str,
+    maximum: int | None = MAX_COUNT,
+    integral_floats: bool = True,
 ) -> int:
     """Return ``value`` as an int if it is a whole number (not a bool) in ``[minimum, maximum]``.
 
@@ -39,6 +44,8 @@ def check_int(
         minimum: the smallest value allowed.
         fix: what to pass instead, appended to the message.
         maximum: the largest value allowed (None: no bound).
+        integral_floats: accept ``1e6`` for ``1_000_000`` (counts of tokens); False
+            for settings that are never written as floats (``pairs``, ``seed``).
 
     Returns:
         The value as a Python int.
@@ -52,7 +59,10 @@ def check_int(
         1000000
     """
     whole = isinstance(value, numbers.Integral) or (
-        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
+        integral_floats
+        and isinstance(value, numbers.Real)
+        and math.isfinite(value)
+        and float(value).is_integer()
     )
     if isinstance(value, bool) or not whole or value < minimum:
         raise _refuse(name, f"an int >= {minimum}", value, fix)
@@ -62,10 +72,15 @@ def check_int(
 
 
 def check_optional_int(
-    name: str, value: Any, minimum: int, fix: str, maximum: int | None = MAX_COUNT
+    name: str, value: Any, minimum: int, fix: str, integral_floats: bool = True
 ) -> int | None:
-    """:func:`check_int`, with None passing through as None."""
-    return None if value is None else check_int(name, value, minimum, fix, maximum)
+    """:func:`check_int`, with None passing through as None (and said in the message)."""
+    if value is None:
+        return None
+    try:
+        return check_int(name, value, minimum, fix, integral_floats=integral_floats)
+    except ValueError:
+        raise _refuse(name, f"an int >= {minimum} or None", value, fix) from None
 
 
 def check_number(
@@ -151,8 +166,8 @@ def check_name(name: str, value: Any, fix: str, forbidden: str = "/") -> str:
         ValueError: naming the argument and the value.
     """
     if not isinstance(value, str) or not value or any(c.isspace() or c in forbidden for c in value):
-        extra = f" or {' '.join(repr(c) for c in forbidden)}" if forbidden else ""
-        raise _refuse(name, f"a non-empty string without spaces{extra}", value, fix)
+        without = " or ".join([*(repr(c) for c in forbidden), "spaces"])
+        raise _refuse(name, f"a non-empty string without {without}", value, fix)
     return value
 
 

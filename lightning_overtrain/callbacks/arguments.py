@@ -16,7 +16,6 @@ from lightning_overtrain.checks import (
     check_choice,
     check_int,
     check_name,
-    check_optional_int,
 )
 from lightning_overtrain.engine.contract import Probe
 from lightning_overtrain.engine.data import check_batches_argument
@@ -112,18 +111,20 @@ def check_arguments(
             f" reference_tokens={reference_tokens!r}. Drop one, e.g. keep only"
             " reference_tokens=8192 to size the reference set in tokens."
         )
-    reference_batches = check_optional_int(
-        "reference_batches",
-        reference_batches,
-        1,
-        "Pass how many held-out batches to keep (about 8k tokens is enough), or None.",
-    )
-    reference_tokens = check_optional_int(
-        "reference_tokens",
-        reference_tokens,
-        1,
-        "Pass the reference set's size in tokens, e.g. reference_tokens=8192, or None.",
-    )
+    if reference_batches is not None:
+        reference_batches = check_int(
+            "reference_batches",
+            reference_batches,
+            1,
+            "Pass how many held-out batches to keep (about 8k tokens is enough), or None.",
+        )
+    if reference_tokens is not None:
+        reference_tokens = check_int(
+            "reference_tokens",
+            reference_tokens,
+            1,
+            "Pass the reference set's size in tokens, e.g. reference_tokens=8192, or None.",
+        )
     check_callable("loss_fn", loss_fn, "Pass loss_fn(module, batch) -> scalar mean loss.")
     check_callable("tokens_fn", tokens_fn, "Pass tokens_fn(batch) -> int.")
     token_offset = check_int(

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lightning_overtrain import keys
-from lightning_overtrain.checks import check_positive_numbers
+from lightning_overtrain.checks import check_int, check_positive_numbers
 from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
 from lightning_overtrain.engine.noise import CHUNK, normal_at, normal_range, tensor_key
 from lightning_overtrain.engine.sharding import global_positions, local_tensor
@@ -173,13 +173,9 @@ class NoiseProbe(Probe):
         layer_gammas: Sequence[float] | None = None,
     ) -> None:
         gammas = _checked_gammas(gammas, "gammas")
-        if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
-            raise ValueError(
-                f"`pairs` must be an int >= 1, got {pairs!r}. Use pairs=4 (the default) or more;"
-                " 2 or more give a standard error."
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`seed` must be an int >= 0, got {seed!r}. Pass e.g. seed=0.")
+        fix = "Use pairs=4 (the default) or more; 2 or more give a standard error."
+        check_int("pairs", pairs, 1, fix, integral_floats=False)
+        check_int("seed", seed, 0, "Pass e.g. seed=0.", integral_floats=False)
         if not (isinstance(per_layer, (bool, Mapping)) or callable(per_layer)):
             raise ValueError(
                 f"`per_layer` must be a bool, a mapping {{group: [name prefixes]}} or a callable"
