@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -19,10 +21,13 @@ from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
 
 from lightning_overtrain import InflectionPolicy, NoiseProbe, OvertrainingMonitor, Probe
 from lightning_overtrain.callbacks.keeping import BEST_FILE, replace_path
+from lightning_overtrain.callbacks.remote import WatcherStop
 from lightning_overtrain.reporting.base import Reporter
 from lightning_overtrain.reporting.guard import OUTPUT_FAILURES
 
 STEPS, EVERY = 9, 3
+HERE = os.path.dirname(__file__)
+ROOT = os.path.dirname(HERE)
 
 
 def monitor(text: bytes, dirpath, **kwargs) -> OvertrainingMonitor:
@@ -214,3 +219,44 @@ def test_a_run_whose_reference_loss_is_not_finite_is_said_to_have_diverged(
         assert trainer.global_step == 2 * EVERY and "training diverged" in mon.stop_reason
     else:
         assert trainer.global_step == STEPS and mon.stop_reason is None
+
+
+def test_ctrl_c_in_a_probe_saves_a_checkpoint_that_retakes_the_snapshot(tmp_path):
+    """A real KeyboardInterrupt (Lightning's graceful shutdown exits the process)."""
+    code = f"""
+    import torch
+    from conftest import make_module, make_trainer, reference_batches, train_loader
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+    from lightning_overtrain import OvertrainingMonitor, Probe
+    from lightning_overtrain.testing.demo import stdlib_code
+
+    class CtrlC(Probe):
+        name = "ctrl_c"
+        def run(self, ctx):
+            raise KeyboardInterrupt
+
+    text = stdlib_code(max_bytes=200_000)
+    mon = OvertrainingMonitor(reference_batches(text, n=2), every_n_steps=3, probes=[CtrlC()],
+                              dirpath={str(tmp_path / "mon")!r})
+    saved = OnExceptionCheckpoint(dirpath={str(tmp_path)!r}, filename="on_exception")
+    trainer = make_trainer({str(tmp_path)!r}, [mon, saved], max_steps=9, enable_checkpointing=True)
+    trainer.fit(make_module(), train_loader(text))
+    """
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{HERE}", "OMP_NUM_THREADS": "1"}
+    command = ["timeout", "-s", "KILL", "120", sys.executable, "-c", textwrap.dedent(code)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "KeyboardInterrupt" in proc.stdout + proc.stderr
+    checkpoint = torch.load(tmp_path / "on_exception.ckpt", weights_only=False)
+    state = next(iter(checkpoint["callbacks"].values()))
+    assert checkpoint["global_step"] == EVERY and state["history"] == []
+    assert state["cadence"]["retake"] is True  # the resumed run takes it at its first step
+
+
+def test_a_watcher_stop_that_cannot_write_its_status_warns_and_training_goes_on(
+    tmp_path, code_text
+):
+    (tmp_path / "a_file").write_text("x")
+    stop = WatcherStop(tmp_path / "a_file" / "ckpt", min_interval_s=0)
+    with pytest.warns(UserWarning, match="WatcherStop: the run's status 'running' was not written"):
+        trainer, _ = fit(tmp_path, code_text, [stop], max_steps=3)
+    assert trainer.global_step == 3
