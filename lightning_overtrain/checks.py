@@ -124,14 +124,19 @@ def check_number(
     return float(value)
 
 
-def check_choice(name: str, value: Any, choices: Collection[Any], fix: str = "") -> Any:
+def check_choice(
+    name: str, value: Any, choices: Collection[Any], fix: str = "", requirement: str = ""
+) -> Any:
     """Return ``value`` if it is one of ``choices``.
+
+    Args:
+        requirement: the choices in words (default ``one of (...)``).
 
     Raises:
         ValueError: ``"`name` must be one of (...), got value. fix"``.
     """
     if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
-        raise _refuse(name, f"one of {tuple(choices)!r}", value, fix)
+        raise _refuse(name, requirement or f"one of {tuple(choices)!r}", value, fix)
     return value
 
 

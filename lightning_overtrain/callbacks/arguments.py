@@ -151,7 +151,7 @@ def check_arguments(
         "backup_device",
         backup_device,
         BACKUP_DEVICES,
-        "Pass None (beside the weights) or 'cpu' (host memory).",
+        requirement="None (beside the weights) or 'cpu' (host memory)",
     )
     if policy is not None and not isinstance(policy, InflectionPolicy):
         raise ValueError(
