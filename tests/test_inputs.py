@@ -274,3 +274,10 @@ def test_a_bad_token_id_in_a_later_reference_batch_is_named_by_its_index(tmp_pat
         ValueError, match=r"failed on batch 2 \(counting from 0\) of `reference_data`"
     ):
         make_trainer(tmp_path, [mon], max_steps=1).fit(make_module(), train_loader(code_text))
+
+
+def test_an_endless_eval_loader_is_refused_naming_eval_batches():
+    from lightning_overtrain.engine.data import take_batches
+
+    with pytest.raises(ValueError, match=r"`eval_data` has no length .* Pass eval_batches=N"):
+        take_batches(DataLoader(Endless(), batch_size=None), None, "eval_data")

@@ -16,7 +16,6 @@ other side never reads half of one:
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any
@@ -25,7 +24,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_overtrain.checks import check_int
+from lightning_overtrain.checks import check_int, check_number
 from lightning_overtrain.safe_io import UnsafeFile, read_json_object, write_json_atomic
 
 RUN_FILE = "overtrain_run.json"
@@ -134,16 +133,14 @@ class WatcherStop(Callback):
             1,
             "Pass how many optimizer steps apart to look for the watcher's decision, e.g. 1.",
         )
-        if isinstance(min_interval_s, bool) or not (
-            isinstance(min_interval_s, (int, float))
-            and math.isfinite(min_interval_s)
-            and 0 <= min_interval_s <= MAX_INTERVAL_S
-        ):
-            raise ValueError(
-                f"`min_interval_s` must be a finite number of seconds from 0 to"
-                f" {MAX_INTERVAL_S:,} (a day), got {min_interval_s!r}: an infinite interval"
-                " would never look for the watcher's decision. Pass e.g. min_interval_s=1.0."
-            )
+        check_number(
+            "min_interval_s",
+            min_interval_s,
+            "An infinite or longer interval would never look for the watcher's decision;"
+            " pass e.g. min_interval_s=1.0.",
+            minimum=0,
+            maximum=MAX_INTERVAL_S,
+        )
         self.dirpath = os.fspath(dirpath)
         self.check_every_n_steps = check_every_n_steps
         self.min_interval_s = float(min_interval_s)
