@@ -268,3 +268,18 @@ def test_report_on_a_truncated_history_and_corrupt_settings_says_so_in_one_line_
     assert "3 complete record(s) loaded" in out
     assert "monitor.json: not read (it is not complete JSON" in out
     assert "JSONDecodeError" not in out
+
+
+def test_report_writes_nothing_through_links_leading_out_of_the_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = make_run(tmp_path, "mine")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, os.path.join(run, "plots"))
+    precious = tmp_path / "precious.md"
+    precious.write_text("keep")
+    os.symlink(precious, os.path.join(run, "summary.md"))  # replaced, never written through
+    assert main(["report", run]) == 0
+    assert "leads outside" in capsys.readouterr().out
+    assert os.listdir(outside) == [] and precious.read_text() == "keep"
+    assert not os.path.islink(os.path.join(run, "summary.md"))
