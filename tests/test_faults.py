@@ -221,6 +221,7 @@ def test_a_run_whose_reference_loss_is_not_finite_is_said_to_have_diverged(
         assert trainer.global_step == STEPS and mon.stop_reason is None
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_probe_saves_a_checkpoint_that_retakes_the_snapshot(tmp_path):
     """A real KeyboardInterrupt (Lightning's graceful shutdown exits the process)."""
     code = f"""

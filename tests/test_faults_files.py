@@ -78,6 +78,7 @@ def test_a_symlinked_stop_file_is_refused_even_to_a_valid_decision(tmp_path):
         read_stop(str(tmp_path / STOP_FILE))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
 def test_a_fifo_or_dev_zero_at_the_stop_file_is_ignored_with_one_warning_and_training_goes_on(
     tmp_path, kind
