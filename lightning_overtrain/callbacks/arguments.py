@@ -14,6 +14,7 @@ from typing import Any
 from lightning_overtrain.checks import (
     check_callable,
     check_choice,
+    check_instance,
     check_int,
     check_name,
 )
@@ -153,10 +154,13 @@ def check_arguments(
         BACKUP_DEVICES,
         requirement="None (beside the weights) or 'cpu' (host memory)",
     )
-    if policy is not None and not isinstance(policy, InflectionPolicy):
-        raise ValueError(
-            f"`policy` must be an InflectionPolicy or None, got {policy!r}."
-            " Pass e.g. policy=InflectionPolicy(action='stop')."
+    if policy is not None:
+        check_instance(
+            "policy",
+            policy,
+            InflectionPolicy,
+            "an InflectionPolicy or None",
+            "Pass e.g. policy=InflectionPolicy(action='stop').",
         )
     return CheckedArguments(
         checked_probes, reference_batches, reference_tokens, token_offset, cooldown_steps
