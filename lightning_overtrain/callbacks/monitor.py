@@ -30,7 +30,12 @@ from lightning_overtrain.callbacks.fit_setup import (
     make_cooldown,
     resolve_init_std,
 )
-from lightning_overtrain.callbacks.keeping import BEST_COOLED_FILE, BEST_FILE, save_best
+from lightning_overtrain.callbacks.keeping import (
+    BEST_COOLED_FILE,
+    BEST_FILE,
+    best_not_written,
+    save_best,
+)
 from lightning_overtrain.callbacks.strategies import (
     check_precision,
     check_strategy,
@@ -44,10 +49,11 @@ from lightning_overtrain.engine.data import (
     ReferenceData,
     TokenBudget,
 )
+from lightning_overtrain.engine.divergence import TrainingDiverged, diverged_message
 from lightning_overtrain.engine.init_std import (
     InitStd,
 )
-from lightning_overtrain.engine.losses import LossFn, check_loss, transformers_loss
+from lightning_overtrain.engine.losses import LossFn, check_losses, transformers_loss
 from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.engine.tokens import TokensFn, count_tokens
 from lightning_overtrain.history import Record
@@ -55,6 +61,7 @@ from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
 from lightning_overtrain.keys import Signal
 from lightning_overtrain.probes.cooldown import CooldownBranch
 from lightning_overtrain.reporting.base import Reporter, RunView
+from lightning_overtrain.reporting.guard import OUTPUT_FAILURES, call_reporters
 from lightning_overtrain.reporting.progress import SnapshotProgress, counted
 
 _JUDGING = "judging the snapshot (detector and policy)"
@@ -165,21 +172,21 @@ class OvertrainingMonitor(Callback):
         backup_device: str | None = None,
     ) -> None:
         checked = check_arguments(
-            reference_data,
-            probes,
-            reference_batches,
-            reference_tokens,
-            loss_fn,
-            tokens_fn,
-            token_offset,
-            init_std,
-            on_probe_error,
-            prefix,
-            reporters,
-            cooldown_steps,
-            cooldown_data,
-            policy,
-            backup_device,
+            reference_data=reference_data,
+            probes=probes,
+            reference_batches=reference_batches,
+            reference_tokens=reference_tokens,
+            loss_fn=loss_fn,
+            tokens_fn=tokens_fn,
+            token_offset=token_offset,
+            init_std=init_std,
+            on_probe_error=on_probe_error,
+            prefix=prefix,
+            reporters=reporters,
+            cooldown_steps=cooldown_steps,
+            cooldown_data=cooldown_data,
+            policy=policy,
+            backup_device=backup_device,
         )
         self.cadence = Cadence(every_n_steps, every_n_tokens, points_per_decade, start_tokens)
         self.probes: list[Probe] = checked.probes
@@ -209,6 +216,7 @@ class OvertrainingMonitor(Callback):
         self.history: list[Record] = []
         self._clock = TokenClock(self.tokens_fn, self.token_offset)
         self.probe_failures = 0
+        self.output_failures = 0  # writes of the monitor's files that failed (warned)
         self.init_stds: dict[str, float] | None = None
         self.init_std_source: str | None = None
         self.policy = policy if policy is not None else InflectionPolicy()
@@ -310,8 +318,16 @@ class OvertrainingMonitor(Callback):
             self.init_stds, self.init_std_source = resolve_init_std(
                 trainer, pl_module, self.init_std
             )
-        if self._batches:  # a rank without reference batches has nothing to check
-            check_loss(pl_module, self._backup, self._batches[0], self.loss_fn, "reference_data")
+        # Every batch once (a bad token id in batch 5 is named now, not at every snapshot).
+        check_losses(
+            pl_module,
+            self._backup,
+            self._batches,
+            self.loss_fn,
+            "reference_data",
+            trainer.global_rank,
+            trainer.world_size,
+        )
         ctx = self._context(trainer, pl_module)
         if self.cooldown_steps:
             self._cooldown = make_cooldown(
@@ -329,8 +345,9 @@ class OvertrainingMonitor(Callback):
         self.policy.declare(self.signals)
         if trainer.is_global_zero:
             view = self.view()
-            for reporter in self.reporters:
-                reporter.setup(trainer, view)
+            self.output_failures = call_reporters(
+                self.reporters, "setup", lambda r: r.setup(trainer, view), self.output_failures
+            )
         rank_zero_info(
             f"OvertrainingMonitor: {len(self.probes)} probe(s),"
             f" snapshots {self.cadence.describe()},"
@@ -369,8 +386,12 @@ class OvertrainingMonitor(Callback):
         self._clock.sync(trainer.world_size, pl_module.device)  # every rank ends here
         if trainer.is_global_zero:
             view = self.view()
-            for reporter in self.reporters:
-                reporter.teardown(trainer, view)
+            self.output_failures = call_reporters(
+                self.reporters,
+                "teardown",
+                lambda r: r.teardown(trainer, view),
+                self.output_failures,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """The run state; during a snapshot, the state as it was before the snapshot began.
@@ -390,6 +411,7 @@ class OvertrainingMonitor(Callback):
             "history": [dict(r) for r in self.history],
             **self._clock.state_dict(self._trainer_world, self._device),
             "probe_failures": self.probe_failures,
+            "output_failures": self.output_failures,
             "cadence": self.cadence.state_dict(),
             "init_stds": dict(self.init_stds) if self.init_stds is not None else None,
             "init_std_source": self.init_std_source,
@@ -401,6 +423,7 @@ class OvertrainingMonitor(Callback):
         self.history = [dict(r) for r in state_dict.get("history", [])]
         self._clock.load_state_dict(state_dict)
         self.probe_failures = int(state_dict.get("probe_failures", 0))
+        self.output_failures = int(state_dict.get("output_failures", 0))
         self.cadence.load_state_dict(state_dict.get("cadence", {}))
         stds = state_dict.get("init_stds")
         self.init_stds = dict(stds) if stds is not None else None
@@ -418,7 +441,16 @@ class OvertrainingMonitor(Callback):
         self._clock.sync(trainer.world_size, pl_module.device)
         record: Record = {keys.TOKENS: self.tokens, keys.STEP: trainer.global_step}
 
+        diverged: list[Decision] = []
+
         def failed(what: str, exc: Exception) -> None:
+            if isinstance(exc, TrainingDiverged):  # not a probe's fault: say what happened
+                message = diverged_message(exc.loss, self.tokens, trainer.global_step)
+                action = self.policy.action_for(keys.REFERENCE_LOSS)
+                diverged.append(
+                    Decision(keys.REFERENCE_LOSS, "diverged", action, self.tokens, message)
+                )
+                return
             self._probe_failed(what, exc, record)
 
         before = self._current_state()
@@ -447,15 +479,24 @@ class OvertrainingMonitor(Callback):
                 failed(_JUDGING, exc)
                 record[keys.PROBE_FAILURES] = self.probe_failures
                 decisions = []
+        except BaseException:  # e.g. Ctrl-C in a probe: a checkpoint saved now retakes it
+            self.cadence.load_state_dict({**before["cadence"], "retake": True})
+            self.policy.load_state_dict(before["policy"])
+            raise
         finally:
             self._state_before_snapshot = None
         record[keys.PROBE_SECONDS] = time.perf_counter() - start
+        record[OUTPUT_FAILURES] = self.output_failures
         self.history.append(record)
         if trainer.is_global_zero:
             view = self.view()
-            for reporter in self.reporters:
-                reporter.report(trainer, view, record)
-        self._act(trainer, decisions)
+            self.output_failures = call_reporters(
+                self.reporters,
+                "report",
+                lambda r: r.report(trainer, view, record),
+                self.output_failures,
+            )
+        self._act(trainer, [*diverged, *decisions])
         return record
 
     # ------------------------------------------------------------------ policy
@@ -490,13 +531,21 @@ class OvertrainingMonitor(Callback):
         assert self._backup is not None
         state = {**self._current_state(), "config": self.config()}
         state["history"] = [*state["history"], dict(record)]
-        save_best(trainer, path, self._backup, cooled, self.state_key, state)
+        error = save_best(trainer, path, self._backup, cooled, self.state_key, state)
+        if error is not None:  # only the file is missing: the judgement stands
+            self.output_failures = best_not_written(
+                self.policy.best, path, error, self.output_failures
+            )
 
     def _act(self, trainer: pl.Trainer, decisions: list[Decision]) -> None:
         def alert(title: str, text: str, level: str) -> None:
             view = self.view()
-            for reporter in self.reporters:
-                reporter.alert(trainer, view, title, text, level)
+            self.output_failures = call_reporters(
+                self.reporters,
+                "alert",
+                lambda r: r.alert(trainer, view, title, text, level),
+                self.output_failures,
+            )
 
         reason = act(trainer, decisions, alert)
         if reason is not None:

@@ -29,7 +29,13 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lightning_overtrain import keys
-from lightning_overtrain.checks import check_int, check_positive_numbers
+from lightning_overtrain.checks import (
+    check_callable,
+    check_int,
+    check_name,
+    check_optional_int,
+    check_positive_numbers,
+)
 from lightning_overtrain.engine.collectives import rank as global_rank
 from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
 from lightning_overtrain.engine.data import (
@@ -167,11 +173,8 @@ class FineTuneProbe(Probe):
         check_batches_argument(
             eval_data, "eval_data", "held-out downstream batches, e.g. eval_data=prose_eval_loader"
         )
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(
-                f"`steps` must be an int >= 1, got {steps!r}. Pass the fine-tune budget in"
-                " optimizer steps, e.g. steps=100."
-            )
+        fix = "Pass the fine-tune budget in optimizer steps, e.g. steps=100."
+        check_int("steps", steps, 1, fix, integral_floats=False)
         lrs = check_positive_numbers(
             "lrs", lrs, "one or more learning rates > 0", "Pass e.g. lrs=(1e-4, 1e-3)."
         )
@@ -187,23 +190,15 @@ class FineTuneProbe(Probe):
             ("loss_fn", loss_fn),
             ("tokens_fn", tokens_fn),
         ):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"`{argument}` must be callable or None, got {fn!r}.")
+            check_callable(argument, fn)
         if metric is not None and not (is_torchmetric(metric) or callable(metric)):
             raise ValueError(
                 f"`metric` must be a torchmetrics Metric or a callable (module, batch) -> float,"
                 f" got {type(metric).__name__}."
             )
-        if eval_batches is not None and (
-            isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or eval_batches < 1
-        ):
-            raise ValueError(f"`eval_batches` must be an int >= 1 or None, got {eval_batches!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`seed` must be an int >= 0, got {seed!r}. Pass e.g. seed=0.")
-        if not isinstance(name, str) or not name or "/" in name or any(c.isspace() for c in name):
-            raise ValueError(
-                f"`name` must be a non-empty string without '/' or spaces, got {name!r}."
-            )
+        check_optional_int("eval_batches", eval_batches, 1, "", integral_floats=False)
+        check_int("seed", seed, 0, "Pass e.g. seed=0.", integral_floats=False)
+        check_name("name", name, "Pass e.g. name='finetune'.")
         if matched_loss is not None:
             (matched_loss,) = check_positive_numbers(
                 "matched_loss", matched_loss, "a downstream loss > 0 or None",

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_overtrain import keys
 from lightning_overtrain.keys import Signal
 from lightning_overtrain.reporting import figure_style as style
+from lightning_overtrain.safe_io import write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -390,8 +391,6 @@ def write_figures(
     paths = {}
     for name, png in render_pngs(records, dpi, signals).items():
         path = os.path.join(directory, f"{name}.png")
-        with open(path + ".tmp", "wb") as f:
-            f.write(png)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, lambda f, png=png: f.write(png), binary=True)  # exclusive temp file
         paths[name] = path
     return paths
