@@ -23,8 +23,10 @@ from lightning_overtrain.cli.series import (
     CheckpointError,
     SeriesError,
     find_checkpoints,
-    parse_count,
     read_metadata,
+)
+from lightning_overtrain.cli.token_rules import (
+    parse_count,
     tokens_from_checkpoint,
     tokens_from_mapping,
     tokens_from_pattern,
@@ -221,8 +223,8 @@ def test_series_is_ordered_by_tokens_and_duplicates_dropped():
 
 
 def test_import_object_accepts_modules_and_files(tmp_path):
-    assert import_object("lightning_overtrain.cli.series:parse_count", "--x") is parse_count
-    assert import_object("lightning_overtrain.cli.series.parse_count", "--x") is parse_count
+    assert import_object("lightning_overtrain.cli.token_rules:parse_count", "--x") is parse_count
+    assert import_object("lightning_overtrain.cli.token_rules.parse_count", "--x") is parse_count
     source = tmp_path / "mine.py"
     source.write_text("def f():\n    return 42\n")
     assert import_object(f"{source}:f", "--x")() == 42

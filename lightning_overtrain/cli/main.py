@@ -16,11 +16,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lightning_overtrain.cli.exit_codes import EXIT_USAGE
+
 # No torch, Lightning or engine import at the top: `--help` answers in well under a second
 # (tests/test_package.py checks that it imports no torch).
 
 DEFAULT_AUTO_CLASS = "transformers:AutoModelForCausalLM"
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
 
 # ---------------------------------------------------------------------- parser

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lightning_overtrain import keys
-from lightning_overtrain.cli.main import EXIT_FAILURES, EXIT_OK
+from lightning_overtrain.cli.exit_codes import EXIT_FAILURES, EXIT_OK
 from lightning_overtrain.cli.report import render_report
 from lightning_overtrain.cli.resume import resume_history, write_settings
 from lightning_overtrain.cli.series import Checkpoint, CheckpointError, SeriesError

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning_overtrain import keys
-from lightning_overtrain.cli.main import EXIT_OK
+from lightning_overtrain.cli.exit_codes import EXIT_OK
 from lightning_overtrain.cli.series import (
     SeriesError,
 )

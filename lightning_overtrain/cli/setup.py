@@ -31,11 +31,13 @@ from lightning_overtrain.cli.series import (
     TokensRule,
     find_checkpoints,
     read_metadata,
+)
+from lightning_overtrain.cli.text import read_text, reference_set, split_text, tokenizer, windows
+from lightning_overtrain.cli.token_rules import (
     tokens_from_checkpoint,
     tokens_from_mapping,
     tokens_from_pattern,
 )
-from lightning_overtrain.cli.text import read_text, reference_set, split_text, tokenizer, windows
 from lightning_overtrain.engine.contract import Probe
 from lightning_overtrain.engine.data import fingerprint_batches
 from lightning_overtrain.engine.losses import LossFn, transformers_loss

@@ -30,9 +30,9 @@ from lightning_overtrain.callbacks.remote import (
     read_json,
     write_json_atomic,
 )
+from lightning_overtrain.cli.exit_codes import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK
 from lightning_overtrain.cli.follow import Follower, Signature
 from lightning_overtrain.cli.loading import SeriesInitStd, import_object, load_model, order_series
-from lightning_overtrain.cli.main import EXIT_FAILURES, EXIT_OK
 from lightning_overtrain.cli.probe import probe_checkpoint
 from lightning_overtrain.cli.report import render_report
 from lightning_overtrain.cli.resume import resume_history, write_settings
@@ -50,7 +50,6 @@ from lightning_overtrain.history import Record, write_history
 from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
 
 STATE_FILE = "watch.json"
-EXIT_INTERRUPTED = 130  # as a shell reports Ctrl-C
 
 
 def watch_command(args: argparse.Namespace) -> int:
