@@ -42,10 +42,10 @@ from lightning_overtrain.inflection.policy import InflectionPolicy
 
 def probe_command(args: argparse.Namespace) -> int:
     """``lightning-overtrain probe``: see ``lightning-overtrain probe --help``."""
+    ordered, failures = collect_series(args)
     threads = set_threads(args, device_of(args))
     if threads:
         print(threads)
-    ordered, failures = collect_series(args)
     setup = build_setup(args, ordered)
     history = resume_history(args.out, setup.settings)
     # Tokens = 0 has no place on a log axis: such a checkpoint only gives the init std.
