@@ -262,7 +262,9 @@ def test_a_first_checkpoint_that_does_not_load_leaves_the_rest_probed_alike(
     out = tmp_path / "out"
     args = probe_args(series, out, str(early), series["ckpt_dir"])
     assert main([*args, "--module-class", MODULE_CLASS]) == 1
-    assert f"{early}: cannot load it" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{early}: it does not fit TinyCausalLM (missing keys model." in err
+    assert "unexpected keys not.a.parameter)" in err and "--module-class" in err
     assert_same_numbers(read_history(str(out / "history.jsonl")), series["history"])
 
 

@@ -3,8 +3,9 @@
 A checkpoint the monitor saved carries its run's history; every later checkpoint
 of the same run (resumed ones too) starts with the same first record, so that
 record (its tokens and reference loss) names the run. A checkpoint without it
-(another loop, or saved before the first snapshot) belongs to the run whose
-checkpoints share its directory, else to "the checkpoints in that directory".
+(another loop, or saved before the first snapshot) belongs to the monitored run
+whose checkpoints share its directory (the one with more of them, if two do),
+else to "the checkpoints in that directory".
 """
 
 from __future__ import annotations
@@ -49,8 +50,13 @@ def assign_runs(checkpoints: Sequence[Checkpoint]) -> dict[str, Run]:
         if path in runs:
             continue
         directory = run_directory(ckpt)
-        known = by_directory.get(directory, set())
-        runs[path] = next(iter(known)) if len(known) == 1 else ("directory", directory)
+        known = sorted(by_directory.get(directory, set()))
+        if not known:
+            runs[path] = ("directory", directory)
+            continue
+        # Two monitored runs in one directory: it goes with the one of more checkpoints.
+        members = list(runs.values())
+        runs[path] = max(known, key=members.count)
     return runs
 
 
