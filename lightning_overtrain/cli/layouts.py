@@ -53,10 +53,10 @@ def dcp_layout(path: str) -> tuple[str, str] | None:
 
         dcp_layout("checkpoints/step10.ckpt")  # ("lightning", "checkpoints/step10.ckpt")
     """
-    if not os.path.isdir(path) or os.path.islink(path):
+    if not os.path.isdir(path):
         return None
     olmo = os.path.join(path, OLMO_DCP_DIR)
-    if os.path.isdir(olmo) and not os.path.islink(olmo):
+    if os.path.isdir(olmo):
         return "olmo-core", olmo
     has_index = _is_file(os.path.join(path, DCP_INDEX))
     name = os.path.basename(os.path.normpath(path))

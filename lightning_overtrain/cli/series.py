@@ -270,3 +270,16 @@ def _torch_load(path: str, unsafe_load: bool, mmap: bool = False) -> Any:
         ) from exc
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise CheckpointError(f"unreadable: {type(exc).__name__}: {exc}") from exc
+
+
+_MOVED = {"parse_count", "tokens_from_checkpoint", "tokens_from_pattern", "tokens_from_mapping"}
+
+
+def __getattr__(name: str) -> Any:
+    """The token rules live in :mod:`lightning_overtrain.cli.token_rules`; imports of them
+    from here keep working (a lazy import: that module imports this one)."""
+    if name in _MOVED:
+        from lightning_overtrain.cli import token_rules
+
+        return getattr(token_rules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
