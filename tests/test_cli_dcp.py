@@ -316,3 +316,25 @@ def test_module_class_is_needed_and_named_for_dcp(tmp_path, factory, ref, capsys
     err = capsys.readouterr().err
     assert "distributed checkpoints hold tensors" in err and "--module-class" in err
     assert os.path.isdir(tmp_path / "run" / "step-2")
+
+
+def test_watch_probes_complete_dcp_checkpoints_and_reports_an_incomplete_one(
+    tmp_path, factory, ref, capsys
+):
+    for step in (2, 4):
+        save_layout(tmp_path / "run", "torchtitan", step, seed=step)
+    titan = tmp_path / "run" / "step-6"
+    save_layout(tmp_path / "run", "torchtitan", 6, seed=6)
+    (titan / ".metadata").unlink()  # torch writes it last: not seen as a checkpoint yet
+    lightning, _ = save_layout(tmp_path / "run", "lightning", 8, seed=8)
+    (lightning / "meta.pt").unlink()  # Lightning writes it last: seen, waited for
+    args = probe_args(factory, ref, tmp_path / "out", str(tmp_path / "run"))
+    args[0:2] = ["watch", str(tmp_path / "run")]
+    args += ["--module-class", f"{factory}:make", "--poll", "0.05", "--idle-timeout", "0"]
+    args.remove("--no-progress")
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("probed ") == 2
+    assert f"{lightning}: incomplete: no meta.pt yet" in captured.err
+    history = read_history(str(tmp_path / "out" / "history.jsonl"))
+    assert [r[keys.TOKENS] for r in history] == [2000, 4000]
