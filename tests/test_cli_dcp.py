@@ -338,3 +338,29 @@ def test_watch_probes_complete_dcp_checkpoints_and_reports_an_incomplete_one(
     assert f"{lightning}: incomplete: no meta.pt yet" in captured.err
     history = read_history(str(tmp_path / "out" / "history.jsonl"))
     assert [r[keys.TOKENS] for r in history] == [2000, 4000]
+
+
+def test_watch_reports_a_checkpoint_deleted_while_it_is_read(
+    tmp_path, factory, ref, capsys, monkeypatch
+):
+    import shutil
+
+    for step in (2, 4):
+        save_layout(tmp_path / "run", "torchtitan", step, seed=step)
+    real = dcp_module.load_dcp_model
+
+    def load(ckpt, *args, **kwargs):
+        if ckpt.path.endswith("step-4"):
+            shutil.rmtree(ckpt.path)  # keep_latest_k removes it meanwhile
+        return real(ckpt, *args, **kwargs)
+
+    monkeypatch.setattr(dcp_module, "load_dcp_model", load)
+    args = probe_args(factory, ref, tmp_path / "out", str(tmp_path / "run"))
+    args[0:2] = ["watch", str(tmp_path / "run")]
+    args += ["--module-class", f"{factory}:make", "--poll", "0.05", "--idle-timeout", "0"]
+    args.remove("--no-progress")
+    assert main(args) == 0  # reported, not a failure: the run's retention policy did it
+    out = capsys.readouterr().out
+    assert "step-4 was deleted while it was being read" in out
+    history = read_history(str(tmp_path / "out" / "history.jsonl"))
+    assert [r[keys.TOKENS] for r in history] == [2000]
