@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lightning_overtrain import keys
-from lightning_overtrain.cli.main import EXIT_OK
+from lightning_overtrain.cli.exit_codes import EXIT_OK
 from lightning_overtrain.cli.series import (
     SeriesError,
 )
@@ -238,12 +238,11 @@ def summary_table(history: Sequence[Record], signals: Sequence[Signal] | None = 
     Args:
         history: the records.
         signals: the probes' declarations (their ``summary`` signals are the columns);
-            None infers the built-in ones from the keys. Per-layer and diagnostic keys
-            stay in ``history.csv``.
+            None (an older history, written before signals were declared) infers the
+            built-in ones from the keys. Per-layer and diagnostic keys stay in ``history.csv``.
     """
     present = set(columns(history))
-    declared = keys.merge_signals(signals or (), present)
-    metrics = [s for s in declared if s.summary and s.key in present]
+    metrics = [s for s in declared_or_inferred(signals, present) if s.summary and s.key in present]
     header = ["tokens", "step", *(s.key for s in metrics)]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in history:
@@ -256,6 +255,16 @@ def summary_table(history: Sequence[Record], signals: Sequence[Signal] | None = 
             cells.append(cell)
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def declared_or_inferred(
+    signals: Sequence[Signal] | None, record_keys: Iterable[str]
+) -> list[Signal]:
+    """The run's declared signals as they are; only a history without them (``None``:
+    written before signals were declared) has its built-in ones inferred from the keys."""
+    if signals is not None:
+        return list(signals)
+    return keys.infer_signals(record_keys)
 
 
 def _render_plots(
