@@ -406,7 +406,8 @@ def test_the_verdict_says_crossed_or_why_not():
         report_module.judge(history, policy)
         (detector,) = policy.detectors.values()
         key = "noise/gamma=1/perturbed_loss"
-        verdicts[name] = report_module.describe_inflection(key, detector.state, policy.patience)
+        config = policy.detector_config
+        verdicts[name] = report_module.describe_inflection(key, detector.state, config)
     assert "CROSSED at" in verdicts["u"] and "bottom at 16M tokens" in verdicts["u"]
     assert "no rise above the bottom" in verdicts["falling"]
     assert "needs more" not in verdicts["falling"]

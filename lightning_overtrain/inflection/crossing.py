@@ -95,18 +95,53 @@ def estimate_noise(tokens: Sequence[float], values: Sequence[float]) -> float:
     return float(np.sqrt(np.mean(resid**2)) * (1 + 1 / math.sqrt(len(resid))))
 
 
-def _robust_bottom(y: np.ndarray, s: np.ndarray) -> tuple[int, float, float]:
-    # The lowest median of three neighbours, the lowest snapshot of that window, and the
-    # median's stderr.
+def _robust_bottom(y: np.ndarray, s: np.ndarray) -> tuple[int, float, float, int]:
+    # The lowest median of three neighbours, the lowest snapshot of that window, the
+    # median's stderr and the snapshot that is the median (the paired test's reference).
     if len(y) < 3:
         i = int(np.argmin(y))
-        return i, float(y[i]), float(s[i])
+        return i, float(y[i]), float(s[i]), i
     windows = np.stack([y[:-2], y[1:-1], y[2:]], axis=1)
-    medians = np.sort(windows, axis=1)[:, 1]
+    order = np.argsort(windows, axis=1, kind="stable")
+    medians = np.take_along_axis(windows, order[:, 1:2], axis=1)[:, 0]
     k = int(np.argmin(medians))
-    index = k + int(np.argmin(windows[k]))
+    index = k + int(order[k, 0])
     stderr = _MEDIAN_OF_3_SD * math.sqrt(float(np.mean(s[k : k + 3] ** 2)))
-    return index, float(medians[k]), stderr
+    return index, float(medians[k]), stderr, k + int(order[k, 1])
+
+
+def _paired_stderrs(
+    samples: Sequence[Sequence[float] | None], reference: int, floor: float
+) -> np.ndarray:
+    # Per snapshot: the standard error of the mean of the per-sample differences from the
+    # snapshot `reference`, floored by `floor` (one dof-poor std must not decide alone);
+    # NaN where either snapshot has no samples or they differ in number.
+    out = np.full(len(samples), np.nan)
+    base = samples[reference]
+    if base is None or len(base) < 2:
+        return out
+    base_array = np.asarray(base, dtype=float)
+    for i, these in enumerate(samples):
+        if these is not None and len(these) == len(base_array) and i != reference:
+            diffs = np.asarray(these, dtype=float) - base_array
+            out[i] = max(float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs)), floor)
+    return out
+
+
+def _check_samples(
+    samples: Sequence[Sequence[float] | None] | None, n: int
+) -> list[Sequence[float] | None]:
+    if samples is None:
+        return [None] * n
+    if len(samples) != n:
+        raise ValueError(
+            f"`samples` must hold one entry per snapshot ({n}), got {len(samples)}. Pass None"
+            " for a snapshot without per-sample values."
+        )
+    for these in samples:
+        if these is not None and not np.all(np.isfinite(np.asarray(these, dtype=float))):
+            raise ValueError("`samples` must be finite numbers (or None per snapshot).")
+    return list(samples)
 
 
 def detect_crossing(
@@ -114,6 +149,7 @@ def detect_crossing(
     values: Sequence[float],
     stderrs: Sequence[float | None] | None = None,
     *,
+    samples: Sequence[Sequence[float] | None] | None = None,
     patience: int = DEFAULT_PATIENCE,
     min_rise: float = 0.0,
     noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
@@ -123,27 +159,39 @@ def detect_crossing(
 
     The bottom is the lowest median of three neighbouring snapshots: one outlier
     cannot become the bottom, and it is biased low much less than the raw minimum of
-    many noisy points (on a noiseless curve it can cost one snapshot of delay). Its
-    stderr is that of a median of three, ``0.67 * se``. Each snapshot's ``se`` is the
-    larger of its reported stderr and :func:`estimate_noise` of the curve. Counting back
-    from the latest snapshot, each one after the bottom that exceeds it by more than
-    ``max(noise_sigmas * sqrt(se**2 + se_bottom**2), min_rise)`` adds one to
-    ``consecutive_above``; the curve has crossed once that reaches ``patience``.
+    many noisy points (on a noiseless curve it can cost one snapshot of delay). Counting
+    back from the latest snapshot, each one after the bottom whose rise above it exceeds
+    ``max(noise_sigmas * se_rise, min_rise)`` adds one to ``consecutive_above``; the curve
+    has crossed once that reaches ``patience``.
+
+    ``se_rise``, the standard error of a rise, comes one of two ways:
+
+    - **paired**, where the snapshot and the bottom's median snapshot both carry
+      ``samples`` (one value per sample, the same samples in the same order at every
+      snapshot: common random numbers): the standard error of the mean of the per-sample
+      differences, floored by the curve's own scatter (:func:`estimate_noise`). The
+      spread a sample shares at every snapshot cancels in the difference, so this is
+      far smaller than the spread across samples at one snapshot;
+    - otherwise, ``sqrt(se**2 + se_bottom**2)``: each snapshot's ``se`` is the larger of
+      its reported stderr and :func:`estimate_noise`, the bottom's that of a median of
+      three, ``0.67 * se``.
 
     Args:
         tokens: Strictly increasing token counts.
-        values: The signal at each token count.
+        values: The signal at each token count (the mean of its samples, where it has some).
         stderrs: Standard error of each value; None (all or some): :func:`estimate_noise`.
+        samples: Per snapshot, the values of its samples in a fixed order, or None.
         patience: Snapshots in a row that must sit above the bottom.
         min_rise: Smallest rise, in the signal's units, that counts.
-        noise_sigmas: How many standard errors of the difference the rise must exceed.
+        noise_sigmas: How many standard errors of the rise it must exceed.
         min_points: No crossing is declared with fewer snapshots.
 
     Returns:
         A :class:`Crossing`.
 
     Raises:
-        ValueError: On non-increasing tokens, non-finite values, or negative stderrs.
+        ValueError: On non-increasing tokens, non-finite values or samples, negative
+            stderrs, or ``samples`` of another length than ``tokens``.
 
     Example::
 
@@ -151,14 +199,19 @@ def detect_crossing(
                         min_points=5).crossed  # True
     """
     t, y, s = _as_arrays(tokens, values, stderrs)
+    per_sample = _check_samples(samples, len(y))
     if len(y) == 0:
         return Crossing(False, None, None, None, None, None, 0)
     # A reported stderr can be too small (it comes from a handful of noise draws): the
     # curve's own scatter is a floor for it, and the whole answer where none is reported.
     # With neither (fewer than 5 points, no stderr) the thresholds are NaN: no crossing.
-    s = np.fmax(s, estimate_noise(t, y))
-    index, bottom, bottom_se = _robust_bottom(y, s)
-    thresholds = np.maximum(noise_sigmas * np.sqrt(s**2 + bottom_se**2), min_rise)
+    scatter = estimate_noise(t, y)
+    s = np.fmax(s, scatter)
+    index, bottom, bottom_se, median = _robust_bottom(y, s)
+    se_rise = np.sqrt(s**2 + bottom_se**2)
+    paired = _paired_stderrs(per_sample, median, scatter if math.isfinite(scatter) else 0.0)
+    se_rise = np.where(np.isnan(paired), se_rise, paired)
+    thresholds = np.maximum(noise_sigmas * se_rise, min_rise)
     above = y - bottom > thresholds
     consecutive = 0
     for i in range(len(y) - 1, index, -1):
