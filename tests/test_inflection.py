@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 
+from lightning_overtrain.inflection.config import DetectorConfig
 from lightning_overtrain.inflection.crossing import detect_crossing, estimate_noise
 from lightning_overtrain.inflection.detector import InflectionDetector, InflectionState
 from lightning_overtrain.inflection.forecast import fit_forecast, fit_forecast_decomposed
@@ -21,7 +22,7 @@ def u_curve(alpha=0.37, beta=0.53, t_star=1e3, tokens=TOKENS):
 
 def first_crossing(tokens, values, stderrs=None, **kwargs):
     """Index of the snapshot at which the detector first declares a crossing, or None."""
-    det = InflectionDetector(forecast=False, **kwargs)
+    det = InflectionDetector(DetectorConfig(forecast=False, **kwargs))
     stderrs = [None] * len(values) if stderrs is None else stderrs
     for i, (t, v, s) in enumerate(zip(tokens, values, stderrs)):
         if det.update(t, v, s).crossed:
@@ -85,7 +86,7 @@ def test_min_rise_is_respected():
 
 def test_crossing_latches_until_reset():
     values, _ = u_curve()
-    det = InflectionDetector(forecast=False)
+    det = InflectionDetector(DetectorConfig(forecast=False))
     for t, v in zip(TOKENS, values):
         det.update(t, v, 0.0)
     crossed_at = det.state.crossed_at_tokens
@@ -204,7 +205,7 @@ def test_estimate_noise_recovers_the_noise_level_and_ignores_curvature():
 )
 def test_bad_constructor_arguments_raise_naming_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        InflectionDetector(**kwargs)
+        DetectorConfig(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -218,7 +219,7 @@ def test_bad_constructor_arguments_raise_naming_the_argument(kwargs, match):
 )
 def test_wrongly_typed_arguments_raise_type_error(kwargs, match):
     with pytest.raises(TypeError, match=match):
-        InflectionDetector(**kwargs)
+        DetectorConfig(**kwargs)
 
 
 def test_tokens_must_strictly_increase():

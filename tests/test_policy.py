@@ -29,6 +29,14 @@ def records(curve, signal=SIGNAL):
         yield {"tokens": float(t), "step": 0, signal: float(v), f"{signal}_stderr": float(se)}
 
 
+def declared_policy(**kwargs):
+    """A policy that knows the built-in signals of these records, as the monitor declares them."""
+    policy = InflectionPolicy(**kwargs)
+    signals = metric_keys.noise_signals((0.5, 1.0)) + metric_keys.finetune_signals((1e-4, 1e-3))
+    policy.declare(signals)
+    return policy
+
+
 def run_policy(policy, recs):
     out = []
     for record in recs:
@@ -39,7 +47,7 @@ def run_policy(policy, recs):
 
 def test_a_u_shaped_signal_triggers_once_after_its_bottom():
     curve = make_curve("u_shape", n_points=24, seed=1, noise=0.002)
-    results = run_policy(InflectionPolicy(), records(curve))
+    results = run_policy(declared_policy(), records(curve))
     fired = [(i, d) for i, (_, ds) in enumerate(results) for d in ds]
     assert len(fired) == 1
     index, decision = fired[0]
@@ -53,7 +61,7 @@ def test_a_u_shaped_signal_triggers_once_after_its_bottom():
 @pytest.mark.parametrize("seed", range(20))
 def test_a_falling_noisy_signal_never_triggers(seed):
     curve = make_curve("monotone", n_points=24, seed=seed, noise=0.02)
-    assert not any(ds for _, ds in run_policy(InflectionPolicy(), records(curve)))
+    assert not any(ds for _, ds in run_policy(declared_policy(), records(curve)))
 
 
 def test_default_signals_do_not_match_per_layer_keys():
@@ -82,7 +90,7 @@ def test_thresholds_fire_once_with_their_own_action():
 
 def test_a_forecast_margin_warns_before_the_curve_has_crossed():
     curve = make_curve("u_shape", n_points=24, seed=2, noise=0.0)
-    results = run_policy(InflectionPolicy(forecast_margin=1.0), records(curve))
+    results = run_policy(declared_policy(forecast_margin=1.0), records(curve))
     kinds = [(i, d.trigger) for i, (_, ds) in enumerate(results) for d in ds]
     first = {trigger: i for i, trigger in reversed(kinds)}
     assert first["forecast"] < first["crossed"]
@@ -91,10 +99,10 @@ def test_a_forecast_margin_warns_before_the_curve_has_crossed():
 def test_the_state_round_trips_to_the_same_decisions():
     curve = make_curve("u_shape", n_points=24, seed=3, noise=0.01)
     recs = list(records(curve))
-    whole = run_policy(InflectionPolicy(), recs)
-    first = InflectionPolicy()
+    whole = run_policy(declared_policy(), recs)
+    first = declared_policy()
     run_policy(first, recs[:12])
-    second = InflectionPolicy()
+    second = declared_policy()
     second.load_state_dict(json.loads(json.dumps(first.state_dict())))
     rest = run_policy(second, recs[12:])
     assert [[d.message for d in ds] for _, ds in rest] == [
@@ -106,7 +114,7 @@ def test_the_state_round_trips_to_the_same_decisions():
 
 def test_auto_best_signal_prefers_fine_tune_then_the_largest_gamma():
     noise_only = {"tokens": 1.0, "noise/gamma=0.5/perturbed_loss": 2.0, SIGNAL: 3.0}
-    policy = InflectionPolicy()
+    policy = declared_policy()
     judgement = policy.judge(noise_only)
     assert judgement.best_moved and judgement.best is policy.best
     assert (policy.best["signal"], policy.best["value"]) == (SIGNAL, 3.0)
@@ -116,13 +124,13 @@ def test_auto_best_signal_prefers_fine_tune_then_the_largest_gamma():
         "finetune/lr=0.0001/reference_loss_after": 2.5,
         "finetune/lr=0.001/reference_loss_after": 2.7,
     }
-    policy = InflectionPolicy()
+    policy = declared_policy()
     policy.judge(both)
     assert (policy.best["signal"], policy.best["value"]) == (
         "finetune/lr=0.001/reference_loss_after",
         2.7,
     )
-    policy = InflectionPolicy()
+    policy = declared_policy()
     policy.best = {"signal": SIGNAL, "value": 3.0, "tokens": 1.0}
     assert not policy.judge({"tokens": 2.0, SIGNAL: 3.1}).best_moved
     assert policy.best["tokens"] == 1.0
@@ -304,7 +312,7 @@ def test_the_forecast_fits_the_reference_loss_and_delta_separately():
     }
     assert decomposed_terms(record, declared["finetune/lr=0.001/downstream_loss_after"]) == {}
     curve = make_curve("u_shape", n_points=24, seed=4, noise=0.05, noise_unit="delta")
-    policy = InflectionPolicy()
+    policy = declared_policy()
     for t, b, d, se in zip(curve.tokens, curve.base, curve.sensitivity, curve.sensitivity_stderrs):
         rec = {"tokens": float(t), "reference_loss": float(b), SIGNAL: float(b + d)}
         rec.update({"noise/gamma=1/delta": float(d), "noise/gamma=1/delta_stderr": float(se)})
