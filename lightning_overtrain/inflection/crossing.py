@@ -66,6 +66,30 @@ def _weights(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, bool]:
     return (1.0 / np.maximum(s, floor) ** 2 if known else np.ones_like(y)), known
 
 
+def _cubic_residuals(tokens: Sequence[float], values: np.ndarray) -> np.ndarray:
+    # Each point's distance from the cubic (in log tokens) through its two neighbours on
+    # each side, scaled to the noise std; `values` (n,) or (n, curves), one column each.
+    x = np.log(np.asarray(tokens, dtype=float))
+    centre = np.arange(2, len(x) - 2)
+    nodes = centre[:, None] + np.array([-2, -1, 1, 2])
+    lagrange = np.ones(nodes.shape)
+    for k in range(4):
+        for j in range(4):
+            if j != k:
+                lagrange[:, k] *= (x[centre] - x[nodes[:, j]]) / (x[nodes[:, k]] - x[nodes[:, j]])
+    fitted = np.einsum("ck,ck...->c...", lagrange, values[nodes])
+    scale = np.sqrt(1 + np.sum(lagrange**2, axis=1))
+    return (values[centre] - fitted) / scale.reshape(-1, *([1] * (values.ndim - 1)))
+
+
+def _robust_rms(resid: np.ndarray) -> np.ndarray:
+    # Per column: residuals beyond 4 robust stds dropped, the RMS of the rest, times
+    # 1 + 1/sqrt(m) for an estimate from m residuals.
+    keep = np.abs(resid) <= 4 * _MAD_TO_SD * np.median(np.abs(resid), axis=0)
+    m = np.sum(keep, axis=0)
+    return np.sqrt(np.sum(np.where(keep, resid**2, 0.0), axis=0) / m) * (1 + 1 / np.sqrt(m))
+
+
 def estimate_noise(tokens: Sequence[float], values: Sequence[float]) -> float:
     """Noise std of a smooth curve, from how far each point sits off its neighbours' cubic.
 
@@ -78,53 +102,57 @@ def estimate_noise(tokens: Sequence[float], values: Sequence[float]) -> float:
     Returns:
         The estimated std, or NaN with fewer than 5 points.
     """
-    x, y = np.log(np.asarray(tokens, dtype=float)), np.asarray(values, dtype=float)
+    y = np.asarray(values, dtype=float)
     if len(y) < 5:
         return math.nan
-    centre = np.arange(2, len(y) - 2)
-    nodes = centre[:, None] + np.array([-2, -1, 1, 2])
-    lagrange = np.ones(nodes.shape)
-    for k in range(4):
-        for j in range(4):
-            if j != k:
-                lagrange[:, k] *= (x[centre] - x[nodes[:, j]]) / (x[nodes[:, k]] - x[nodes[:, j]])
-    resid = (y[centre] - np.sum(lagrange * y[nodes], axis=1)) / np.sqrt(
-        1 + np.sum(lagrange**2, axis=1)
-    )
-    resid = resid[np.abs(resid) <= 4 * _MAD_TO_SD * np.median(np.abs(resid))]
-    return float(np.sqrt(np.mean(resid**2)) * (1 + 1 / math.sqrt(len(resid))))
+    return float(_robust_rms(_cubic_residuals(tokens, y)))
 
 
-def _robust_bottom(y: np.ndarray, s: np.ndarray) -> tuple[int, float, float, int]:
-    # The lowest median of three neighbours, the lowest snapshot of that window, the
-    # median's stderr and the snapshot that is the median (the paired test's reference).
+def _robust_bottom(y: np.ndarray, s: np.ndarray) -> tuple[int, float, float]:
+    # The lowest median of three neighbours, the lowest snapshot of that window, and the
+    # median's stderr.
     if len(y) < 3:
         i = int(np.argmin(y))
-        return i, float(y[i]), float(s[i]), i
+        return i, float(y[i]), float(s[i])
     windows = np.stack([y[:-2], y[1:-1], y[2:]], axis=1)
-    order = np.argsort(windows, axis=1, kind="stable")
-    medians = np.take_along_axis(windows, order[:, 1:2], axis=1)[:, 0]
+    medians = np.sort(windows, axis=1)[:, 1]
     k = int(np.argmin(medians))
-    index = k + int(order[k, 0])
+    index = k + int(np.argmin(windows[k]))
     stderr = _MEDIAN_OF_3_SD * math.sqrt(float(np.mean(s[k : k + 3] ** 2)))
-    return index, float(medians[k]), stderr, k + int(order[k, 1])
+    return index, float(medians[k]), stderr
 
 
 def _paired_stderrs(
-    samples: Sequence[Sequence[float] | None], reference: int, floor: float
+    tokens: np.ndarray, samples: Sequence[Sequence[float] | None], reference: int
 ) -> np.ndarray:
-    # Per snapshot: the standard error of the mean of the per-sample differences from the
-    # snapshot `reference`, floored by `floor` (one dof-poor std must not decide alone);
-    # NaN where either snapshot has no samples or they differ in number.
+    # Per snapshot: the standard error of a paired rise from the snapshot `reference` (of
+    # the mean of the per-sample differences); NaN where either snapshot lacks samples.
+    # Only measurement noise counts: the samples are fixed (the same directions every
+    # time), so how their own curves differ is part of the signal, not noise. The noise
+    # of one sample is read off its own curve (each sample minus the mean of all, so the
+    # common shape cancels first, then :func:`estimate_noise`), pooled over the samples:
+    # many more degrees of freedom than the spread of K differences at one snapshot,
+    # which stands in while the curves are too short.
     out = np.full(len(samples), np.nan)
     base = samples[reference]
     if base is None or len(base) < 2:
         return out
+    k = len(base)
+    rows = [i for i, these in enumerate(samples) if these is not None and len(these) == k]
+    matrix = np.asarray([samples[i] for i in rows], dtype=float)
+    pooled = math.nan
+    if len(rows) >= 5:
+        own = matrix - matrix.mean(axis=1, keepdims=True)
+        noise = _robust_rms(_cubic_residuals(tokens[rows], own))
+        pooled = math.sqrt(float(np.mean(noise**2)) * k / (k - 1))
     base_array = np.asarray(base, dtype=float)
-    for i, these in enumerate(samples):
-        if these is not None and len(these) == len(base_array) and i != reference:
-            diffs = np.asarray(these, dtype=float) - base_array
-            out[i] = max(float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs)), floor)
+    for i, these in zip(rows, matrix):
+        if i == reference:
+            continue
+        if math.isfinite(pooled):
+            out[i] = pooled * math.sqrt(2.0 / k)
+        else:
+            out[i] = float(np.std(these - base_array, ddof=1)) / math.sqrt(k)
     return out
 
 
@@ -166,15 +194,17 @@ def detect_crossing(
 
     ``se_rise``, the standard error of a rise, comes one of two ways:
 
-    - **paired**, where the snapshot and the bottom's median snapshot both carry
-      ``samples`` (one value per sample, the same samples in the same order at every
-      snapshot: common random numbers): the standard error of the mean of the per-sample
-      differences, floored by the curve's own scatter (:func:`estimate_noise`). The
-      spread a sample shares at every snapshot cancels in the difference, so this is
-      far smaller than the spread across samples at one snapshot;
-    - otherwise, ``sqrt(se**2 + se_bottom**2)``: each snapshot's ``se`` is the larger of
-      its reported stderr and :func:`estimate_noise`, the bottom's that of a median of
-      three, ``0.67 * se``.
+    - **paired**, where the snapshot and the bottom snapshot (the lowest of that window)
+      both carry ``samples`` (one value per sample, the same samples in the same order at
+      every snapshot: common random numbers): the rise is measured from the bottom
+      snapshot itself, and ``se_rise`` is the standard error of the mean of the
+      per-sample differences, from each sample's measurement noise. The spread a sample
+      shares at every snapshot cancels in the difference, so this is far smaller than
+      the spread across samples at one snapshot;
+    - otherwise, the rise is from the smoothed bottom and ``se_rise =
+      sqrt(se**2 + se_bottom**2)``: each snapshot's ``se`` is the larger of its reported
+      stderr and :func:`estimate_noise`, the bottom's that of a median of three,
+      ``0.67 * se``.
 
     Args:
         tokens: Strictly increasing token counts.
@@ -207,17 +237,18 @@ def detect_crossing(
     # With neither (fewer than 5 points, no stderr) the thresholds are NaN: no crossing.
     scatter = estimate_noise(t, y)
     s = np.fmax(s, scatter)
-    index, bottom, bottom_se, median = _robust_bottom(y, s)
+    index, bottom, bottom_se = _robust_bottom(y, s)
     se_rise = np.sqrt(s**2 + bottom_se**2)
-    paired = _paired_stderrs(per_sample, median, scatter if math.isfinite(scatter) else 0.0)
-    se_rise = np.where(np.isnan(paired), se_rise, paired)
-    thresholds = np.maximum(noise_sigmas * se_rise, min_rise)
-    above = y - bottom > thresholds
+    paired = _paired_stderrs(t, per_sample, index)
+    rises = np.where(np.isnan(paired), y - bottom, y - y[index])
+    thresholds = np.where(np.isnan(paired), se_rise, np.nan_to_num(paired))
+    thresholds = np.maximum(noise_sigmas * thresholds, min_rise)
+    above = rises > thresholds
     consecutive = 0
     for i in range(len(y) - 1, index, -1):
         if not above[i]:
             break
         consecutive += 1
     crossed = len(y) >= min_points and consecutive >= patience
-    rise = float(y[-1] - bottom)
+    rise = float(rises[-1])
     return Crossing(crossed, index, bottom, bottom_se, rise, float(thresholds[-1]), consecutive)

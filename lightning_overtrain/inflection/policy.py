@@ -27,7 +27,12 @@ from lightning_overtrain.inflection.signals import (
     samples_of,
     stderr_of,
 )
-from lightning_overtrain.inflection.verdicts import bottom_text, forecast_text, latest_text
+from lightning_overtrain.inflection.verdicts import (
+    crossed_text,
+    forecast_text,
+    kept_text,
+    latest_text,
+)
 from lightning_overtrain.keys import Signal
 
 Action = Literal["warn", "stop"]
@@ -226,6 +231,7 @@ class InflectionPolicy:
         additions: dict[str, float] = {}
         decisions: list[Decision] = []
         verdicts: dict[str, InflectionState] = {}
+        moved = self._move_best(record, declared, best_path)  # the decisions name the kept one
         for key, value in record.items():
             if not self._watches(key, declared) or not finite(value):
                 continue
@@ -243,7 +249,6 @@ class InflectionPolicy:
                 additions[keys.inflection_key(key, field)] = fields[field]
             decisions += self._inflection_decisions(key, state, tokens)
         decisions += self._threshold_decisions(record, tokens)
-        moved = self._move_best(record, declared, best_path)
         if self.best is not None:
             additions[keys.BEST_TOKENS] = self.best["tokens"]
             additions[keys.BEST_VALUE] = self.best["value"]
@@ -278,9 +283,7 @@ class InflectionPolicy:
                     "crossed",
                     action,
                     tokens,
-                    f"{signal} has turned upward: {bottom_text(state)}; it has stayed above it"
-                    f" for {state.consecutive_above} snapshots ({latest_text(state)}, more"
-                    f" than the {state.rise_threshold:.3g} that noise explains).",
+                    crossed_text(signal, state) + " " + kept_text(self.best),
                 ),
             )
         forecast = state.forecast_tokens
