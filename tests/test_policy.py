@@ -17,6 +17,7 @@ from conftest import (
 from lightning_overtrain import InflectionPolicy, OvertrainingMonitor, Probe, Reporter
 from lightning_overtrain import keys as metric_keys
 from lightning_overtrain.inflection.signals import decomposed_terms
+from lightning_overtrain.inflection.verdicts import tokens_text
 from lightning_overtrain.keys import key_pattern
 from lightning_overtrain.reporting.files import FileReporter
 from lightning_overtrain.testing.synthetic import make_curve
@@ -322,3 +323,81 @@ def test_the_forecast_fits_the_reference_loss_and_delta_separately():
     )
     forecast = policy.detectors[SIGNAL].state.forecast_tokens
     assert forecast == pytest.approx(curve.true_bottom_tokens, rel=0.5)
+
+
+def crn_records(seed=0, k=4, n=16):
+    """A U seen through k noise directions: a wide spread across directions, little noise."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = [1e6 * 10 ** (i / 4) for i in range(n)]
+    t = torch.tensor(tokens, dtype=torch.float64) / 1e6
+    scales = torch.exp(0.3 * torch.randn(k, 1, generator=gen, dtype=torch.float64))
+    samples = 2.0 + t**-0.4 + scales * 0.3 * (t / t[8]) ** 0.6
+    samples = samples + 0.002 * torch.randn(k, n, generator=gen, dtype=torch.float64)
+    for i, tok in enumerate(tokens):
+        column = samples[:, i]
+        yield {
+            "tokens": tok,
+            "step": i,
+            SIGNAL: float(column.mean()),
+            f"{SIGNAL}_stderr": float(column.std() / k**0.5),
+            metric_keys.samples_key(SIGNAL): [float(v) for v in column],
+        }
+
+
+def first_crossed(policy, recs):
+    for i, record in enumerate(recs):
+        if any(d.trigger == "crossed" for d in policy.judge(record).decisions):
+            return i
+    return None
+
+
+def test_the_declared_signals_samples_judge_the_rise_paired():
+    recs = list(crn_records())
+    paired = first_crossed(declared_policy(), recs)
+    unpaired = first_crossed(
+        declared_policy(),
+        [{k: v for k, v in r.items() if not k.endswith("_samples")} for r in recs],
+    )
+    assert paired is not None and (unpaired is None or paired < unpaired)
+    bottom = min(range(len(recs)), key=lambda i: recs[i][SIGNAL])
+    assert bottom < paired <= bottom + 3
+
+
+def test_a_policy_with_samples_resumes_bit_exactly_from_its_state():
+    recs = list(crn_records(seed=1))
+    whole = run_policy(declared_policy(), recs)
+    first = declared_policy()
+    run_policy(first, recs[:9])
+    second = declared_policy()
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert second.state_dict() == first.state_dict()
+    assert (
+        second.state_dict()["detectors"][SIGNAL]["samples"][0]
+        == recs[0][metric_keys.samples_key(SIGNAL)]
+    )
+    rest = run_policy(second, recs[9:])
+    assert json.dumps([a for a, _ in rest]) == json.dumps([a for a, _ in whole[9:]])
+    assert [[d.message for d in ds] for _, ds in rest] == [
+        [d.message for d in ds] for _, ds in whole[9:]
+    ]
+
+
+def test_only_declared_or_named_signals_are_judged():
+    record = {"tokens": 1.0, SIGNAL: 2.0, "mine/loss": 3.0}
+    assert not InflectionPolicy().judge(record).verdicts  # nothing declared, nothing named
+    assert set(declared_policy().judge(record).verdicts) == {SIGNAL}
+    assert set(InflectionPolicy(signals=["mine/*"]).judge(record).verdicts) == {"mine/loss"}
+
+
+def test_the_crossing_warning_names_the_bottom_and_the_kept_snapshot():
+    policy = declared_policy(best_signal=SIGNAL)
+    recs = list(crn_records())
+    messages = [
+        d.message for r in recs for d in policy.judge(r, best_path="run/best.ckpt").decisions
+    ]
+    (message,) = messages
+    bottom = policy.best
+    assert f"has turned upward: bottom at {tokens_text(bottom['tokens'])} tokens" in message
+    assert f"Kept: the snapshot at {tokens_text(bottom['tokens'])} tokens (step" in message
+    assert message.endswith(f"the bottom of {SIGNAL} so far, in best.ckpt.")
+    assert "\n" not in message

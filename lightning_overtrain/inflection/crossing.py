@@ -140,11 +140,7 @@ def _paired_stderrs(
     k = len(base)
     rows = [i for i, these in enumerate(samples) if these is not None and len(these) == k]
     matrix = np.asarray([samples[i] for i in rows], dtype=float)
-    pooled = math.nan
-    if len(rows) >= 5:
-        own = matrix - matrix.mean(axis=1, keepdims=True)
-        noise = _robust_rms(_cubic_residuals(tokens[rows], own))
-        pooled = math.sqrt(float(np.mean(noise**2)) * k / (k - 1))
+    pooled = sample_noise(tokens[rows], matrix)
     base_array = np.asarray(base, dtype=float)
     for i, these in zip(rows, matrix):
         if i == reference:
@@ -154,6 +150,24 @@ def _paired_stderrs(
         else:
             out[i] = float(np.std(these - base_array, ddof=1)) / math.sqrt(k)
     return out
+
+
+def sample_noise(tokens: Sequence[float], samples: np.ndarray) -> float:
+    """The measurement noise std of one sample, pooled over samples fixed across snapshots.
+
+    ``samples`` is ``(snapshots, K)``: each column one sample's own curve (e.g. one noise
+    direction's perturbed loss). The mean over samples is taken out first, so the shape
+    they share cancels; :func:`estimate_noise`'s residuals of each column are then pooled
+    (``K / (K - 1)`` undoes what taking out the mean removed). NaN with fewer than 5
+    snapshots or fewer than 2 samples.
+    """
+    matrix = np.asarray(samples, dtype=float)
+    if matrix.ndim != 2 or len(matrix) < 5 or matrix.shape[1] < 2:
+        return math.nan
+    k = matrix.shape[1]
+    own = matrix - matrix.mean(axis=1, keepdims=True)
+    noise = _robust_rms(_cubic_residuals(np.asarray(tokens, dtype=float), own))
+    return math.sqrt(float(np.mean(noise**2)) * k / (k - 1))
 
 
 def _check_samples(
