@@ -33,6 +33,7 @@ class Crossing:
     rise: float | None
     rise_threshold: float | None
     consecutive_above: int
+    paired: bool = False  # the latest rise was judged on paired differences
 
 
 def _as_arrays(
@@ -265,4 +266,13 @@ def detect_crossing(
         consecutive += 1
     crossed = len(y) >= min_points and consecutive >= patience
     rise = float(rises[-1])
-    return Crossing(crossed, index, bottom, bottom_se, rise, float(thresholds[-1]), consecutive)
+    return Crossing(
+        crossed,
+        index,
+        bottom,
+        bottom_se,
+        rise,
+        float(thresholds[-1]),
+        consecutive,
+        paired=not np.isnan(paired[-1]),
+    )

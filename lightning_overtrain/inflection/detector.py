@@ -45,6 +45,7 @@ class InflectionState:
     n_points: int
     latest_tokens: float | None = None
     latest_value: float | None = None
+    paired: bool = False
 
     @property
     def falling(self) -> bool:
@@ -279,6 +280,7 @@ class InflectionDetector:
             n_points=len(self._points),
             latest_tokens=tokens[-1] if tokens else None,
             latest_value=values[-1] if values else None,
+            paired=found.paired,
         )
         if forecast is not None and state.falling:
             forecast = _not_in_the_past(forecast, tokens[-1])

@@ -58,12 +58,14 @@ def crossed_text(signal: str, state: InflectionState) -> str:
     the curve has stayed above it, and the latest rise against what noise explains."""
     rise = f"{state.rise:+.4f}" if _finite(state.rise) else "?"
     threshold = f"{state.rise_threshold:.3g}" if _finite(state.rise_threshold) else "?"
+    # Paired: the rise is from the bottom snapshot; else from the smoothed bottom.
+    smoothed = "" if state.paired else f"; smoothed {value_text(state.bottom_value)}"
     return (
         f"{signal} has turned upward: bottom at {tokens_text(state.bottom_tokens)} tokens"
-        f" (measured {value_text(state.bottom_measured)} there); above it for"
+        f" (measured {value_text(state.bottom_measured)} there{smoothed}); above it for"
         f" {state.consecutive_above} snapshots, latest {value_text(state.latest_value)} at"
         f" {tokens_text(state.latest_tokens)} tokens ({rise}, more than the {threshold} that"
-        " noise explains)."
+        f" {'paired noise' if state.paired else 'noise'} explains)."
     )
 
 
