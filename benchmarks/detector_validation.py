@@ -26,9 +26,11 @@ from the first snapshot to the bottom):
 - **independent**: the mean curve plus noise of std ``noise * depth``, reported honestly
   as the stderr; no samples (the detector's unpaired rule).
 
-Detection metrics: false alarms (a crossing anywhere on a curve that never turns up);
-on U curves, hits (crossed after the true bottom snapshot, by the last one), early (at
-or before the bottom) and the median delay in snapshots after the bottom. The
+Detection metrics (for CRN curves also without their samples: the unpaired rule, as
+before paired statistics): false alarms (a crossing anywhere on a curve that never
+turns up); on U curves, hits (crossed after the true bottom snapshot, by the last
+one), early (at or before the bottom) and the median delay in snapshots after the
+bottom. The
 **baseline** is an EarlyStopping-style rule: crossed when the latest ``patience``
 snapshots all sit more than ``min_delta`` above the lowest one before them, with
 ``(patience, min_delta)`` tuned on the tuning seeds to the same false-alarm budget (1%).
@@ -242,6 +244,11 @@ def run(n: int, forecast_n: int) -> dict:
                     found = [first_crossing(c, config) for c in batch]
                     for key, v in score(found, batch, family).items():
                         per_seed.setdefault(key, []).append(v)
+                    if model == "crn":  # the same curves judged without their samples
+                        bare = [{**c, "samples": [None] * N_POINTS} for c in batch]
+                        found = [first_crossing(c, config) for c in bare]
+                        for key, v in score(found, batch, family).items():
+                            per_seed.setdefault("unpaired_" + key, []).append(v)
                     base = [baseline_crossing(c, patience, delta) for c in batch]
                     for key, v in score(base, batch, family).items():
                         per_seed.setdefault("baseline_" + key, []).append(v)
@@ -283,9 +290,10 @@ def markdown(result: dict) -> str:
         f" in {result['cpu_seconds']} CPU-seconds. Definitions: the script's docstring.",
         "",
         "| noise model | noise (of depth) | family | false alarms | hits | early | median delay"
+        " | without samples: false alarms | without samples: hits | without samples: delay"
         " | baseline: false alarms | baseline: hits | baseline: delay | forecast at 60% within"
         " 1.5x |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         cells = [
@@ -296,6 +304,9 @@ def markdown(result: dict) -> str:
             _range(r.get("hits", [])),
             _range(r.get("early", [])),
             _range(r.get("median_delay", []), pct=False),
+            _range(r.get("unpaired_false_alarm", [])),
+            _range(r.get("unpaired_hits", [])),
+            _range(r.get("unpaired_median_delay", []), pct=False),
             _range(r.get("baseline_false_alarm", [])),
             _range(r.get("baseline_hits", [])),
             _range(r.get("baseline_median_delay", []), pct=False),

@@ -45,11 +45,13 @@ def bottom_text(state: InflectionState) -> str:
 
 
 def latest_text(state: InflectionState) -> str:
-    """The latest snapshot's value and its rise above the smoothed bottom."""
+    """The latest snapshot's value and its rise above the bottom (the bottom snapshot's
+    value where the rise was judged paired, else the smoothed bottom)."""
     rise = f"{state.rise:+.4f}" if _finite(state.rise) else "?"
+    bottom = "the bottom snapshot (paired)" if state.paired else "the smoothed bottom"
     return (
         f"latest {value_text(state.latest_value)} at {tokens_text(state.latest_tokens)} tokens,"
-        f" {rise} from the smoothed bottom"
+        f" {rise} from {bottom}"
     )
 
 
