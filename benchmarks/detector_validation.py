@@ -40,8 +40,9 @@ base, measured to 0.1% of the depth) and ``delta`` (the mean of the samples minu
 base), from the snapshots up to 60% of the way in log tokens from the first to the true
 bottom: the share within a factor 1.5 of the true ``T*``.
 
-Seeds: tuning used generator seeds 900-902; the report uses seeds 0-4, and gives the
-range over them. One thread, about 5 CPU-minutes. Run from the repository root::
+Seeds: the defaults (``noise_sigmas`` over a grid, ``--tune``) and the baseline were
+tuned on generator seeds 900-902; the report uses seeds 0-4 and gives the range over
+them. One thread, about a CPU-minute. Run from the repository root::
 
     OMP_NUM_THREADS=1 python benchmarks/detector_validation.py  # writes benchmarks/results/
 """

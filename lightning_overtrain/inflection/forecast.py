@@ -156,9 +156,8 @@ def _refine(x, y, w, start):
 
 
 def _weighted_quantiles(values: np.ndarray, weights: np.ndarray, probs: Sequence[float]):
-    # No weight at all (e.g. no falling base fits): no quantile, read as "never turns up".
     total = float(np.sum(weights))
-    if not total > 0:
+    if not total > 0:  # no weight at all (no falling base fits): read as "never turns up"
         return np.full(len(probs), np.inf)
     order = np.argsort(values, kind="stable")
     cdf = np.cumsum(weights[order]) / total
