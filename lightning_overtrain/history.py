@@ -1,8 +1,10 @@
 """The monitor's history: one flat record per snapshot, and its files.
 
 A record maps relative metric keys (see :mod:`lightning_overtrain.keys`) to
-numbers. The history is written whole at every snapshot as ``history.jsonl`` and
-``history.csv``, so a resumed run's files hold the curves from the start.
+numbers (and, for a probe that samples, a list of per-sample values under
+:func:`~lightning_overtrain.keys.samples_key`). The history is written whole at every
+snapshot as ``history.jsonl`` and ``history.csv`` (numbers only), so a resumed run's
+files hold the curves from the start.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning_overtrain.safe_io import HISTORY_MAX_BYTES, read_regular, write_atomic
@@ -20,6 +22,12 @@ from lightning_overtrain.safe_io import HISTORY_MAX_BYTES, read_regular, write_a
 Record = dict[str, float]
 SETTINGS_FILE = "monitor.json"  # the run's settings, beside its history
 PLOTS_DIR = "plots"  # the figures, under the run's directory (a live run and `report` alike)
+
+
+def scalars(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record without its list-valued fields (per-sample values): what loggers and
+    CSV columns take."""
+    return {k: v for k, v in record.items() if not isinstance(v, (list, tuple))}
 
 
 def columns(records: Sequence[Record]) -> list[str]:
@@ -57,9 +65,10 @@ def write_history(records: Sequence[Record], directory: str) -> tuple[str, str]:
             f.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
 
     def write_csv(f: Any) -> None:
-        writer = csv.DictWriter(f, fieldnames=columns(records))
+        rows = [scalars(record) for record in records]  # per-sample lists: JSONL only
+        writer = csv.DictWriter(f, fieldnames=columns(rows))
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows(rows)
 
     write_atomic(jsonl, write_jsonl)
     write_atomic(csv_path, write_csv)

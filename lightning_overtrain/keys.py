@@ -414,3 +414,16 @@ def merge_signals(declared: Iterable[Signal], record_keys: Iterable[str]) -> lis
     out = list(declared)
     known = {s.key for s in out}
     return out + [s for s in infer_signals(record_keys) if s.key not in known]
+
+
+SAMPLES_SUFFIX = "_samples"
+
+
+def samples_key(key: str) -> str:
+    """``<key>_samples``: the per-sample values behind ``key`` (a list, one per sample).
+
+    A probe that samples (the noise probe's directions) records the value of each sample
+    in a fixed order, the same samples at every snapshot, so the detector can judge a
+    rise on the paired differences. E.g. ``noise/gamma=1/perturbed_loss_samples``.
+    """
+    return key + SAMPLES_SUFFIX

@@ -81,6 +81,7 @@ class WriteHistory(pl.Callback):
                     "best_path": self.monitor.best_path,
                     "global_step": trainer.global_step,
                     "hot_path": self.calls,
+                    "policy": self.monitor.policy.state_dict(),
                 },
                 f,
             )

@@ -29,6 +29,7 @@ from conftest import CONTEXT, make_module, make_trainer, reference_batches
 from lightning_overtrain import FineTuneProbe, InflectionPolicy, NoiseProbe, OvertrainingMonitor
 from lightning_overtrain.engine.contract import Probe
 from lightning_overtrain.engine.sharding import is_dtensor, local_tensor
+from lightning_overtrain.inflection.config import DetectorConfig
 from lightning_overtrain.probes.schedule import ScheduleProbe
 from lightning_overtrain.probes.sharpness import SharpnessProbe
 from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
@@ -167,7 +168,7 @@ def main() -> None:
         cooldown_steps=2,
         cooldown_data=cooldown,
         dirpath=args.out,
-        policy=InflectionPolicy(patience=1),
+        policy=InflectionPolicy(detector=DetectorConfig(patience=1)),
     )
     if args.devices > 1:
         from lightning.pytorch.strategies import ModelParallelStrategy

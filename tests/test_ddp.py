@@ -41,6 +41,10 @@ def test_two_processes_match_one_process_and_each_other(tmp_path):
     (single,) = run(tmp_path, 1)
     rank0, rank1 = run(tmp_path, 2)
     assert untimed(rank0["history"]) == untimed(rank1["history"])  # every rank agrees exactly
+    # The detectors hold each noise direction's value, the same on every rank (paired test).
+    detector = rank0["policy"]["detectors"]["noise/gamma=1/perturbed_loss"]
+    assert [len(s) for s in detector["samples"]] == [2, 2]
+    assert rank0["policy"] == rank1["policy"]
     assert len(single["history"]) == len(rank0["history"]) == 2
     for one, two in zip(single["history"], rank0["history"]):
         assert one["tokens"] == two["tokens"] and one["step"] == two["step"]

@@ -66,6 +66,7 @@ def history(n=8, noise=True, finetune=False, layers=False, marks=False):
 def judged(records):
     """The records with the default policy's ``inflection/...`` fields, as a live run has them."""
     policy = InflectionPolicy()
+    policy.declare(keys.infer_signals(records[0]))  # as the monitor declares its probes'
     return [{**r, **policy.judge(r).additions} for r in records]
 
 

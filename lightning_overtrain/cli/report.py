@@ -73,7 +73,7 @@ def _run_policy(settings: dict[str, Any]) -> InflectionPolicy:
     config = settings.get("policy")
     if isinstance(config, dict):
         try:
-            return InflectionPolicy(**config)
+            return InflectionPolicy.from_config(config)
         except (TypeError, ValueError) as exc:
             print(f"the run's policy settings do not load ({exc}); using the defaults")
     return InflectionPolicy()
@@ -178,6 +178,8 @@ def judge(
         decisions: if given, every decision the replay fires is appended to it (the
             watcher acts on the ones it has not acted on before).
     """
+    if not policy.declared:  # a history saved without declarations: infer the built-in ones
+        policy.declare(keys.infer_signals(columns(history)))
     judged = []
     for old in history:
         record = {k: v for k, v in old.items() if not k.startswith(_JUDGED)}

@@ -128,8 +128,9 @@ class NoiseProbe(Probe):
 
     For each gamma it logs ``noise/gamma=<g>/perturbed_loss``, ``/delta``
     (``delta_gamma(T) = E[L(theta_T + eps)] - L(theta_T)``), ``/relative_delta`` and
-    their ``_stderr``. Cost per snapshot: ``2 * pairs * len(gammas)`` passes over
-    the reference set.
+    their ``_stderr``, and ``/perturbed_loss_samples``: the antithetic mean of each noise
+    direction, in direction order (a list; loggers and CSV columns leave it out). Cost
+    per snapshot: ``2 * pairs * len(gammas)`` passes over the reference set.
 
     With ``per_layer``, it also perturbs one group of parameters at a time (the
     embeddings, each transformer block, the head) and logs the same quantities per
@@ -256,12 +257,18 @@ class NoiseProbe(Probe):
 
         sums = ctx.reduce_or_fail(local, (n_gammas, pairs, 2, 2))
         losses = (sums[..., 0] / sums[..., 1]).cpu().numpy()
-        record: dict[str, float] = {}
+        record: dict[str, Any] = {}
         for gi, gamma in enumerate(self.gammas):
             if not np.isfinite(losses[gi]).all():
                 continue  # only this gamma's numbers are lost (see below)
             summary = summarize_noise(ctx.reference_loss, losses[gi, :, 0], losses[gi, :, 1])
             record.update({keys.noise_key(gamma, q): v for q, v in summary.items()})
+            # Each direction's antithetic mean, in direction order: the same directions at
+            # every snapshot, so the detector judges a rise on paired differences.
+            pair_means = (losses[gi, :, 0].astype(np.float64) + losses[gi, :, 1]) / 2
+            record[keys.samples_key(keys.noise_key(gamma, "perturbed_loss"))] = [
+                float(v) for v in pair_means
+            ]
         blown = [g for gi, g in enumerate(self.gammas) if not np.isfinite(losses[gi]).all()]
         if blown:
             raise ProbeFailure(f"non-finite perturbed loss at gamma(s) {blown}", partial=record)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lightning_overtrain import keys
+from lightning_overtrain.history import scalars
 from lightning_overtrain.reporting.base import Reporter, RunView
 
 if TYPE_CHECKING:
@@ -19,6 +20,6 @@ class LoggerReporter(Reporter):
     """
 
     def report(self, trainer: pl.Trainer, view: RunView, record: dict[str, float]) -> None:
-        metrics = keys.prefixed(view.prefix, record)
+        metrics = keys.prefixed(view.prefix, scalars(record))  # loggers take numbers only
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
