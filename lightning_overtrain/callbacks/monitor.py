@@ -55,7 +55,11 @@ from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
 from lightning_overtrain.keys import Signal
 from lightning_overtrain.probes.cooldown import CooldownBranch
 from lightning_overtrain.reporting.base import Reporter, RunView
-from lightning_overtrain.reporting.progress import SnapshotProgress, counted
+from lightning_overtrain.reporting.progress import (
+    SnapshotProgress,
+    counted,
+    label_epochs_of_a_steps_run,
+)
 from lightning_overtrain.reporting.rundir import run_dirpath
 
 _JUDGING = "judging the snapshot (detector and policy)"
@@ -304,6 +308,7 @@ class OvertrainingMonitor(Callback):
         # After the checkpoint's state is back: a resumed run keeps its directory, a new
         # one never overwrites another run's history.
         self._dirpath = run_dirpath(trainer, self.dirpath, self.history)
+        label_epochs_of_a_steps_run(trainer)
         shard = ReferenceShard(
             self.reference_data, self.reference_batches, self.tokens_fn, trainer, pl_module
         )
