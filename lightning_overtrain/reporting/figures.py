@@ -272,7 +272,7 @@ def heatmap_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
         ax.set_xscale("log")
         style.tokens_axis(ax)
         ax.grid(False)
-        ax.set_yticks(np.arange(len(layers)) + 0.5, layers, fontsize=7)
+        ax.set_yticks(np.arange(len(layers)) + 0.5, layers, fontsize=8)
         ax.invert_yaxis()  # the first layer on top, as in the model
         ax.set_ylabel("layer")
         ax.set_title(title, fontsize=10)
