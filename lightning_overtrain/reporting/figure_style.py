@@ -316,11 +316,15 @@ MARK_LABELS = {
 }
 
 
-def legend(ax: Axes, marks: Sequence[str]) -> None:
+def legend(ax: Axes, marks: Sequence[str]) -> int:
     """The legend of ``ax``: every curve, then a grey key for each kind of mark drawn.
 
     Args:
         marks: which kinds of :data:`MARK_LABELS` were drawn on ``ax``.
+
+    Returns:
+        The lines of legend placed below the panel (0 when it fits inside): the figure
+        grows by that much (see :func:`make_room_below`).
     """
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -338,5 +342,31 @@ def legend(ax: Axes, marks: Sequence[str]) -> None:
             handle = Patch(color="grey", alpha=0.25)
         handles.append(handle)
         labels.append(MARK_LABELS[kind])
+    if len(handles) > _LEGEND_INSIDE:  # below the panel, where it covers no curve or mark
+        ax.legend(
+            handles,
+            labels,
+            fontsize=8,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.2),
+            ncols=2,
+            frameon=False,
+        )
+        return math.ceil(len(handles) / 2)
     if handles:
         ax.legend(handles, labels, fontsize=8, loc="best", framealpha=0.9)
+    return 0
+
+
+def make_room_below(fig: Figure, lines_per_row: Sequence[int]) -> None:
+    """Make ``fig`` taller by the legend lines placed under each row of panels, so the
+    panels keep their size (constrained layout gives the room to the legends)."""
+    extra = sum(_LEGEND_LINE_INCHES * n for n in lines_per_row)
+    if extra:
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width, height + extra)
+
+
+# A short legend fits inside its panel; a longer one goes below it.
+_LEGEND_INSIDE = 4
+_LEGEND_LINE_INCHES = 0.2

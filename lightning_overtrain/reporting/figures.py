@@ -188,7 +188,7 @@ def _curves(records: Records, todo: Sequence[_Todo]) -> list[_Curve]:
     return out
 
 
-def _draw_panel(ax: Axes, records: Records, todo: Sequence[_Todo]) -> None:
+def _draw_panel(ax: Axes, records: Records, todo: Sequence[_Todo]) -> int:
     curves = _curves(records, todo)
     marks: set[str] = set()
     for curve, (_, _, linestyle) in zip(curves, todo):
@@ -202,7 +202,7 @@ def _draw_panel(ax: Axes, records: Records, todo: Sequence[_Todo]) -> None:
     else:
         noise = max((e for c in curves for e in c.errors if e is not None), default=0.0)
         style.fit_values(ax, drawn, noise)
-    style.legend(ax, sorted(marks))
+    return style.legend(ax, sorted(marks))
 
 
 def line_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
@@ -224,6 +224,7 @@ def line_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
     colors = _colors_by_label(present, bases)
     panels = _panels(present)
     fig, axes = style.new_figure(len(panels), present[0].title)
+    below: list[int] = []
     for ax, (title, signals) in zip(axes, panels.items()):
         shared = {s.base for s in signals}
         base = shared.pop() if len(shared) == 1 else None
@@ -232,9 +233,11 @@ def line_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
             todo.append((Signal(base, label="reference"), "black", ":"))
         for signal in signals:
             todo.append((signal, "black" if signal.key in bases else colors[signal.label], "-"))
-        _draw_panel(ax, records, todo)
+        below.append(_draw_panel(ax, records, todo))
         ax.set_ylabel(_units(signals))
         ax.set_title(title, fontsize=11)
+    rows = [below[i : i + style.COLUMNS] for i in range(0, len(below), style.COLUMNS)]
+    style.make_room_below(fig, [max(row) for row in rows])
     return fig
 
 
