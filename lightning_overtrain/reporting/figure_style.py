@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 #: The least contrast ratio of a line colour against the white background (WCAG 2.1's
 #: minimum for graphics, 3:1).
 MIN_CONTRAST = 3.0
-FIGSIZE_PER_PANEL = (5.2, 3.9)
+FIGSIZE_PER_PANEL = (4.6, 3.6)
 #: Panels per row: a figure of four panels is a 2 x 2 grid, never a strip.
 COLUMNS = 2
 #: The gid of the measured curves: the tokens axis is fitted to these, never to a mark.
