@@ -2,21 +2,24 @@
 
 Pure functions from history records (see :mod:`lightning_overtrain.keys`) to
 matplotlib figures, laid out by the probes' :class:`~lightning_overtrain.keys.Signal`
-declarations (each names its figure, panel, label and unit; without declarations
-they are inferred from the keys). They draw whatever the records hold and skip the
-rest. The built-in probes give:
+declarations (each names its figure, panel, label and unit). Only a history saved
+without declarations (an older run) has them inferred from its keys, in one place,
+:func:`figure_signals`. They draw whatever the records hold and skip the rest. The
+built-in probes give:
 
 - ``noise``: the reference loss and the perturbed loss per gamma (the U-shaped
   curves), and ``delta`` per gamma (the sensitivity, rising with tokens);
 - ``finetune`` (or the fine-tune probe's ``name``): forgetting, and the pretraining
-  and downstream losses after fine-tuning, per learning rate;
+  and downstream losses after fine-tuning, per learning rate, with the tuned lr as a
+  pale stroke under the lr it picks (both stay visible), and the lr it picked;
 - ``layers``: per-layer sensitivity as a tokens x layer heatmap, one per gamma.
 
-Where the records carry ``inflection/<signal>/...`` keys, the signal's curve gets
-its bottom ringed (only a real one, see :func:`real_bottom`) and the forecast ``T*``
-drawn with its interval; the tokens axis fits the data, so a forecast past it is cut
-at the edge and written there. How it all looks (colours with 3:1 contrast on white,
-tick labels, layout) is in :mod:`~lightning_overtrain.reporting.figure_style`. Figures are
+Where the records carry ``inflection/<signal>/...`` keys, the signal's curve gets the
+detector's marks, in the console's words (see
+:mod:`~lightning_overtrain.reporting.figure_marks`). A panel's y-axis spans at least
+its noise band, and says "flat within" it when the curves move less. How it all looks
+(colours with 3:1 contrast on white, a grid of two panels per row, tick labels, the
+legend) is in :mod:`~lightning_overtrain.reporting.figure_style`. Figures are
 plain :class:`~matplotlib.figure.Figure` objects on the Agg canvas: no pyplot, no
 display, no global state, so rendering is safe in any training process. matplotlib
 is imported only when a figure is drawn, so it stays an optional dependency.
