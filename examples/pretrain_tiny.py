@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from lightning_overtrain import FineTuneProbe, InflectionPolicy, NoiseProbe, OvertrainingMonitor
 from lightning_overtrain.cli.text import read_text_files, split_text
+from lightning_overtrain.reporting.loggers import WANDB_QUIET
 from lightning_overtrain.testing.demo import (
     ByteWindows,
     TinyCausalLM,
@@ -130,7 +131,10 @@ def main() -> None:
     loggers: list = [CSVLogger(args.out, name="csv")]
     if not args.no_wandb:
         wandb_logger = WandbLogger(
-            project="lightning-overtrain", save_dir=args.out, name="pretrain_tiny"
+            project="lightning-overtrain",
+            save_dir=args.out,
+            name="pretrain_tiny",
+            settings=WANDB_QUIET,  # no W&B banner or summary block: the run's files are named below
         )
         # Lightning 2.6 always passes `anonymous=None` to wandb.init, and wandb >= 0.19
         # warns on every run that the setting has no effect: leave it out (None is the default).

@@ -62,7 +62,12 @@ from lightning_overtrain.keys import Signal
 from lightning_overtrain.probes.cooldown import CooldownBranch
 from lightning_overtrain.reporting.base import Reporter, RunView
 from lightning_overtrain.reporting.guard import OUTPUT_FAILURES, call_reporters
-from lightning_overtrain.reporting.progress import SnapshotProgress, counted
+from lightning_overtrain.reporting.progress import (
+    SnapshotProgress,
+    counted,
+    label_epochs_of_a_steps_run,
+)
+from lightning_overtrain.reporting.rundir import run_dirpath
 
 _JUDGING = "judging the snapshot (detector and policy)"
 
@@ -308,6 +313,10 @@ class OvertrainingMonitor(Callback):
         )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the checkpoint's state is back: a resumed run keeps its directory, a new
+        # one never overwrites another run's history.
+        self._dirpath = run_dirpath(trainer, self.dirpath, self.history)
+        label_epochs_of_a_steps_run(trainer)
         shard = ReferenceShard(
             self.reference_data, self.reference_batches, self.tokens_fn, trainer, pl_module
         )
