@@ -5,8 +5,12 @@ the text is the Python standard library's own sources (or your files, ``--text``
 The monitor takes log-spaced snapshots in tokens and probes each with init-scaled
 Gaussian noise and a short fine-tune; it prints one line per snapshot while the
 progress bar runs, and the curves go to ``history.jsonl``/``history.csv``, PNG
-plots, a CSV logger and an offline W&B run (``wandb sync`` uploads it later). The
-last lines name every file written, the best checkpoint included.
+plots, a CSV logger and an offline W&B run (``wandb sync`` uploads it later).
+
+The gamma=1 perturbed loss bottoms out near 1.8M tokens and turns up after it: the
+monitor warns in one line two snapshots later (5.6M tokens), naming the bottom and
+the snapshot it keeps (``best.ckpt``). The run ends with a verdict per watched signal
+and the kept snapshot in words; the last lines name every file written.
 
 Usage::
 
@@ -27,8 +31,9 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader
 
-from lightning_overtrain import FineTuneProbe, NoiseProbe, OvertrainingMonitor
+from lightning_overtrain import FineTuneProbe, InflectionPolicy, NoiseProbe, OvertrainingMonitor
 from lightning_overtrain.cli.text import read_text_files, split_text
+from lightning_overtrain.reporting.loggers import WANDB_QUIET
 from lightning_overtrain.testing.demo import (
     ByteWindows,
     TinyCausalLM,
@@ -118,12 +123,18 @@ def main() -> None:
         points_per_decade=args.points_per_decade,
         start_tokens=args.start_tokens,
         probes=[NoiseProbe(gammas=(0.25, 0.5, 1.0), pairs=4), finetune],
+        # Keep the bottom of the gamma=1 perturbed loss: the curve that turns up in this run
+        # (near 1.8M tokens), so best.ckpt is the snapshot the warning names.
+        policy=InflectionPolicy(best_signal="noise/gamma=1/perturbed_loss"),
         dirpath=os.path.join(args.out, "overtrain"),
     )
     loggers: list = [CSVLogger(args.out, name="csv")]
     if not args.no_wandb:
         wandb_logger = WandbLogger(
-            project="lightning-overtrain", save_dir=args.out, name="pretrain_tiny"
+            project="lightning-overtrain",
+            save_dir=args.out,
+            name="pretrain_tiny",
+            settings=WANDB_QUIET,  # no W&B banner or summary block: the run's files are named below
         )
         # Lightning 2.6 always passes `anonymous=None` to wandb.init, and wandb >= 0.19
         # warns on every run that the setting has no effect: leave it out (None is the default).

@@ -382,6 +382,19 @@ def _tuned_signals(probe: str, title: str) -> list[Signal]:
     return out
 
 
+SAMPLES_SUFFIX = "_samples"
+
+
+def samples_key(key: str) -> str:
+    """``<key>_samples``: the per-sample values behind ``key`` (a list, one per sample).
+
+    A probe that samples (the noise probe's directions) records the value of each sample
+    in a fixed order, the same samples at every snapshot, so the detector can judge a
+    rise on the paired differences. E.g. ``noise/gamma=1/perturbed_loss_samples``.
+    """
+    return key + SAMPLES_SUFFIX
+
+
 def __getattr__(name: str) -> Any:
     # Inferring declarations from key names reads old histories: it lives with them.
     if name in ("infer_signals", "merge_signals"):

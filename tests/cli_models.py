@@ -113,3 +113,61 @@ def probe_args(ckpts: Path, out: Path, reference: Path, *extra: str) -> list[str
 def forget_module(name: str) -> Any:
     """Drop ``name`` from ``sys.modules`` (tests import their model under their own name)."""
     return sys.modules.pop(name, None)
+
+
+def fsdp_run(out: str) -> None:
+    """A real 2-process FSDP2 run (``ModelParallelStrategy``, ``fully_shard``, gloo) whose
+    ``ModelCheckpoint`` and monitor write distributed checkpoints (``step=N.ckpt/``,
+    ``best.ckpt/``); rank 0 writes the monitor's history to ``OUT/history.json``.
+
+    Run as ``python tests/cli_models.py fsdp OUT`` (Lightning starts the second process).
+    """
+    import json
+    import os
+
+    from conftest import make_module, make_trainer, reference_batches, train_loader
+    from fsdp_run import ShardedLM
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from lightning_overtrain import NoiseProbe, OvertrainingMonitor
+    from lightning_overtrain.testing.demo import ByteWindows, stdlib_code
+
+    torch.set_num_threads(1)
+    text = stdlib_code(max_bytes=200_000)
+    monitor = OvertrainingMonitor(
+        reference_batches(text, n=2, batch_size=4),
+        every_n_steps=2,
+        probes=[NoiseProbe(gammas=(1.0,), pairs=1)],
+        dirpath=os.path.join(out, "monitor"),
+    )
+    ckpts = ModelCheckpoint(
+        dirpath=os.path.join(out, "ckpt"), every_n_train_steps=2, save_top_k=-1, filename="{step}"
+    )
+    module = make_module(0)
+    sharded = ShardedLM(**module.hparams)
+    sharded.load_state_dict(module.state_dict())
+    data = train_loader(text).dataset
+    assert isinstance(data, ByteWindows)
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False)
+    trainer = make_trainer(
+        out,
+        [monitor, ckpts],
+        max_steps=4,
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        use_distributed_sampler=False,
+        enable_checkpointing=True,
+    )
+    trainer.fit(sharded, DataLoader(data, batch_size=4, sampler=sampler))
+    if trainer.global_rank == 0:
+        with open(os.path.join(out, "history.json"), "w") as f:
+            json.dump({"history": monitor.history, "best_path": monitor.best_path}, f)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    if sys.argv[1:2] == ["fsdp"]:
+        fsdp_run(sys.argv[2])

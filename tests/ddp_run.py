@@ -76,10 +76,12 @@ class WriteHistory(pl.Callback):
                 {
                     "history": self.monitor.history,
                     "failures": self.monitor.probe_failures,
+                    "output_failures": self.monitor.output_failures,
                     "stop_reason": self.monitor.stop_reason,
                     "best_path": self.monitor.best_path,
                     "global_step": trainer.global_step,
                     "hot_path": self.calls,
+                    "policy": self.monitor.policy.state_dict(),
                 },
                 f,
             )
@@ -136,7 +138,8 @@ def main() -> None:
         real = trainer.strategy.save_checkpoint
 
         def full_disk(checkpoint, filepath, storage_options=None):
-            if trainer.is_global_zero and os.path.basename(filepath).startswith("best"):
+            # The best snapshot goes to a temporary name first (".best.ckpt.<random>.tmp").
+            if trainer.is_global_zero and "best" in os.path.basename(filepath):
                 raise OSError("No space left on device")
             return real(checkpoint, filepath, storage_options)
 

@@ -1,6 +1,11 @@
 """Train the tiny model with every probe on, unsharded in 1 process or FSDP2 on 2, and
 write each rank's history.
 
+``--all-probes`` adds the sharpness probes (along Adam's update, and along the
+gradient with the relative view), the matched fine-tune and the schedule probe;
+``--precision`` sets the trainer's; ``--no-monitor`` trains the same run without
+the monitor (every rank still writes its training losses and weights, to compare).
+
 FSDP2: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with
 ``fully_shard`` on every block and the root in ``configure_model``, on CPU with
 gloo; the parameters are DTensors. Run as a script in a subprocess (test_fsdp.py).
@@ -9,6 +14,7 @@ gloo; the parameters are DTensors. Run as a script in a subprocess (test_fsdp.py
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -23,6 +29,9 @@ from conftest import CONTEXT, make_module, make_trainer, reference_batches
 from lightning_overtrain import FineTuneProbe, InflectionPolicy, NoiseProbe, OvertrainingMonitor
 from lightning_overtrain.engine.contract import Probe
 from lightning_overtrain.engine.sharding import is_dtensor, local_tensor
+from lightning_overtrain.inflection.config import DetectorConfig
+from lightning_overtrain.probes.schedule import ScheduleProbe
+from lightning_overtrain.probes.sharpness import SharpnessProbe
 from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, english_prose, stdlib_code
 
 GLOBAL_BATCH = 8
@@ -69,16 +78,34 @@ class ShardedLM(TinyCausalLM):
         fully_shard(self.model, mesh=mesh)
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """A digest of this rank's parameter shards and buffers, bit for bit."""
+    digest = hashlib.sha256()
+    for tensor in [*module.parameters(), *module.buffers()]:
+        digest.update(local_tensor(tensor).detach().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class WriteHistory(pl.Callback):
-    def __init__(self, monitor: OvertrainingMonitor, out: str) -> None:
+    def __init__(self, monitor: OvertrainingMonitor | None, out: str) -> None:
         self.monitor, self.out = monitor, out
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
 
     def on_train_end(self, trainer, pl_module):
         path = os.path.join(self.out, f"history_rank{trainer.global_rank}.json")
+        run = {"losses": self.losses, "weights": weights_digest(pl_module)}
+        if self.monitor is None:
+            with open(path, "w") as f:
+                json.dump(run, f)
+            return
         params = list(pl_module.parameters())
         with open(path, "w") as f:
             json.dump(
                 {
+                    **run,
                     "history": self.monitor.history,
                     "failures": self.monitor.probe_failures,
                     "sharded": all(is_dtensor(p) for p in params),
@@ -98,6 +125,9 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--out", required=True)
     parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--all-probes", action="store_true")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--no-monitor", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -114,17 +144,31 @@ def main() -> None:
         eval_data=list(DataLoader(windows, batch_size=1))[10:13],
         steps=2,
         lrs=(1e-3,),
+        # Far enough that the matched view runs past the 2-step budget: reached or not.
+        matched_loss=5.15 if args.all_probes else None,
+        matched_max_steps=4,
     )
+    extra = []
+    if args.all_probes:
+        extra = [
+            SharpnessProbe("update"),
+            SharpnessProbe(
+                "gradient",
+                name="sharpness_grad",
+                downstream_data=list(DataLoader(windows, batch_size=3))[2:4],
+            ),
+            ScheduleProbe(),
+        ]
     cooldown = list(DataLoader(data, batch_size=1))[200:202]
     check = StateDictWhileBorrowed(lambda: monitor.core.cooldown.origin)
     monitor = OvertrainingMonitor(
         reference_batches(text, n=3, batch_size=4),  # 3 batches: 2 and 1 per rank
         every_n_steps=2,
-        probes=[NoiseProbe(gammas=(1.0,), pairs=2, per_layer=True), finetune, check],
+        probes=[NoiseProbe(gammas=(1.0,), pairs=2, per_layer=True), finetune, check, *extra],
         cooldown_steps=2,
         cooldown_data=cooldown,
         dirpath=args.out,
-        policy=InflectionPolicy(patience=1),
+        policy=InflectionPolicy(detector=DetectorConfig(patience=1)),
     )
     if args.devices > 1:
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -136,14 +180,18 @@ def main() -> None:
         module = sharded
     else:
         strategy, module = "auto", make_module(0)
+    callbacks = [WriteHistory(None, args.out)]
+    if not args.no_monitor:
+        callbacks = [monitor, WriteHistory(monitor, args.out)]
     trainer = make_trainer(
         args.out,
-        [monitor, WriteHistory(monitor, args.out)],
+        callbacks,
         max_steps=args.max_steps,
         devices=args.devices,
         strategy=strategy,
         use_distributed_sampler=False,
         gradient_clip_val=1.0,  # the cooldown clips DTensor gradients as training does
+        precision=args.precision,
     )
     trainer.fit(module, loader)
 

@@ -149,6 +149,9 @@ def assert_same_numbers(cli_history: list[dict], live_history: list[dict]) -> No
         assert "inflection/noise/gamma=1/perturbed_loss/bottom_tokens" in names
         for key in names:
             got, want = record[key], expected[key]
+            if isinstance(want, list):  # a probe's per-sample values
+                assert got == pytest.approx(want, rel=1e-9, abs=1e-12), key
+                continue
             # NaN: the detector's "not yet" (no forecast), the same in both.
             same = math.isnan(got) and math.isnan(want)
             assert same or math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12), key
@@ -226,14 +229,28 @@ def test_missing_and_unreadable_checkpoints_are_listed_and_the_rest_probed(
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"not a checkpoint")
     good = sorted(Path(series["ckpt_dir"]).glob("*.ckpt"))[0]
-    missing = str(tmp_path / "nope.ckpt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     out = tmp_path / "out"
-    args = probe_args(series, out, str(good), str(broken), missing)
+    args = probe_args(series, out, str(good), str(broken), str(empty))
     assert main([*args, "--module-class", MODULE_CLASS]) == 1
     err = capsys.readouterr().err
     assert "2 checkpoint(s) failed" in err
-    assert f"{missing}: no such file" in err and f"{broken}: unreadable" in err
+    assert f"{empty}: no .ckpt file" in err and f"{broken}: unreadable" in err
     assert len(read_history(str(out / "history.jsonl"))) == 1
+
+
+def test_a_missing_path_is_one_line_and_exit_2(series, tmp_path, capsys):
+    good = sorted(Path(series["ckpt_dir"]).glob("*.ckpt"))[0]
+    missing = str(tmp_path / "nope.ckpt")
+    args = probe_args(series, tmp_path / "out", str(good), missing)
+    assert main([*args, "--module-class", MODULE_CLASS]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        f"lightning-overtrain probe: error: CHECKPOINT {missing!r}: no such file or directory."
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_first_checkpoint_that_does_not_load_leaves_the_rest_probed_alike(
@@ -248,7 +265,9 @@ def test_a_first_checkpoint_that_does_not_load_leaves_the_rest_probed_alike(
     out = tmp_path / "out"
     args = probe_args(series, out, str(early), series["ckpt_dir"])
     assert main([*args, "--module-class", MODULE_CLASS]) == 1
-    assert f"{early}: cannot load it" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{early}: it does not fit TinyCausalLM (missing keys model." in err
+    assert "unexpected keys not.a.parameter)" in err and "--module-class" in err
     assert_same_numbers(read_history(str(out / "history.jsonl")), series["history"])
 
 
@@ -406,7 +425,8 @@ def test_the_verdict_says_crossed_or_why_not():
         report_module.judge(history, policy)
         (detector,) = policy.detectors.values()
         key = "noise/gamma=1/perturbed_loss"
-        verdicts[name] = report_module.describe_inflection(key, detector.state, policy.patience)
+        config = policy.detector_config
+        verdicts[name] = report_module.describe_inflection(key, detector.state, config)
     assert "CROSSED at" in verdicts["u"] and "bottom at 16M tokens" in verdicts["u"]
     assert "no rise above the bottom" in verdicts["falling"]
     assert "needs more" not in verdicts["falling"]

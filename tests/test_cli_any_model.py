@@ -117,3 +117,22 @@ def test_the_console_script_imports_the_model_beside_it(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "history.jsonl").is_file()
+
+
+def test_a_checkpoint_of_another_run_is_skipped_and_named_unless_asked(project, capsys):
+    """Another run's checkpoint (same architecture) handed in with a series is not mixed in."""
+    name, out = project["name"], project["dir"] / "out"
+    (project["dir"] / "other").mkdir()
+    other = write_checkpoints(project["dir"] / "other", steps=(5,))
+    args = probe_args(project["ckpts"], out, project["reference"])
+    args.insert(2, str(other / "step=5.ckpt"))
+    args += ["--module-class", f"{name}:MyGPT", "--loss-fn", f"{name}:loss_fn"]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    line = next(x for x in captured.out.splitlines() if x.startswith("skipping"))
+    assert str(other / "step=5.ckpt") in line and "another run" in line
+    assert str(other) in line and str(project["ckpts"]) in line and "--mix-runs" in line
+    assert [r["tokens"] for r in read_history(str(out / "history.jsonl"))] == [1000, 2000, 3000]
+    mixed = project["dir"] / "mixed"
+    assert main([*args[:4], str(mixed), *args[5:], "--mix-runs"]) == 0
+    assert len(read_history(str(mixed / "history.jsonl"))) == 4

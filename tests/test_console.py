@@ -12,6 +12,7 @@ from lightning_overtrain.reporting.console import (
     files_under,
     format_snapshot,
     format_tokens,
+    verdict_lines,
 )
 
 RECORD = {
@@ -148,3 +149,41 @@ def test_a_rise_above_the_noise_before_the_patience_is_said():
     assert "rising above its bottom: noise/gamma=1/perturbed_loss" in format_snapshot(record)
     record["inflection/noise/gamma=1/perturbed_loss/rise"] = 0.1
     assert "rising" not in format_snapshot(record)
+
+
+def test_the_run_ends_with_a_verdict_per_watched_signal_and_the_kept_snapshot():
+    crossed, falling = "noise/gamma=1/perturbed_loss", "noise/gamma=0.5/perturbed_loss"
+
+    def record(tokens, step, crossed_flag, forecast):
+        return {
+            "tokens": tokens,
+            "step": step,
+            crossed: 2.3,
+            falling: 2.1,
+            f"inflection/{crossed}/crossed": crossed_flag,
+            f"inflection/{crossed}/bottom_tokens": 1.78e6,
+            f"inflection/{falling}/crossed": 0.0,
+            f"inflection/{falling}/bottom_tokens": tokens,
+            f"inflection/{falling}/forecast_tokens": forecast,
+            "best/tokens": 1.78e6,
+            "best/value": 2.26,
+        }
+
+    history = [
+        {**record(1.78e6, 435, 0.0, math.nan), crossed: 2.26},
+        record(3.17e6, 773, 0.0, math.nan),
+        record(5.62e6, 1373, 1.0, math.nan),
+        record(1e7, 2442, 1.0, 2.4e7),
+    ]
+    lines = verdict_lines(history, "run/best.ckpt")
+    assert lines == [
+        f"OvertrainingMonitor verdict: {crossed}: CROSSED at 5.62M tokens (bottom at 1.78M"
+        " tokens).",
+        f"OvertrainingMonitor verdict: {falling}: not crossed yet (bottom at 10M tokens;"
+        " forecast to turn at ~24M tokens).",
+        "OvertrainingMonitor kept run/best.ckpt: the snapshot at 1.78M tokens (step 435), the"
+        f" bottom of {crossed}; fine-tune from it.",
+    ]
+    far = verdict_lines([record(1e7, 2442, 0.0, 5e8)], None)
+    assert far[1].endswith("any forecast turn lies beyond 10x the observed tokens).")
+    assert len(far) == 2  # nothing kept, nothing said about it

@@ -72,3 +72,30 @@ def test_the_example_writes_curves_and_an_offline_wandb_run(tmp_path):
     # (a Python warning prints as `path.py:line: message`, Lightning's format included)
     assert not re.search(r"\.py:\d+: ", proc.stderr), proc.stderr[-3000:]
     assert "loss_type=None" not in proc.stderr and "anonymous setting" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_example_warns_of_the_crossing_after_the_bottom_and_never_before(tmp_path):
+    """The main job cut at 5.7M tokens: the gamma=1 curve bottoms near 1.8M tokens, and the
+    warning comes within 2 snapshots of the bottom, in one line naming the kept snapshot."""
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    script = os.path.join(ROOT, "examples", "pretrain_tiny.py")
+    args = ["--out", str(out), "--max-steps", "1400", "--finetune-steps", "5", "--no-wandb"]
+    proc = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=1800, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    signal = "noise/gamma=1/perturbed_loss"
+    history = [json.loads(line) for line in (out / "overtrain" / "history.jsonl").open()]
+    values = [r[signal] for r in history]
+    bottom = values.index(min(values))
+    crossed = [i for i, r in enumerate(history) if r[f"inflection/{signal}/crossed"]]
+    assert crossed, values
+    assert bottom < crossed[0] <= bottom + 2  # after the bottom, and never before it
+    assert crossed == list(range(crossed[0], len(history)))  # it latches
+    kept = f"Kept: the snapshot at {history[bottom]['tokens'] / 1e6:.3g}M tokens"
+    warnings = [line for line in proc.stderr.splitlines() if f"{signal} has turned upward" in line]
+    assert len(warnings) == 1 and kept in warnings[0], proc.stderr[-3000:]
+    assert f"{signal}: CROSSED at" in proc.stderr
+    assert history[-1]["best/tokens"] == history[bottom]["tokens"]

@@ -434,3 +434,82 @@ def test_two_processes_fine_tune_and_cool_down_like_one_and_survive_a_one_rank_f
         # The probe that failed on rank 1 only was skipped on both ranks, without a hang.
         assert "flaky/lr=0.001/forgetting" in one and "flaky/lr=0.001/forgetting" not in two
     assert [r["probe_failures"] for r in rank0] == [r["probe_failures"] for r in rank1] == [1, 2]
+
+
+# ---------------------------------------------------------------------- matched loss
+def fixed_budget(code_model, code_text, prose_text, steps, **kwargs):
+    probe = FineTuneProbe(
+        prose_batches(prose_text, 10),
+        prose_batches(prose_text, 2, start=60_000),
+        steps=steps,
+        lrs=(1e-3,),
+        **kwargs,
+    )
+    return probe_once(code_model, code_text, probe)
+
+
+def test_matched_forgetting_is_read_at_the_first_step_that_reaches_the_target(
+    code_model, code_text, prose_text
+):
+    key = "finetune/lr=0.001/"
+    trajectory = [fixed_budget(code_model, code_text, prose_text, k) for k in range(1, 7)]
+    downstream = [r[key + "downstream_loss_after"] for r in trajectory]
+    assert downstream == sorted(downstream, reverse=True)  # the fine-tune learns, step by step
+    target = (downstream[2] + downstream[3]) / 2  # reached at step 4, not before
+    weights = [p.detach().clone() for p in code_model.parameters()]
+    record = fixed_budget(code_model, code_text, prose_text, 2, matched_loss=target)
+    assert record[key + "matched_reached"] == 1.0
+    assert record[key + "matched_steps"] == 4.0  # past the 2-step budget, within 4 x 2
+    # The very trajectory a 4-step fine-tune follows: the same forgetting, bit for bit.
+    assert record[key + "matched_forgetting"] == trajectory[3][key + "forgetting"]
+    # The fixed-budget numbers are those of the 2-step fine-tune without the matched view.
+    for name, value in trajectory[1].items():
+        assert record[name] == value, name
+    assert all(torch.equal(p, w) for p, w in zip(code_model.parameters(), weights))
+
+
+def test_a_target_out_of_reach_within_the_cap_is_reported_not_reached(
+    code_model, code_text, prose_text
+):
+    record = fixed_budget(
+        code_model, code_text, prose_text, 2, matched_loss=0.01, matched_max_steps=3
+    )
+    assert record["finetune/lr=0.001/matched_reached"] == 0.0
+    assert "finetune/lr=0.001/matched_forgetting" not in record
+    assert "finetune/lr=0.001/matched_steps" not in record
+    assert math.isfinite(record["finetune/lr=0.001/forgetting"])  # the fixed view still ran
+
+
+def test_a_snapshot_already_at_the_target_needs_no_steps_and_forgets_nothing(
+    code_model, code_text, prose_text
+):
+    record = fixed_budget(code_model, code_text, prose_text, 2, matched_loss=50.0)
+    assert record["finetune/lr=0.001/matched_steps"] == 0.0
+    assert record["finetune/lr=0.001/matched_forgetting"] == 0.0
+
+
+def test_the_matched_view_is_declared_per_lr_and_watched_by_no_default_policy(prose_text):
+    batches = prose_batches(prose_text, 2)
+    probe = FineTuneProbe(batches, batches, steps=2, lrs=LRS, matched_loss=2.0)
+    declared = {s.key: s for s in probe.signals()}
+    for lr in LRS:
+        for quantity in ("matched_forgetting", "matched_steps"):
+            signal = declared[f"finetune/lr={lr:g}/{quantity}"]
+            assert not signal.u_shaped and signal.rank is None
+    plain = FineTuneProbe(batches, batches, steps=2, lrs=LRS)
+    assert not any("matched" in s.key for s in plain.signals())
+    assert probe.config()["matched_max_steps"] == 8
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(matched_loss=-1.0), "`matched_loss`"),
+        (dict(matched_loss="low"), "`matched_loss`"),
+        (dict(matched_loss=2.0, matched_max_steps=0), "`matched_max_steps`"),
+    ],
+)
+def test_bad_matched_arguments_are_refused_by_name(prose_text, kwargs, match):
+    batches = prose_batches(prose_text, 1)
+    with pytest.raises(ValueError, match=match):
+        FineTuneProbe(batches, batches, steps=2, **kwargs)

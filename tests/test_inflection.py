@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 
+from lightning_overtrain.inflection.config import DetectorConfig
 from lightning_overtrain.inflection.crossing import detect_crossing, estimate_noise
 from lightning_overtrain.inflection.detector import InflectionDetector, InflectionState
 from lightning_overtrain.inflection.forecast import fit_forecast, fit_forecast_decomposed
@@ -21,7 +22,7 @@ def u_curve(alpha=0.37, beta=0.53, t_star=1e3, tokens=TOKENS):
 
 def first_crossing(tokens, values, stderrs=None, **kwargs):
     """Index of the snapshot at which the detector first declares a crossing, or None."""
-    det = InflectionDetector(forecast=False, **kwargs)
+    det = InflectionDetector(DetectorConfig(forecast=False, **kwargs))
     stderrs = [None] * len(values) if stderrs is None else stderrs
     for i, (t, v, s) in enumerate(zip(tokens, values, stderrs)):
         if det.update(t, v, s).crossed:
@@ -85,7 +86,7 @@ def test_min_rise_is_respected():
 
 def test_crossing_latches_until_reset():
     values, _ = u_curve()
-    det = InflectionDetector(forecast=False)
+    det = InflectionDetector(DetectorConfig(forecast=False))
     for t, v in zip(TOKENS, values):
         det.update(t, v, 0.0)
     crossed_at = det.state.crossed_at_tokens
@@ -204,7 +205,7 @@ def test_estimate_noise_recovers_the_noise_level_and_ignores_curvature():
 )
 def test_bad_constructor_arguments_raise_naming_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        InflectionDetector(**kwargs)
+        DetectorConfig(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -218,7 +219,7 @@ def test_bad_constructor_arguments_raise_naming_the_argument(kwargs, match):
 )
 def test_wrongly_typed_arguments_raise_type_error(kwargs, match):
     with pytest.raises(TypeError, match=match):
-        InflectionDetector(**kwargs)
+        DetectorConfig(**kwargs)
 
 
 def test_tokens_must_strictly_increase():
@@ -482,3 +483,102 @@ def test_sensitivity_floor_lifts_the_sensitivity_and_keeps_the_curve():
     np.testing.assert_allclose(high.sensitivity_clean - low.sensitivity_clean, 0.1)
     np.testing.assert_allclose(high.clean, low.clean)
     assert low.sensitivity_clean[0] < 1e-3
+
+
+def crn_curve(seed, rise=True, k=4, noise=0.002, spread=0.3, n=16):
+    """A U (or, without `rise`, a falling curve) seen through k fixed samples: each its own
+    smooth curve (its own sensitivity, spread across samples) plus independent noise."""
+    rng = np.random.default_rng(seed)
+    t = TOKENS[:n] / TOKENS[0]
+    scales = np.exp(spread * rng.standard_normal(k))[:, None]
+    sens = 0.3 * (t / t[8]) ** 0.6 if rise else np.zeros(n)
+    samples = 2.0 + t**-0.4 + scales * sens + noise * rng.standard_normal((k, n))
+    values = samples.mean(axis=0)
+    stderrs = samples.std(axis=0, ddof=1) / math.sqrt(k)
+    return TOKENS[:n], values, stderrs, samples.T
+
+
+def crossing_index(tokens, values, stderrs, samples=None):
+    det = InflectionDetector(DetectorConfig(forecast=False))
+    for i, t in enumerate(tokens):
+        state = det.update(
+            t, values[i], stderrs[i], samples=None if samples is None else samples[i]
+        )
+        if state.crossed:
+            return i
+    return None
+
+
+def test_paired_samples_call_a_rise_that_the_spread_across_samples_hides():
+    tokens, values, stderrs, samples = crn_curve(seed=0)
+    bottom = int(np.argmin(values))
+    paired = crossing_index(tokens, values, stderrs, samples)
+    unpaired = crossing_index(tokens, values, stderrs)
+    assert paired is not None and bottom < paired
+    assert unpaired is None or paired < unpaired
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_falling_curve_seen_through_samples_never_crosses(seed):
+    tokens, values, stderrs, samples = crn_curve(seed, rise=False, n=24)
+    assert crossing_index(tokens, values, stderrs, samples) is None
+
+
+def test_the_paired_rise_is_measured_from_the_bottom_snapshot():
+    tokens, values, stderrs, samples = crn_curve(seed=1)
+    found = detect_crossing(tokens, values, stderrs, samples=[list(s) for s in samples])
+    assert found.rise == pytest.approx(values[-1] - values[found.bottom_index])
+    unpaired = detect_crossing(tokens, values, stderrs)
+    assert found.rise_threshold < unpaired.rise_threshold / 2
+
+
+@pytest.mark.parametrize(
+    ("samples", "error", "match"),
+    [
+        ([2.0], ValueError, "`samples` must hold 2 values or more, got 1"),
+        ([2.0, math.nan], ValueError, "`samples` must be a finite number, got nan"),
+        ("ab", TypeError, "`samples` must be a sequence of numbers"),
+        (2.0, TypeError, "`samples` must be a sequence of numbers"),
+    ],
+)
+def test_bad_samples_raise_naming_the_argument(samples, error, match):
+    det = InflectionDetector()
+    with pytest.raises(error, match=match):
+        det.update(1e6, 2.0, samples=samples)
+    assert det.state.n_points == 0
+
+
+def test_samples_survive_a_json_round_trip_bit_exactly():
+    tokens, values, stderrs, samples = crn_curve(seed=2)
+    whole, first = InflectionDetector(), InflectionDetector()
+    for i in range(len(tokens)):
+        whole.update(tokens[i], values[i], stderrs[i], samples=samples[i])
+        if i < 9:
+            first.update(tokens[i], values[i], stderrs[i], samples=samples[i])
+    resumed = InflectionDetector()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.state_dict() == first.state_dict()
+    for i in range(9, len(tokens)):
+        resumed.update(tokens[i], values[i], stderrs[i], samples=samples[i])
+    assert json.dumps(resumed.state_dict()) == json.dumps(whole.state_dict())
+    assert json.dumps(resumed.state.to_dict()) == json.dumps(whole.state.to_dict())
+
+
+def test_an_old_state_without_samples_loads_and_judges_unpaired():
+    tokens, values, stderrs, samples = crn_curve(seed=3)
+    paired, unpaired = InflectionDetector(), InflectionDetector()
+    for i in range(10):
+        paired.update(tokens[i], values[i], stderrs[i], samples=samples[i])
+        unpaired.update(tokens[i], values[i], stderrs[i])
+    old = {k: v for k, v in paired.state_dict().items() if k != "samples"}
+    loaded = InflectionDetector()
+    loaded.load_state_dict(old)
+    assert loaded.state == unpaired.state
+
+
+def test_detector_settings_come_one_way():
+    with pytest.raises(TypeError, match="patience"):
+        InflectionDetector(patience=2)
+    with pytest.raises(TypeError, match="`config` must be a DetectorConfig"):
+        InflectionDetector({"patience": 2})
+    assert InflectionDetector(DetectorConfig(patience=3)).config.patience == 3

@@ -145,3 +145,139 @@ def test_a_batch_without_tokens_to_count_gets_one_advice_and_one_period(batch):
     assert f"({describe_batch(batch)})" in message
     assert message.count("tokens_fn=") == 1 and one_period_at_the_end(message)
     assert re.search(r"first\s+tensor of a tuple", message)
+
+
+# ---------------------------------------------------------------------- messages (a test per case)
+class Texts(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> str:
+        return f"held-out sentence {i}"
+
+
+def test_a_reference_loader_of_untokenized_text_is_named_with_the_fix(tmp_path, code_text):
+    mon = OvertrainingMonitor(DataLoader(Texts(), batch_size=4), every_n_steps=1)
+    with pytest.raises(ValueError) as info:
+        make_trainer(tmp_path, [mon], max_steps=1).fit(make_module(), train_loader(code_text))
+    message = str(info.value)
+    assert message.startswith("`reference_data` batch 0 holds text (['held-out sentence 0'")
+    assert "not token ids" in message and "tokenizer(texts, return_tensors='pt'" in message
+
+
+def test_untokenized_text_with_reference_tokens_gets_the_same_message():
+    budget = TokenBudget(DataLoader(Texts(), batch_size=4), 100, count_tokens)
+    with pytest.raises(ValueError, match=r"`reference_data` batch 0 holds text"):
+        take_reference_set(budget, None, count_tokens)
+
+
+def test_one_probe_not_in_a_list_is_named_with_the_fix():
+    with pytest.raises(ValueError) as info:
+        OvertrainingMonitor(batches(2), every_n_steps=1, probes=NoiseProbe())
+    assert str(info.value) == (
+        "`probes` must be a list of probes, got one probe, NoiseProbe. Pass it in a list:"
+        " probes=[NoiseProbe(...)]."
+    )
+
+
+def test_two_probes_of_one_name_are_named_by_that_name():
+    with pytest.raises(ValueError) as info:
+        OvertrainingMonitor(batches(2), every_n_steps=1, probes=[NoiseProbe(), NoiseProbe()])
+    message = str(info.value)
+    assert "names ['noise', 'noise'] ('noise' more than once)" in message
+    assert "object at 0x" not in message and "NoiseProbe(gammas=(0.25, 0.5, 1.0))" in message
+
+
+def test_reference_tokens_beyond_the_data_warns_with_what_exists_and_the_fix():
+    with pytest.warns(UserWarning) as caught:
+        taken, weights = take_reference_set(
+            TokenBudget(batches(4), 10**6, count_tokens), None, count_tokens
+        )
+    assert sum(weights) == 256 and len(taken) == 4
+    assert str(caught[0].message) == (
+        "`reference_tokens=1000000` asks for more tokens than `reference_data` holds (256"
+        " tokens in 4 batch(es)): the reference set is all of it. Pass reference_tokens=256 or"
+        " less, or more held-out data."
+    )
+
+
+@pytest.mark.parametrize("gammas, shown", [("0.5", "'0.5'"), (b"x", "b'x'")])
+def test_gammas_as_a_string_or_bytes_is_refused_as_a_whole(gammas, shown):
+    with pytest.raises(ValueError) as info:
+        NoiseProbe(gammas=gammas)
+    message = str(info.value)
+    assert message.startswith("`gammas` must be a non-empty sequence of numbers > 0")
+    assert f"got {shown}." in message and "gammas=(0.25, 0.5, 1.0)" in message
+    assert "('0', '.', '5')" not in message and "120" not in message
+
+
+# ---------------------------------------------------------------------- no hang on plausible input
+class Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield {"input_ids": torch.zeros(2, CONTEXT, dtype=torch.long)}
+
+
+def test_an_endless_reference_loader_without_a_size_is_refused_naming_the_size_arguments(
+    tmp_path, code_text
+):
+    mon = OvertrainingMonitor(DataLoader(Endless(), batch_size=None), every_n_steps=1)
+    with pytest.raises(ValueError) as info:
+        make_trainer(tmp_path, [mon], max_steps=1).fit(make_module(), train_loader(code_text))
+    message = str(info.value)
+    assert "`reference_data` has no length and yielded more than 4,096 batches" in message
+    assert "reference_tokens=8192" in message and "reference_batches=N" in message
+
+
+def test_an_endless_reference_loader_with_reference_tokens_is_read_up_to_the_budget():
+    taken, weights = take_reference_set(
+        TokenBudget(DataLoader(Endless(), batch_size=None), 8192, count_tokens),
+        None,
+        count_tokens,
+    )
+    assert sum(weights) == 8192 and len(taken) == 128
+
+
+@pytest.mark.parametrize("value", [1e30, 1001])
+def test_points_per_decade_has_an_upper_bound(value):
+    with pytest.raises(ValueError, match=r"`points_per_decade` must be an int from 1 to 1,000"):
+        OvertrainingMonitor(batches(2), points_per_decade=value)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"every_n_tokens": 1}, {"points_per_decade": 1000, "start_tokens": 1}]
+)
+def test_the_cadence_works_in_bounded_steps_however_far_the_tokens_jump(kwargs):
+    from lightning_overtrain.callbacks.cadence import Cadence
+
+    cadence = Cadence(**kwargs)
+    calls = 0
+    threshold = cadence.threshold
+
+    def counted(index: int) -> float:
+        nonlocal calls
+        calls += 1
+        return threshold(index)
+
+    cadence.threshold = counted  # type: ignore[method-assign]
+    assert cadence.due(1, 10**15)  # a resume with a huge token_offset
+    assert calls < 10 and cadence.threshold(cadence.next_index) > 10**15
+    assert cadence.threshold(cadence.next_index - 1) <= 10**15
+    assert not cadence.due(2, 10**15)
+
+
+def test_a_bad_token_id_in_a_later_reference_batch_is_named_by_its_index(tmp_path, code_text):
+    ref = batches(4)
+    ref[2] = {"input_ids": torch.full((2, CONTEXT), 10_000, dtype=torch.long)}  # > vocabulary
+    mon = OvertrainingMonitor(ref, every_n_steps=1)
+    with pytest.raises(
+        ValueError, match=r"failed on batch 2 \(counting from 0\) of `reference_data`"
+    ):
+        make_trainer(tmp_path, [mon], max_steps=1).fit(make_module(), train_loader(code_text))
+
+
+def test_an_endless_eval_loader_is_refused_naming_eval_batches():
+    from lightning_overtrain.engine.data import take_batches
+
+    with pytest.raises(ValueError, match=r"`eval_data` has no length .* Pass eval_batches=N"):
+        take_batches(DataLoader(Endless(), batch_size=None), None, "eval_data")

@@ -284,12 +284,12 @@ def test_an_old_policy_config_still_loads():
         "thresholds": {},
         "best_signal": "auto",
     }
-    policy = InflectionPolicy(**old)
-    assert (policy.patience, policy.noise_sigmas) == (3, 2.0)
+    policy = InflectionPolicy.from_config(old)
+    assert (policy.detector_config.patience, policy.detector_config.noise_sigmas) == (3, 2.0)
     again = InflectionPolicy(**policy.config())
     assert again.detector_config == policy.detector_config and again.signals == policy.signals
-    with pytest.raises(ValueError, match="`detector` and \\['patience'\\] both set"):
-        InflectionPolicy(patience=2, detector={"patience": 3})
+    with pytest.raises(TypeError, match="patience"):  # detector settings: one way only
+        InflectionPolicy(patience=2)
     assert not math.isnan(policy.detector_config.forecast_level)
 
 

@@ -1,4 +1,5 @@
 import math
+import types
 
 import numpy as np
 import pytest
@@ -6,10 +7,13 @@ import torch
 from conftest import SIGMAS, make_module, quadratic_context
 from torch import nn
 
-from lightning_overtrain import NoiseProbe
+from lightning_overtrain import NoiseProbe, keys
 from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.snapshot import measure_snapshot
+from lightning_overtrain.history import read_history, write_history
 from lightning_overtrain.probes.noise import noise_direction_seed, perturb_, summarize_noise
+from lightning_overtrain.reporting.base import RunView
+from lightning_overtrain.reporting.loggers import LoggerReporter
 
 
 class Quadratic(nn.Module):
@@ -162,3 +166,42 @@ def test_the_default_loss_switches_the_kv_cache_off_and_back_on():
     loss = transformers_loss(model, {"input_ids": ids})
     assert seen == [False] and model.model.config.use_cache is True
     assert loss == model.model(input_ids=ids, labels=ids).loss
+
+
+def test_each_directions_value_is_recorded_in_direction_order_at_every_snapshot():
+    model = Quadratic()
+    probe = NoiseProbe(gammas=(1.0,), pairs=3, seed=5)
+    record = run_probe(model, probe)
+    samples = record[keys.samples_key("noise/gamma=1/perturbed_loss")]
+    assert len(samples) == 3 and all(isinstance(v, float) for v in samples)
+    assert np.mean(samples) == pytest.approx(record["noise/gamma=1/perturbed_loss"], rel=1e-12)
+    assert np.std(samples, ddof=1) / math.sqrt(3) == pytest.approx(
+        record["noise/gamma=1/perturbed_loss_stderr"], rel=1e-9
+    )
+    # The same directions at every snapshot: a later snapshot's samples move with it.
+    with torch.no_grad():
+        model.a.add_(0.1)
+    later = run_probe(model, probe)[keys.samples_key("noise/gamma=1/perturbed_loss")]
+    assert (
+        later != samples
+        and run_probe(model, probe)[keys.samples_key("noise/gamma=1/perturbed_loss")] == later
+    )
+
+
+def test_per_sample_lists_stay_out_of_csv_and_loggers_and_round_trip_in_jsonl(tmp_path):
+    record = {"tokens": 1.0, "noise/gamma=1/perturbed_loss": 2.5}
+    record[keys.samples_key("noise/gamma=1/perturbed_loss")] = [2.4, 2.6]
+    jsonl, csv_path = write_history([record], str(tmp_path))
+    assert read_history(jsonl) == [record]
+    with open(csv_path) as f:
+        header = f.readline().strip().split(",")
+    assert header == ["tokens", "noise/gamma=1/perturbed_loss"]
+    logged = []
+
+    class Logger:
+        def log_metrics(self, metrics, step):
+            logged.append(metrics)
+
+    trainer = types.SimpleNamespace(loggers=[Logger()], global_step=3)
+    LoggerReporter().report(trainer, RunView(dirpath=str(tmp_path)), record)
+    assert logged == [{"overtrain/tokens": 1.0, "overtrain/noise/gamma=1/perturbed_loss": 2.5}]

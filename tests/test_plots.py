@@ -22,11 +22,13 @@ from lightning_overtrain.history import read_history, write_history
 from lightning_overtrain.inflection.policy import InflectionPolicy
 from lightning_overtrain.reporting import figure_style, figures
 from lightning_overtrain.reporting.base import RunView
+from lightning_overtrain.reporting.console import format_snapshot
 from lightning_overtrain.reporting.png import PlotReporter
 from lightning_overtrain.reporting.wandb import WandbReporter
 
 PERTURBED = "noise/gamma=1/perturbed_loss"
 FT_LOSS = "finetune/lr=0.001/reference_loss_after"
+FT_DOWN = "finetune/lr=0.001/downstream_loss_after"
 LAYERS = ("wte", "h.0", "h.1")
 
 
@@ -66,6 +68,7 @@ def history(n=8, noise=True, finetune=False, layers=False, marks=False):
 def judged(records):
     """The records with the default policy's ``inflection/...`` fields, as a live run has them."""
     policy = InflectionPolicy()
+    policy.declare(keys.infer_signals(records[0]))  # as the monitor declares its probes'
     return [{**r, **policy.judge(r).additions} for r in records]
 
 
@@ -91,11 +94,21 @@ def curve(shape, n=9, gamma=1.0):
 
 
 def rings(ax):
-    return [line for line in ax.lines if line.get_markersize() == 10]
+    return [line for line in ax.lines if line.get_markersize() == figure_style.RING_SIZE]
 
 
 def beyond_texts(ax):
-    return [t.get_text() for t in ax.texts if t.get_gid() == figure_style.BEYOND_GID]
+    return [line.get_label() for line in ax.lines if line.get_gid() == figure_style.BEYOND_GID]
+
+
+def legend_texts(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def not_crossed(records):
+    records = [dict(r) for r in records]
+    records[-1][f"inflection/{PERTURBED}/crossed"] = 0.0
+    return records
 
 
 def noise_figure(records):
@@ -167,18 +180,44 @@ def test_finetune_figure_draws_the_panels_present_in_any_subset():
     assert [line.get_label() for line in fig.axes[0].lines] == ["lr=0.0001", "lr=0.001"]
 
 
-def test_inflection_bottom_and_forecast_interval_are_marked():
-    fig = noise_figure(history(marks=True))
-    loss_ax = fig.axes[0]
-    assert vertical_lines(loss_ax) == [2e6]  # the forecast T*
+def test_a_crossed_curve_gets_a_filled_ring_and_no_forecast():
+    # As the console: a turn measured ("TURNED UP") is not forecast any more.
+    loss_ax = noise_figure(history(marks=True)).axes[0]
+    assert vertical_lines(loss_ax) == [] and spans(loss_ax) == []
+    (ring,) = rings(loss_ax)
+    assert ring.get_xdata()[0] == 1e6 and ring.get_fillstyle() == "full"
+    assert "γ=1 (crossed: TURNED UP)" in [line.get_label() for line in loss_ax.lines]
+    assert figure_style.BOTTOM_STATES["crossed"] in legend_texts(loss_ax)
+
+
+def test_a_forecast_ahead_is_drawn_with_its_interval():
+    records = not_crossed(with_forecast(history(marks=True), 6e6, 5.8e6, 6.4e6))  # latest 5.6M
+    loss_ax = noise_figure(records).axes[0]
+    assert vertical_lines(loss_ax) == [6e6]
     (span,) = spans(loss_ax)
-    assert span.get_x() == pytest.approx(8e5)  # the interval starts at its low end ...
-    right = span.get_x() + span.get_width()
-    assert right > 2e6  # ... and, unbounded above, runs past T*
-    bottoms = [line for line in loss_ax.lines if line.get_markersize() == 10]
-    assert len(bottoms) == 1 and bottoms[0].get_xdata()[0] == 1e6
-    assert bottoms[0].get_markerfacecolor() != "none"  # filled: crossed at the last snapshot
-    assert "γ=1 (crossed)" in [line.get_label() for line in loss_ax.lines]
+    assert span.get_x() == pytest.approx(5.8e6)
+    assert span.get_x() + span.get_width() == pytest.approx(6.4e6)
+    assert {"forecast turn T* (dashed)", "T* interval"} <= set(legend_texts(loss_ax))
+    (ring,) = rings(loss_ax)
+    assert ring.get_markerfacecolor() == "none"  # the lowest so far: an open ring
+
+
+def test_a_forecast_in_the_past_is_not_drawn():
+    # The console quotes only a forecast ahead of the latest snapshot; so does the figure.
+    records = not_crossed(with_forecast(history(marks=True), 2e6, 8e5, 3e6))
+    loss_ax = noise_figure(records).axes[0]
+    assert vertical_lines(loss_ax) == [] and spans(loss_ax) == [] and beyond_texts(loss_ax) == []
+
+
+def test_a_rise_above_the_noise_half_fills_the_ring_in_the_consoles_words():
+    records = not_crossed(history(marks=True))
+    records[-1][keys.inflection_key(PERTURBED, "rise")] = 0.5
+    records[-1][keys.inflection_key(PERTURBED, "rise_threshold")] = 0.1
+    loss_ax = noise_figure(records).axes[0]
+    (ring,) = rings(loss_ax)
+    assert ring.get_fillstyle() == "left"
+    assert "γ=1 (rising above its bottom)" in legend_texts(loss_ax)
+    assert "rising above its bottom" in format_snapshot(records[-1])  # the same words
 
 
 def test_no_marks_without_inflection_keys():
@@ -371,29 +410,32 @@ def with_forecast(records, tokens, low, high, signal=PERTURBED):
 
 
 def test_a_far_forecast_is_cut_at_the_edge_and_written_there():
-    records = with_forecast(history(marks=True), 1e9, 5e7, 2e9)  # data: 1e5 to 5.6e6
+    records = not_crossed(with_forecast(history(marks=True), 1e9, 5e7, 2e9))  # data: 1e5-5.6e6
     loss_ax = noise_figure(records).axes[0]
     low, high = loss_ax.get_xlim()
     assert 1e5 / 1.5 < low < 1e5 and 5.6e6 < high < 5.6e6 * 1.5  # the data, not 1e9
     assert vertical_lines(loss_ax) == [] and spans(loss_ax) == []
-    # 1e9 is beyond 10x the latest snapshot: an extrapolation, quoted as the verdicts do.
-    assert beyond_texts(loss_ax) == ["γ=1: T* >56.2M (extrapolated) →"]
-    near = with_forecast(history(marks=True), 2e7, 3e6, 4e7)
+    # 1e9 is beyond 10x the latest snapshot: an extrapolation, said as the console says it.
+    assert beyond_texts(loss_ax) == ["γ=1: T* beyond 10x the observed tokens →"]
+    near = not_crossed(with_forecast(history(marks=True), 2e7, 3e6, 4e7))
     assert beyond_texts(noise_figure(near).axes[0]) == ["γ=1: T* 20M [3M, 40M] →"]
 
 
-def test_an_open_interval_runs_to_the_axis_edge_only():
-    loss_ax = noise_figure(history(marks=True)).axes[0]  # T* 2M, interval [800k, inf)
+def test_an_open_interval_runs_to_the_axis_edge_and_ends_in_an_arrow():
+    records = not_crossed(with_forecast(history(marks=True), 6e6, 5.8e6, math.inf))
+    loss_ax = noise_figure(records).axes[0]
     (span,) = spans(loss_ax)
     assert span.get_x() + span.get_width() == pytest.approx(loss_ax.get_xlim()[1])
     assert loss_ax.get_xlim()[1] < 5.6e6 * 1.5
-    assert beyond_texts(loss_ax) == ["γ=1: T* interval to ∞ →"]
+    assert beyond_texts(loss_ax) == ["γ=1: T* interval runs past the axis (open above) →"]
+    (arrow,) = [line for line in loss_ax.lines if line.get_gid() == figure_style.BEYOND_GID]
+    assert arrow.get_marker() == "$→$" and arrow.get_visible()
 
 
 def test_plot_signal_alone_keeps_the_axis_on_the_data():
     fig = figure_style.new_figure(1, "one")[0]
     ax = fig.axes[0]
-    records = with_forecast(history(marks=True), 3e8, 1e8, None)
+    records = not_crossed(with_forecast(history(marks=True), 3e7, 1e7, None))
     assert figures.plot_signal(ax, records, PERTURBED, label="γ=1", color="C0")
     assert ax.get_xlim()[1] < 5.6e6 * 1.5 and beyond_texts(ax)
 
@@ -446,13 +488,12 @@ def test_a_ring_marks_a_real_bottom_only(shape, expected):
         assert tokens[0] < mark.bottom_tokens < tokens[-1]
     loss_ax = noise_figure(records).axes[0]
     assert len(rings(loss_ax)) == expected
-    assert ("bottom (filled: crossed)" in loss_ax.get_legend_handles_labels()[1]) is False
-    legend = [t.get_text() for t in loss_ax.get_legend().get_texts()]
-    assert ("bottom (filled: crossed)" in legend) == bool(expected)
+    legend = legend_texts(loss_ax)
+    assert (figure_style.BOTTOM_STATES[mark.state] in legend) == bool(expected)
     if expected:
         (ring,) = rings(loss_ax)
         assert ring.get_xdata()[0] == mark.bottom_tokens
-        assert (ring.get_markerfacecolor() != "none") == mark.crossed
+        assert (ring.get_markerfacecolor() != "none") == (mark.state != "lowest")
 
 
 def test_real_bottom_wants_a_snapshot_on_each_side():
@@ -555,3 +596,143 @@ def test_no_text_is_cut_off_at_the_wandb_image_size(name, records):
                 text.get_text(),
                 box,
             )
+
+
+def tuned(records):
+    """Fine-tune records with the tuned-lr view: at each snapshot the best of the lrs."""
+    out = []
+    for r in records:
+        r = {**r, keys.finetune_key(1e-3, "downstream_loss_after"): r[FT_DOWN] - 0.05}
+        best = min((1e-4, 1e-3), key=lambda lr: r[keys.finetune_key(lr, "downstream_loss_after")])
+        r = dict(r)
+        for quantity in ("downstream_loss_after", "reference_loss_after"):
+            r[keys.finetune_tuned_key(quantity)] = r[keys.finetune_key(best, quantity)]
+        r[keys.finetune_tuned_key("lr")] = best
+        out.append(r)
+    return out
+
+
+def all_texts(fig):
+    fig.canvas.draw()
+    texts = [fig._suptitle.get_text()]
+    for ax in fig.axes:
+        texts += [t.get_text() for t in ax.texts]
+        texts += [t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels()]
+        texts += [line.get_label() for line in ax.lines]
+        if ax.get_legend() is not None:
+            texts += legend_texts(ax)
+    return texts
+
+
+def test_four_panels_are_a_readable_grid_not_a_strip():
+    fig = finetune_figure(tuned(history(finetune=True)))
+    width, height = fig.get_size_inches()
+    assert len(fig.axes) == 4 and width / height < 2  # 2 x 2, not 1840x360
+    rows = {round(ax.get_position().y0, 2) for ax in fig.axes}
+    assert len(rows) == 2
+    assert all(t.get_fontsize() >= 8 for ax in fig.axes for t in ax.get_xticklabels())
+
+
+def test_the_tuned_lr_is_drawn_under_the_fixed_lrs_so_both_stay_visible():
+    fig = finetune_figure(tuned(history(finetune=True)))
+    downstream = fig.axes[2]
+    by_label = {line.get_label(): line for line in downstream.lines}
+    fixed, best = by_label["lr=0.001"], by_label["tuned lr"]
+    assert list(best.get_ydata()) == list(fixed.get_ydata())  # the tuned lr picks lr=0.001 ...
+    assert best.get_gid() == figure_style.SELECTION_GID  # ... and is a pale stroke ...
+    assert (
+        best.get_zorder() < fixed.get_zorder() and best.get_linewidth() > 3 * fixed.get_linewidth()
+    )
+    assert best.get_alpha() < 0.5  # ... under it, not an identical line on top
+
+
+def test_a_flat_panel_spans_the_noise_band_and_says_flat():
+    records = history(n=5)
+    for r in records:
+        r["noise/gamma=1/delta"] = 0.05 + 1e-6 * r["step"]
+        r["noise/gamma=1/delta_stderr"] = 0.01
+        r["noise/gamma=0.5/delta"] = 0.05
+        r["noise/gamma=0.5/delta_stderr"] = 0.01
+    delta_ax = noise_figure(records).axes[1]
+    low, high = delta_ax.get_ylim()
+    assert high - low >= 2 * 0.01
+    assert [t.get_text() for t in delta_ax.texts if t.get_gid() == figure_style.FLAT_GID] == [
+        "flat within ±0.01 (the standard error)"
+    ]
+
+
+@pytest.mark.parametrize("n", [3, 8])
+def test_no_axis_range_is_below_the_noise(n):
+    records = history(n=n, finetune=True)
+    for r in records:  # a curve that wobbles far less than its standard error
+        r["noise/gamma=1/delta"] = 0.05 + 1e-5 * (r["step"] % 20)
+        r["noise/gamma=1/delta_stderr"] = 0.004
+    for fig in figures.render_figures(records).values():
+        for ax in fig.axes:
+            errors = [
+                e
+                for line in ax.lines
+                if line.get_gid() == figure_style.DATA_GID
+                for e in figures.series(records, "noise/gamma=1/delta")[2]
+                if line.get_label().startswith("γ=1") and ax.get_title() == "sensitivity δ"
+            ]
+            low, high = ax.get_ylim()
+            assert high - low >= 2 * max(errors, default=0.0)
+
+
+def test_the_tuned_lr_is_one_level_per_lr_chosen():
+    fig = finetune_figure(tuned(history(finetune=True)))
+    lr_ax = fig.axes[3]
+    assert lr_ax.get_yscale() == "log"
+    assert [t.get_text() for t in lr_ax.get_yticklabels()] == ["0.001"]
+    low, high = lr_ax.get_ylim()
+    assert high / low >= 9  # no 0.00096-0.00104 axis around a constant
+
+
+def test_no_text_says_inf():
+    records = not_crossed(with_forecast(history(marks=True), 6e6, 5.8e6, math.inf))
+    far = not_crossed(with_forecast(history(marks=True), 1e9, 5e7, math.inf))
+    beyond = not_crossed(with_forecast(history(marks=True), 2e7, 3e6, None))
+    for each in (records, far, beyond):
+        for fig in figures.render_figures(each).values():
+            for text in all_texts(fig):
+                assert "inf" not in text.lower() and "∞" not in text, text
+
+
+def test_every_legend_entry_has_a_visible_mark_on_the_panel():
+    records = not_crossed(with_forecast(history(marks=True), 6e6, 5.8e6, None))
+    records[-1][keys.inflection_key(PERTURBED, "rise")] = 0.5
+    records[-1][keys.inflection_key(PERTURBED, "rise_threshold")] = 0.1
+    rendered = figures.render_figures(records)
+    rendered["finetune"] = finetune_figure(tuned(history(finetune=True)))
+    for fig in rendered.values():
+        for ax in fig.axes:
+            if ax.get_legend() is None:
+                continue
+            labels = {line.get_label() for line in ax.lines if line.get_visible()}
+            for text in legend_texts(ax):
+                if text in labels:
+                    continue  # a curve or an edge arrow, drawn under this label
+                # A key of a mark: a ring, T* line, interval or error band of that kind.
+                kind = {v: k for k, v in figure_style.MARK_LABELS.items() if v}[text]
+                if kind.startswith("bottom:"):
+                    state = figure_style._FILL[kind[7:]]
+                    fills = [line.get_fillstyle() for line in rings(ax)]
+                    faces = [line.get_markerfacecolor() for line in rings(ax)]
+                    assert ("none" in faces) if state == "none" else (state in fills), kind
+                elif kind == "forecast":
+                    assert vertical_lines(ax), kind
+                elif kind == "interval":
+                    assert spans(ax), kind
+                else:
+                    assert ax.collections, kind  # the shaded standard-error bands
+
+
+def test_declared_signals_decide_what_is_drawn_not_the_key_names():
+    records = history(finetune=True)
+    declared = [keys.reference_signal(), *keys.noise_signals([1.0])]
+    rendered = figures.render_figures(records, declared)
+    assert set(rendered) == {"noise"}  # the fine-tune keys were not declared: not drawn
+    assert [line.get_label() for line in rendered["noise"].axes[0].lines] == ["reference", "γ=1"]
+    # A history saved without declarations (an older run) still draws its built-in keys.
+    assert set(figures.render_figures(records)) == {"noise", "finetune"}

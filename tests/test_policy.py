@@ -17,6 +17,7 @@ from conftest import (
 from lightning_overtrain import InflectionPolicy, OvertrainingMonitor, Probe, Reporter
 from lightning_overtrain import keys as metric_keys
 from lightning_overtrain.inflection.signals import decomposed_terms
+from lightning_overtrain.inflection.verdicts import tokens_text
 from lightning_overtrain.keys import key_pattern
 from lightning_overtrain.reporting.files import FileReporter
 from lightning_overtrain.testing.synthetic import make_curve
@@ -29,6 +30,14 @@ def records(curve, signal=SIGNAL):
         yield {"tokens": float(t), "step": 0, signal: float(v), f"{signal}_stderr": float(se)}
 
 
+def declared_policy(**kwargs):
+    """A policy that knows the built-in signals of these records, as the monitor declares them."""
+    policy = InflectionPolicy(**kwargs)
+    signals = metric_keys.noise_signals((0.5, 1.0)) + metric_keys.finetune_signals((1e-4, 1e-3))
+    policy.declare(signals)
+    return policy
+
+
 def run_policy(policy, recs):
     out = []
     for record in recs:
@@ -39,7 +48,7 @@ def run_policy(policy, recs):
 
 def test_a_u_shaped_signal_triggers_once_after_its_bottom():
     curve = make_curve("u_shape", n_points=24, seed=1, noise=0.002)
-    results = run_policy(InflectionPolicy(), records(curve))
+    results = run_policy(declared_policy(), records(curve))
     fired = [(i, d) for i, (_, ds) in enumerate(results) for d in ds]
     assert len(fired) == 1
     index, decision = fired[0]
@@ -53,7 +62,7 @@ def test_a_u_shaped_signal_triggers_once_after_its_bottom():
 @pytest.mark.parametrize("seed", range(20))
 def test_a_falling_noisy_signal_never_triggers(seed):
     curve = make_curve("monotone", n_points=24, seed=seed, noise=0.02)
-    assert not any(ds for _, ds in run_policy(InflectionPolicy(), records(curve)))
+    assert not any(ds for _, ds in run_policy(declared_policy(), records(curve)))
 
 
 def test_default_signals_do_not_match_per_layer_keys():
@@ -82,7 +91,7 @@ def test_thresholds_fire_once_with_their_own_action():
 
 def test_a_forecast_margin_warns_before_the_curve_has_crossed():
     curve = make_curve("u_shape", n_points=24, seed=2, noise=0.0)
-    results = run_policy(InflectionPolicy(forecast_margin=1.0), records(curve))
+    results = run_policy(declared_policy(forecast_margin=1.0), records(curve))
     kinds = [(i, d.trigger) for i, (_, ds) in enumerate(results) for d in ds]
     first = {trigger: i for i, trigger in reversed(kinds)}
     assert first["forecast"] < first["crossed"]
@@ -91,10 +100,10 @@ def test_a_forecast_margin_warns_before_the_curve_has_crossed():
 def test_the_state_round_trips_to_the_same_decisions():
     curve = make_curve("u_shape", n_points=24, seed=3, noise=0.01)
     recs = list(records(curve))
-    whole = run_policy(InflectionPolicy(), recs)
-    first = InflectionPolicy()
+    whole = run_policy(declared_policy(), recs)
+    first = declared_policy()
     run_policy(first, recs[:12])
-    second = InflectionPolicy()
+    second = declared_policy()
     second.load_state_dict(json.loads(json.dumps(first.state_dict())))
     rest = run_policy(second, recs[12:])
     assert [[d.message for d in ds] for _, ds in rest] == [
@@ -106,7 +115,7 @@ def test_the_state_round_trips_to_the_same_decisions():
 
 def test_auto_best_signal_prefers_fine_tune_then_the_largest_gamma():
     noise_only = {"tokens": 1.0, "noise/gamma=0.5/perturbed_loss": 2.0, SIGNAL: 3.0}
-    policy = InflectionPolicy()
+    policy = declared_policy()
     judgement = policy.judge(noise_only)
     assert judgement.best_moved and judgement.best is policy.best
     assert (policy.best["signal"], policy.best["value"]) == (SIGNAL, 3.0)
@@ -116,13 +125,13 @@ def test_auto_best_signal_prefers_fine_tune_then_the_largest_gamma():
         "finetune/lr=0.0001/reference_loss_after": 2.5,
         "finetune/lr=0.001/reference_loss_after": 2.7,
     }
-    policy = InflectionPolicy()
+    policy = declared_policy()
     policy.judge(both)
     assert (policy.best["signal"], policy.best["value"]) == (
         "finetune/lr=0.001/reference_loss_after",
         2.7,
     )
-    policy = InflectionPolicy()
+    policy = declared_policy()
     policy.best = {"signal": SIGNAL, "value": 3.0, "tokens": 1.0}
     assert not policy.judge({"tokens": 2.0, SIGNAL: 3.1}).best_moved
     assert policy.best["tokens"] == 1.0
@@ -304,7 +313,7 @@ def test_the_forecast_fits_the_reference_loss_and_delta_separately():
     }
     assert decomposed_terms(record, declared["finetune/lr=0.001/downstream_loss_after"]) == {}
     curve = make_curve("u_shape", n_points=24, seed=4, noise=0.05, noise_unit="delta")
-    policy = InflectionPolicy()
+    policy = declared_policy()
     for t, b, d, se in zip(curve.tokens, curve.base, curve.sensitivity, curve.sensitivity_stderrs):
         rec = {"tokens": float(t), "reference_loss": float(b), SIGNAL: float(b + d)}
         rec.update({"noise/gamma=1/delta": float(d), "noise/gamma=1/delta_stderr": float(se)})
@@ -314,3 +323,81 @@ def test_the_forecast_fits_the_reference_loss_and_delta_separately():
     )
     forecast = policy.detectors[SIGNAL].state.forecast_tokens
     assert forecast == pytest.approx(curve.true_bottom_tokens, rel=0.5)
+
+
+def crn_records(seed=0, k=4, n=16):
+    """A U seen through k noise directions: a wide spread across directions, little noise."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = [1e6 * 10 ** (i / 4) for i in range(n)]
+    t = torch.tensor(tokens, dtype=torch.float64) / 1e6
+    scales = torch.exp(0.3 * torch.randn(k, 1, generator=gen, dtype=torch.float64))
+    samples = 2.0 + t**-0.4 + scales * 0.3 * (t / t[8]) ** 0.6
+    samples = samples + 0.002 * torch.randn(k, n, generator=gen, dtype=torch.float64)
+    for i, tok in enumerate(tokens):
+        column = samples[:, i]
+        yield {
+            "tokens": tok,
+            "step": i,
+            SIGNAL: float(column.mean()),
+            f"{SIGNAL}_stderr": float(column.std() / k**0.5),
+            metric_keys.samples_key(SIGNAL): [float(v) for v in column],
+        }
+
+
+def first_crossed(policy, recs):
+    for i, record in enumerate(recs):
+        if any(d.trigger == "crossed" for d in policy.judge(record).decisions):
+            return i
+    return None
+
+
+def test_the_declared_signals_samples_judge_the_rise_paired():
+    recs = list(crn_records())
+    paired = first_crossed(declared_policy(), recs)
+    unpaired = first_crossed(
+        declared_policy(),
+        [{k: v for k, v in r.items() if not k.endswith("_samples")} for r in recs],
+    )
+    assert paired is not None and (unpaired is None or paired < unpaired)
+    bottom = min(range(len(recs)), key=lambda i: recs[i][SIGNAL])
+    assert bottom < paired <= bottom + 3
+
+
+def test_a_policy_with_samples_resumes_bit_exactly_from_its_state():
+    recs = list(crn_records(seed=1))
+    whole = run_policy(declared_policy(), recs)
+    first = declared_policy()
+    run_policy(first, recs[:9])
+    second = declared_policy()
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert second.state_dict() == first.state_dict()
+    assert (
+        second.state_dict()["detectors"][SIGNAL]["samples"][0]
+        == recs[0][metric_keys.samples_key(SIGNAL)]
+    )
+    rest = run_policy(second, recs[9:])
+    assert json.dumps([a for a, _ in rest]) == json.dumps([a for a, _ in whole[9:]])
+    assert [[d.message for d in ds] for _, ds in rest] == [
+        [d.message for d in ds] for _, ds in whole[9:]
+    ]
+
+
+def test_only_declared_or_named_signals_are_judged():
+    record = {"tokens": 1.0, SIGNAL: 2.0, "mine/loss": 3.0}
+    assert not InflectionPolicy().judge(record).verdicts  # nothing declared, nothing named
+    assert set(declared_policy().judge(record).verdicts) == {SIGNAL}
+    assert set(InflectionPolicy(signals=["mine/*"]).judge(record).verdicts) == {"mine/loss"}
+
+
+def test_the_crossing_warning_names_the_bottom_and_the_kept_snapshot():
+    policy = declared_policy(best_signal=SIGNAL)
+    recs = list(crn_records())
+    messages = [
+        d.message for r in recs for d in policy.judge(r, best_path="run/best.ckpt").decisions
+    ]
+    (message,) = messages
+    bottom = policy.best
+    assert f"has turned upward: bottom at {tokens_text(bottom['tokens'])} tokens" in message
+    assert f"Kept: the snapshot at {tokens_text(bottom['tokens'])} tokens (step" in message
+    assert message.endswith(f"the bottom of {SIGNAL} so far, in best.ckpt.")
+    assert "\n" not in message

@@ -15,6 +15,8 @@ from lightning_overtrain.engine.noise import normal_range, tensor_key
 from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.engine.tokens import count_tokens
 from lightning_overtrain.engine.train_loop import train_steps
+from lightning_overtrain.probes.schedule import ScheduleProbe
+from lightning_overtrain.probes.sharpness import SharpnessProbe
 
 
 class BF16Quadratic(Quadratic):
@@ -119,7 +121,12 @@ def test_every_probe_runs_under_each_precision(tmp_path, code_text, prose_text, 
         every_n_steps=2,
         probes=[
             NoiseProbe(gammas=(1.0,), pairs=1),
-            FineTuneProbe(train_data=prose[:1], eval_data=prose[1:], steps=1, lrs=(1e-3,)),
+            FineTuneProbe(
+                train_data=prose[:1], eval_data=prose[1:], steps=1, lrs=(1e-3,), matched_loss=9.0
+            ),
+            SharpnessProbe("update"),
+            SharpnessProbe("gradient", name="sharpness_grad", downstream_data=prose[:1]),
+            ScheduleProbe(),
         ],
         cooldown_steps=1,
         cooldown_data=reference_batches(code_text, n=1, batch_size=2),
@@ -130,6 +137,39 @@ def test_every_probe_runs_under_each_precision(tmp_path, code_text, prose_text, 
     trainer.fit(make_module(0, n_layer=1, n_embd=16), train_loader(code_text, batch_size=2))
     (record,) = monitor.history
     assert record["probe_failures"] == 0
-    for key in ("reference_loss", "noise/gamma=1/delta", "finetune/lr=0.001/forgetting"):
+    measured = (
+        "reference_loss",
+        "noise/gamma=1/delta",
+        "finetune/lr=0.001/forgetting",
+        "finetune/lr=0.001/matched_steps",
+        "sharpness/critical_sharpness",
+        "sharpness_grad/relative_alignment",
+        "schedule/lr",
+    )
+    for key in measured:
         assert torch.isfinite(torch.tensor(record[key])), key
     assert count_tokens  # the default counter served the run
+
+
+def test_after_step_sees_each_step_and_stopping_early_leaves_the_weights_of_that_step():
+    def run(steps, stop_at=None):
+        model = Linear()
+        gen = torch.Generator().manual_seed(1)
+        batches = [{"x": torch.randn(4, 4, generator=gen), "y": torch.randn(4, 1, generator=gen)}]
+        data = shard_batches(batches, 0, 1, lambda b: 4, torch.device("cpu"), "data")
+        seen = []
+
+        def after_step(step):
+            seen.append((step, model.layer.weight.detach().clone()))
+            return step == stop_at
+
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = train_steps(model, optimizer, data, steps, loss_fn, after_step=after_step)
+        return model, seen, losses
+
+    _, seen, losses = run(5)
+    assert [s for s, _ in seen] == [1, 2, 3, 4, 5] and len(losses) == 5
+    stopped, seen_stopped, losses_stopped = run(5, stop_at=3)
+    assert [s for s, _ in seen_stopped] == [1, 2, 3] and losses_stopped == losses[:3]
+    # The weights after 3 steps, as the full run saw them at its step 3.
+    assert torch.equal(stopped.layer.weight.detach(), seen[2][1])

@@ -16,6 +16,7 @@ from lightning_overtrain.cli.loading import (
     load_model,
     order_series,
 )
+from lightning_overtrain.cli.runs import one_run
 from lightning_overtrain.cli.series import (
     LIGHTNING,
     TRANSFORMERS,
@@ -23,8 +24,10 @@ from lightning_overtrain.cli.series import (
     CheckpointError,
     SeriesError,
     find_checkpoints,
-    parse_count,
     read_metadata,
+)
+from lightning_overtrain.cli.token_rules import (
+    parse_count,
     tokens_from_checkpoint,
     tokens_from_mapping,
     tokens_from_pattern,
@@ -221,8 +224,8 @@ def test_series_is_ordered_by_tokens_and_duplicates_dropped():
 
 
 def test_import_object_accepts_modules_and_files(tmp_path):
-    assert import_object("lightning_overtrain.cli.series:parse_count", "--x") is parse_count
-    assert import_object("lightning_overtrain.cli.series.parse_count", "--x") is parse_count
+    assert import_object("lightning_overtrain.cli.token_rules:parse_count", "--x") is parse_count
+    assert import_object("lightning_overtrain.cli.token_rules.parse_count", "--x") is parse_count
     source = tmp_path / "mine.py"
     source.write_text("def f():\n    return 42\n")
     assert import_object(f"{source}:f", "--x")() == 42
@@ -268,3 +271,38 @@ def test_init_std_from_a_step_zero_checkpoint_else_the_config():
     initial.config = SimpleNamespace(initializer_range=0.03)
     assert from_config.sigmas(initial, ["weight", "bias"]) == [0.03, 0.0]
     assert from_config.source == "config.initializer_range = 0.03"
+
+
+# ---------------------------------------------------------------------- one run per series
+def _ckpt(path: str, head: dict | None = None) -> Checkpoint:
+    ckpt = Checkpoint(path, LIGHTNING)
+    ckpt.history_head = head
+    return ckpt
+
+
+def test_the_monitors_first_record_tells_runs_apart_in_one_directory():
+    run_a = {"tokens": 512, "reference_loss": 5.25}
+    run_b = {"tokens": 512, "reference_loss": 5.5}  # another seed, same architecture
+    series = [_ckpt(f"/r/ckpt/step={s}.ckpt", run_a) for s in (4, 8, 12)]
+    series += [_ckpt("/r/ckpt/step=0.ckpt"), _ckpt("/r/ckpt/copied.ckpt", run_b)]
+    kept, skipped = one_run(series)
+    assert [c.path for c in kept] == [c.path for c in series[:4]]  # step 0 joins its directory
+    ((path, reason),) = skipped
+    assert path == "/r/ckpt/copied.ckpt"
+    assert "reference_loss 5.5" in reason and "reference_loss 5.25" in reason
+    assert "--mix-runs" in reason
+    assert one_run(series, mix=True) == (series, [])
+
+
+def test_a_resumed_run_in_a_new_directory_is_still_one_run():
+    head = {"tokens": 512, "reference_loss": 5.25}
+    series = [_ckpt("/logs/version_0/checkpoints/step=4.ckpt", head)]
+    series.append(_ckpt("/logs/version_1/checkpoints/step=8.ckpt", head))
+    assert one_run(series) == (series, [])
+
+
+def test_without_the_monitor_the_directory_names_the_run():
+    series = [_ckpt(f"/a/step-{s}") for s in (1, 2)] + [_ckpt("/b/step-3")]
+    kept, skipped = one_run(series)
+    assert [c.path for c in kept] == ["/a/step-1", "/a/step-2"]
+    assert skipped[0][0] == "/b/step-3" and "the run in /b" in skipped[0][1]

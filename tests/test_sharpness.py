@@ -114,6 +114,88 @@ def test_the_probe_hands_back_weights_and_the_training_grads():
         assert torch.equal(param.detach(), weight)
 
 
+# ---------------------------------------------------------------------- relative sharpness
+class TwoQuadratics(Quadratic):
+    """The quadratic as the pretraining loss, and a second one as the downstream loss."""
+
+    def __init__(self, downstream_optimum: torch.Tensor, downstream_hessian: torch.Tensor):
+        super().__init__()
+        self.register_buffer("optimum2", downstream_optimum)
+        self.register_buffer("hessian2", downstream_hessian)
+
+    def downstream_loss(self) -> torch.Tensor:
+        d = torch.cat([self.a, self.b.flatten()]) - self.optimum2
+        return 0.5 * d @ self.hessian2 @ d + 0.0 * self.gain.sum()
+
+
+def two_quadratics(side: float) -> TwoQuadratics:
+    """Downstream optimum at ``theta + side * (theta - theta_ref*)``-ish, curvature its own."""
+    base = Quadratic()
+    gen = torch.Generator().manual_seed(1)
+    root = torch.randn(50, 50, generator=gen, dtype=torch.float64) / math.sqrt(50)
+    hessian2 = root @ root.T + torch.eye(50, dtype=torch.float64)
+    theta = flat(base)
+    optimum2 = (
+        theta
+        + side * (theta - base.optimum)
+        + 0.1 * torch.randn(50, generator=gen, dtype=torch.float64)
+    )
+    return TwoQuadratics(optimum2, hessian2)
+
+
+def relative_probe(**kwargs) -> SharpnessProbe:
+    return SharpnessProbe(
+        "gradient",
+        refine=12,
+        downstream_data=[{"input_ids": torch.zeros(1, 1, dtype=torch.long)}],
+        downstream_loss_fn=lambda module, batch: module.downstream_loss(),
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("relative_direction", ["gradient", "adam"])
+def test_relative_sharpness_is_dHd_over_gd_with_H_g_the_pretraining_and_d_the_fine_tunes(
+    relative_direction,
+):
+    model = two_quadratics(side=-0.5)  # the downstream optimum lies partly the same way
+    g = gradient(model)  # of the pretraining (reference) loss
+    g2 = model.hessian2 @ (flat(model) - model.optimum2)  # of the downstream loss
+    # "adam": a fresh AdamW's first step per unit lr, g / (|g| + eps) + weight_decay * theta.
+    adam = g2 / (g2.abs() + 1e-8) + 0.01 * flat(model)
+    d = g2 if relative_direction == "gradient" else adam
+    expected = float(d @ model.hessian @ d / (g @ d))
+    assert float(g @ d) > 0  # a descent direction for the pretraining loss too
+    record = probe_quadratic(model, relative_probe(relative_direction=relative_direction))
+    assert record["sharpness/relative_critical_sharpness"] == pytest.approx(expected, rel=2e-4)
+    assert record["sharpness/relative_critical_lr"] == pytest.approx(2 / expected, rel=2e-4)
+    # Over every parameter: AdamW's decoupled decay also moves the gain (which no loss sees).
+    gain_step = 0.01 * model.gain.detach() if relative_direction == "adam" else 0 * model.gain
+    cosine = float(g @ d / (g.norm() * torch.cat([d, gain_step.detach()]).norm()))
+    assert record["sharpness/relative_alignment"] == pytest.approx(cosine, rel=1e-9)
+    # The probe's own view along the pretraining gradient is measured as before.
+    own = float(g @ model.hessian @ g / (g @ g))
+    assert record["sharpness/critical_sharpness"] == pytest.approx(own, rel=2e-4)
+
+
+def test_a_fine_tuning_direction_that_raises_the_pretraining_loss_at_once_has_no_critical_step():
+    model = two_quadratics(side=1.0)  # the downstream optimum lies the other way
+    g = gradient(model)
+    g2 = model.hessian2 @ (flat(model) - model.optimum2)
+    assert float(g @ g2) < 0
+    record = probe_quadratic(model, relative_probe())
+    assert record["sharpness/relative_alignment"] < 0
+    assert "sharpness/relative_critical_sharpness" not in record
+    assert math.isfinite(record["sharpness/critical_sharpness"])  # no failure, no gap there
+
+
+def test_the_relative_view_is_declared_and_not_watched_by_the_default_policy():
+    declared = {s.key: s for s in relative_probe().signals()}
+    for key in ("relative_critical_sharpness", "relative_critical_lr", "relative_alignment"):
+        signal = declared[f"sharpness/{key}"]
+        assert not signal.u_shaped and signal.rank is None
+    assert not any("relative" in s.key for s in SharpnessProbe().signals())
+
+
 # ---------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "kwargs, match",
@@ -124,6 +206,9 @@ def test_the_probe_hands_back_weights_and_the_training_grads():
         (dict(refine=-1), "refine"),
         (dict(max_steps=1), "max_steps"),
         (dict(name="a/b"), "`name` must be"),
+        (dict(relative_direction="update"), "`relative_direction` must be one of"),
+        (dict(downstream_data=[], downstream_batches=0), "downstream"),
+        (dict(downstream_loss_fn="ce"), "`downstream_loss_fn` must be callable"),
     ],
 )
 def test_bad_arguments_are_refused_with_the_argument_named(kwargs, match):
@@ -190,13 +275,3 @@ def test_two_processes_measure_the_same_critical_sharpness_as_one(tmp_path):
         for name in ("sharpness", "sharpness_grad"):
             key = f"{name}/critical_sharpness"
             assert two[key] == pytest.approx(one[key], rel=1e-3), key
-
-
-def test_sharded_parameters_are_refused_before_training():
-    class DTensor(torch.nn.Parameter):  # stands in for FSDP2's sharded parameter type
-        pass
-
-    ctx = quadratic_context(Quadratic())
-    ctx.backup.params = [DTensor(torch.zeros(2))]
-    with pytest.raises(ValueError, match="does not support sharded"):
-        SharpnessProbe("gradient").validate(ctx)

@@ -44,6 +44,7 @@ def test_the_verdict_quotes_the_measured_bottom_the_table_shows_and_names_the_sm
 
 def test_a_decision_quotes_the_measured_and_the_smoothed_bottom():
     policy = InflectionPolicy()
+    policy.declare(keys.noise_signals([1.0]))
     decisions = [
         d
         for t, v in zip(TOKENS, U_CURVE)

@@ -104,6 +104,9 @@ def assert_same_numbers(watched: list[dict], live: list[dict]) -> None:
         assert "inflection/noise/gamma=1/perturbed_loss/bottom_tokens" in names
         assert "best/tokens" in names and got[keys.STEP] == want[keys.STEP]
         for key in names:
+            if isinstance(want[key], list):  # a probe's per-sample values
+                assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+                continue
             same = math.isnan(got[key]) and math.isnan(want[key])
             assert same or math.isclose(got[key], want[key], rel_tol=1e-9, abs_tol=1e-12), key
 
@@ -218,10 +221,44 @@ def test_help_names_the_files_between_the_run_and_the_watcher(capsys):
 
 
 # ---------------------------------------------------------------------- bad input
-def test_a_directory_that_does_not_exist_is_a_usage_error(run, tmp_path, capsys):
-    assert main(watch_args(run, tmp_path / "nope", tmp_path / "out")) == 2
+def test_a_directory_that_does_not_exist_yet_is_waited_for(run, tmp_path, monkeypatch, capsys):
+    directory, out = tmp_path / "later" / "ckpt", tmp_path / "out"
+    polls = []
+
+    class RunStartsLater(Follower):  # the run creates its directory after the watcher starts
+        def poll(self):
+            polls.append(1)
+            if len(polls) == 1:  # after the watcher said it waits
+                copy_ckpts(run, directory, 4, 8)
+            return super().poll()
+
+    monkeypatch.setattr(watch_module, "Follower", RunStartsLater)
+    assert main(watch_args(run, directory, out, "--idle-timeout", "0")) == 0
+    text = capsys.readouterr().out
+    assert f"waiting for {directory} to be created" in text
+    assert f"{directory} exists now" in text and text.count("probed ") == 2
+    assert_same_numbers(read_history(str(out / "history.jsonl")), run["history"][:2])
+
+
+def test_a_dir_that_is_a_file_is_a_usage_error(run, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(watch_args(run, tmp_path / "file", tmp_path / "out")) == 2
     err = capsys.readouterr().err
-    assert "DIR" in err and "no such directory" in err and "mkdir -p" in err
+    assert "is not a directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_fifos_are_never_opened_and_symlinks_out_of_the_tree_are_skipped(run, tmp_path, capsys):
+    directory, out = copy_ckpts(run, tmp_path / "ckpt", 4), tmp_path / "out"
+    os.mkfifo(directory / "step=8.ckpt")  # opening it would block the watcher for good
+    elsewhere = copy_ckpts(run, tmp_path / "elsewhere", 12)
+    os.symlink(elsewhere / "step=12.ckpt", directory / "outside.ckpt")
+    os.symlink(directory / "step=4.ckpt", directory / "last.ckpt")  # inside: its target counts
+    assert main(watch_args(run, directory, out, "--idle-timeout", "0")) == 0
+    captured = capsys.readouterr()
+    assert "step=8.ckpt: not a regular file" in captured.err
+    assert "outside.ckpt: a symlink to" in captured.err and "outside the watched" in captured.err
+    assert captured.out.count("probed ") == 1
+    assert [r[keys.STEP] for r in read_history(str(out / "history.jsonl"))] == [4]
 
 
 def test_other_settings_than_the_existing_history_are_refused(run, tmp_path, capsys):

@@ -9,7 +9,8 @@ Counts are whole numbers, but ``1e6`` is accepted for ``1_000_000``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_overtrain.checks import check_int
@@ -18,8 +19,14 @@ from lightning_overtrain.checks import check_int
 DEFAULT_START_TOKENS = 1_000_000
 
 
-def _positive_int(name: str, value: Any, example: int) -> int:
-    return check_int(name, value, 1, f"Pass e.g. {name}={example}.")
+#: The most log-spaced snapshots per decade: 1000 is already one every 0.23% of tokens.
+MAX_POINTS_PER_DECADE = 1000
+#: The largest count accepted (steps or tokens): a quintillion, beyond any run.
+MAX_COUNT = 10**18
+
+
+def _positive_int(name: str, value: Any, example: int, maximum: int = MAX_COUNT) -> int:
+    return check_int(name, value, 1, f"Pass e.g. {name}={example}.", maximum=maximum)
 
 
 @dataclass
@@ -51,6 +58,10 @@ class Cadence:
     points_per_decade: int | None = None
     start_tokens: int | None = None
     next_index: int = 0
+    #: A snapshot that was interrupted (Ctrl-C in a probe): due again at the next step,
+    #: also after a resume from a checkpoint saved on that exception.
+    retake: bool = False
+    _retake_step: int | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         chosen = {
@@ -71,7 +82,8 @@ class Cadence:
         name, value = next(iter(chosen.items()))
         example = {"every_n_steps": 1000, "every_n_tokens": 10**8}.get(name, 4)
         # Stored as ints: 1e6 is accepted for 1_000_000, so thresholds and logs stay whole.
-        setattr(self, name, _positive_int(name, value, example))
+        limit = MAX_POINTS_PER_DECADE if name == "points_per_decade" else MAX_COUNT
+        setattr(self, name, _positive_int(name, value, example, limit))
         if self.points_per_decade is None and self.start_tokens is not None:
             raise ValueError(
                 f"`start_tokens={self.start_tokens!r}` only applies to `points_per_decade`."
@@ -91,20 +103,44 @@ class Cadence:
         return float(round(self.start_tokens * 10 ** (index / self.points_per_decade), 6))
 
     def due(self, step: int, tokens: int) -> bool:
-        """Whether a snapshot is due now; advances past every threshold already reached."""
+        """Whether a snapshot is due now; advances past every threshold already reached.
+
+        The work is bounded whatever the settings and however far ``tokens`` jumped
+        (a resume with a large ``token_offset``): the next index is computed, then
+        corrected by at most a few steps for float rounding.
+        """
+        if self.retake:
+            if self._retake_step is None:  # the first step after the interruption
+                self._retake_step = step
+                if self.every_n_steps is None:
+                    self.next_index = max(self.next_index, self._first_index_above(tokens))
+                    while tokens >= self.threshold(self.next_index):
+                        self.next_index += 1
+            if self._retake_step == step:  # asked twice at one step: the same answer
+                return True
+            self.retake, self._retake_step = False, None
         if self.every_n_steps is not None:
             return step > 0 and step % self.every_n_steps == 0
         if tokens < self.threshold(self.next_index):
             return False
-        while tokens >= self.threshold(self.next_index):
+        self.next_index = max(self.next_index + 1, self._first_index_above(tokens))
+        while tokens >= self.threshold(self.next_index):  # rounding: a step or two at most
             self.next_index += 1
         return True
 
+    def _first_index_above(self, tokens: int) -> int:
+        """About the first index whose threshold is above ``tokens`` (exact up to rounding)."""
+        if self.every_n_tokens is not None:
+            return tokens // self.every_n_tokens
+        assert self.points_per_decade is not None and self.start_tokens is not None
+        return max(0, math.floor(self.points_per_decade * math.log10(tokens / self.start_tokens)))
+
     def state_dict(self) -> dict[str, Any]:
-        return {"next_index": self.next_index}
+        return {"next_index": self.next_index, "retake": self.retake and self._retake_step is None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.next_index = int(state.get("next_index", self.next_index))
+        self.retake, self._retake_step = bool(state.get("retake", False)), None
 
     def describe(self) -> str:
         if self.every_n_steps is not None:

@@ -1,7 +1,18 @@
-"""Keeping the best snapshot: the weights that were measured, with their tokens and settings."""
+"""Keeping the best snapshot: the weights that were measured, with their tokens and settings.
+
+The snapshot is written under a temporary name in its own directory and renamed
+into place only once complete, so a good ``best.ckpt`` is never destroyed by a
+failed write (a full disk) and ``best_path`` names only a complete checkpoint. This
+holds for a single file and for the distributed-checkpoint *directory* that
+Lightning's ``ModelParallelStrategy`` writes.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+import shutil
 from contextlib import nullcontext
 from typing import Any
 
@@ -9,6 +20,7 @@ import lightning.pytorch as pl
 
 from lightning_overtrain.core.keeping import BEST_COOLED_FILE, BEST_FILE  # noqa: F401
 from lightning_overtrain.engine.backup import ModelBackup, presented
+from lightning_overtrain.reporting.guard import output_failed
 
 
 def save_best(
@@ -18,7 +30,7 @@ def save_best(
     cooled: bool,
     state_key: str,
     state: dict[str, Any],
-) -> None:
+) -> Exception | None:
     """Write the snapshot just measured to ``path``: weights only, plus the monitor's state.
 
     Without a cooldown the measured weights are the live ones. With one, the probes
@@ -31,16 +43,80 @@ def save_best(
     Lightning has no public call for a weights-only checkpoint that keeps a
     callback's state (``save_checkpoint(weights_only=True)`` drops it), hence the
     checkpoint connector.
+
+    Returns:
+        None once ``path`` holds the new snapshot; else the error, the same verdict on
+        every rank (``path`` then still holds the previous snapshot, whole, or nothing).
     """
     with presented(trainer.lightning_module, backup) if cooled else nullcontext():
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
     checkpoint["callbacks"] = {state_key: {**state, "weights": "cooled" if cooled else "live"}}
+    # One random temporary name, rank 0's, in the target's directory (a rename stays
+    # within one file system; nobody can plant a link at a name it cannot guess).
+    token = trainer.strategy.broadcast(secrets.token_hex(8), src=0)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{token}.tmp")
     error: Exception | None = None
     try:
-        trainer.strategy.save_checkpoint(checkpoint, path)
+        trainer.strategy.save_checkpoint(checkpoint, tmp)
+        if trainer.is_global_zero:
+            replace_path(tmp, path)
     except Exception as exc:  # e.g. a full disk on rank 0, which alone writes
         error = exc
+        if trainer.is_global_zero:
+            remove_path(tmp)
     # Every rank reaches this one agreement (never a barrier a failed rank skips), and
-    # all fail alike, so the monitor skips this best snapshot on every rank.
+    # all fail alike, so the monitor treats this best snapshot alike on every rank.
     if trainer.strategy.reduce_boolean_decision(error is not None, all=False):
-        raise error or RuntimeError(f"another rank could not write the best snapshot {path}")
+        return error or OSError(f"another rank could not write the best snapshot {path}")
+    return None
+
+
+def replace_path(new: str, path: str) -> None:
+    """Move the complete file or directory ``new`` to ``path``, replacing what is there.
+
+    A file replaces a file in one atomic rename. A directory cannot be renamed onto
+    a non-empty one, so the old one is first moved aside, then deleted: in between,
+    ``path`` briefly names nothing (never a partial checkpoint).
+
+    Raises:
+        OSError: if a rename fails; ``path`` then holds what it held before.
+    """
+    if not (os.path.isdir(new) or os.path.isdir(path)) or not os.path.lexists(path):
+        os.replace(new, path)
+        return
+    aside = f"{path}.{secrets.token_hex(4)}.old"
+    os.replace(path, aside)
+    try:
+        os.replace(new, path)
+    except OSError:
+        os.replace(aside, path)  # put the previous snapshot back
+        raise
+    remove_path(aside)
+
+
+def remove_path(path: str) -> None:
+    """Remove a file or directory if it is there; never raises."""
+    with contextlib.suppress(OSError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.unlink(path)
+
+
+def best_not_written(
+    best: dict[str, Any] | None, path: str, error: BaseException, failures: int
+) -> int:
+    """Say that the best snapshot was judged but not written; name no file for it.
+
+    The detector and the policy keep the snapshot (a full disk is not a judgement):
+    only ``best["path"]`` is cleared, so ``best_path`` never names a file that holds
+    other weights (the previous best, left whole at ``path``) or none.
+
+    Returns:
+        ``failures`` plus this one.
+    """
+    if best is not None:
+        best["path"] = None
+    failures += 1
+    output_failed(f"the best snapshot {path}", error, failures)
+    return failures

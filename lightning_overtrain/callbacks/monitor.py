@@ -38,6 +38,8 @@ from lightning_overtrain.frontends.common import show_core
 from lightning_overtrain.history import Record
 from lightning_overtrain.inflection.policy import InflectionPolicy
 from lightning_overtrain.reporting.base import Reporter, RunView
+from lightning_overtrain.reporting.progress import label_epochs_of_a_steps_run
+from lightning_overtrain.reporting.rundir import run_dirpath
 
 
 def lightning_collectives(trainer: pl.Trainer) -> Collectives:
@@ -203,19 +205,36 @@ class OvertrainingMonitor(Callback):
         self.core.use_reporters(default_reporters(wandb))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the checkpoint's state is back: a resumed run keeps its directory, a new
+        # one never overwrites another run's history (rank zero decides, all follow).
+        self.core.set_dirpath(run_dirpath(trainer, self.core.dirpath, self.core.history))
+        label_epochs_of_a_steps_run(trainer)
         host = Host(
             module=pl_module,
             collectives=lightning_collectives(trainer),
             forward_context=trainer.precision_plugin.forward_context,
             optimizers=lambda: trainer.optimizers,
-            extras=precision_extras(trainer.precision_plugin),
+            extras={
+                **precision_extras(trainer.precision_plugin),
+                # Its lr scheduler, read only (the schedule probe steps a copy of it).
+                **(
+                    {"lr_scheduler": trainer.lr_scheduler_configs[0].scheduler}
+                    if trainer.lr_scheduler_configs
+                    else {}
+                ),
+            },
             save_best=partial(save_best, trainer),
             handle=trainer,
             gradient_clip_val=trainer.gradient_clip_val,
             gradient_clip_algorithm=trainer.gradient_clip_algorithm,
             device=pl_module.device,
         )
-        self.core.start(host, step=trainer.global_step, resumed_from=trainer.ckpt_path)
+        self.core.start(
+            host,
+            step=trainer.global_step,
+            resumed_from=trainer.ckpt_path,
+            choose_directory=False,
+        )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.core.last_step = trainer.global_step  # restored from a checkpoint by now

@@ -16,7 +16,6 @@ other side never reads half of one:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -25,40 +24,70 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_overtrain.checks import check_int
+from lightning_overtrain.checks import check_int, check_number
+from lightning_overtrain.safe_io import UnsafeFile, read_json_object, write_json_atomic
 
 RUN_FILE = "overtrain_run.json"
 STOP_FILE = "overtrain_stop.json"
+MAX_INTERVAL_S = 86_400
 
 
-def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON to ``path`` so that a reader sees the old file or the new one.
+#: The largest stop decision read: the watcher's is well under 4 KiB.
+STOP_MAX_BYTES = 64 * 2**10
+#: The longest stop reason kept (it is logged and stored in checkpoints).
+REASON_MAX_CHARS = 2000
 
-    The temp file sits in the same directory: ``os.replace`` is atomic only within one
-    file system.
-    """
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
+__all__ = ["RUN_FILE", "STOP_FILE", "WatcherStop", "read_json", "read_stop", "write_json_atomic"]
 
 
 def read_json(path: str) -> dict[str, Any] | None:
-    """The JSON object in ``path``, or None if there is none (or it is not an object)."""
+    """The JSON object in the regular file ``path``, or None if there is none (or it is not
+    an object, not a regular file, or larger than 16 MiB)."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        return read_json_object(path)
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
 
 
-def _signature(path: str) -> tuple[int, int] | None:
+def read_stop(path: str) -> str:
+    """The reason in a stop decision the watcher wrote at ``path``.
+
+    A decision is a regular file (not a symlink, FIFO or device) of at most
+    :data:`STOP_MAX_BYTES`, holding a JSON object whose ``"reason"`` is a non-empty
+    string and whose ``"level"``, if any, is ``"stop"``: the schema ``watch`` writes.
+
+    Raises:
+        ValueError: saying why the file is not a stop decision (it is then ignored).
+    """
     try:
-        stat = os.stat(path)
+        data = read_json_object_nofollow(path)
+    except FileNotFoundError as exc:
+        raise ValueError("it disappeared before it was read") from exc
+    except OSError as exc:
+        raise ValueError(f"it cannot be read ({type(exc).__name__}: {exc})") from exc
+    reason = data.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError('it has no "reason" string, so it is not a decision the watcher wrote')
+    if data.get("level", "stop") != "stop":
+        raise ValueError(f'its "level" is {data.get("level")!r}, not "stop"')
+    reason = reason.strip()
+    return reason if len(reason) <= REASON_MAX_CHARS else reason[:REASON_MAX_CHARS] + "..."
+
+
+def read_json_object_nofollow(path: str) -> dict[str, Any]:
+    # The stop file's place is its meaning: a symlink there (to /dev/zero, a FIFO, a
+    # file elsewhere) is not the watcher's decision.
+    if os.path.islink(path):
+        raise UnsafeFile("it is a symlink, not a regular file")
+    return read_json_object(path, STOP_MAX_BYTES)
+
+
+def _signature(path: str) -> tuple[int, int, int] | None:
+    try:
+        stat = os.lstat(path)  # the entry itself: never blocks, never follows a link
     except OSError:
         return None
-    return stat.st_mtime_ns, stat.st_size
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
 class WatcherStop(Callback):
@@ -72,12 +101,16 @@ class WatcherStop(Callback):
     collective; under DDP/FSDP also one all-reduce of one number per check.
 
     A decision file already there when training starts (from an earlier fit that the
-    watcher stopped) is ignored until the watcher writes a new one.
+    watcher stopped) is ignored until the watcher writes a new one. A file there is
+    data, not a command: only a regular file of at most 64 KiB holding the watcher's
+    schema (see :func:`read_stop`) stops training; anything else (garbage, an empty
+    file, a FIFO, a symlink, a huge file) is ignored with one warning naming the file
+    and why, and is never opened for a blocking read.
 
     Args:
         dirpath: the directory the checkpoints go to, the one the watcher follows.
         check_every_n_steps: look every N optimizer steps (1: stop at the next step).
-        min_interval_s: rank 0 stats the file at most this often.
+        min_interval_s: rank 0 stats the file at most this often (finite, at most a day).
 
     Raises:
         ValueError: on a bad argument.
@@ -100,18 +133,20 @@ class WatcherStop(Callback):
             1,
             "Pass how many optimizer steps apart to look for the watcher's decision, e.g. 1.",
         )
-        if isinstance(min_interval_s, bool) or not (
-            isinstance(min_interval_s, (int, float)) and min_interval_s >= 0
-        ):
-            raise ValueError(
-                f"`min_interval_s` must be a number of seconds >= 0, got {min_interval_s!r}."
-            )
+        check_number(
+            "min_interval_s",
+            min_interval_s,
+            "An infinite or longer interval would never look for the watcher's decision;"
+            " pass e.g. min_interval_s=1.0.",
+            minimum=0,
+            maximum=MAX_INTERVAL_S,
+        )
         self.dirpath = os.fspath(dirpath)
         self.check_every_n_steps = check_every_n_steps
         self.min_interval_s = float(min_interval_s)
         self.stop_reason: str | None = None
-        self._stale: tuple[int, int] | None = None
-        self._seen: dict[str, Any] | None = None
+        self._stale: tuple[int, int, int] | None = None
+        self._seen: str | None = None
         self._last_look = -float("inf")
         self._last_step = -1
 
@@ -122,7 +157,6 @@ class WatcherStop(Callback):
     def _write_status(self, trainer: pl.Trainer, status: str, **extra: Any) -> None:
         if not trainer.is_global_zero:
             return
-        os.makedirs(self.dirpath, exist_ok=True)
         data = {
             "status": status,
             "global_step": trainer.global_step,
@@ -130,7 +164,15 @@ class WatcherStop(Callback):
             "time": time.time(),
             **extra,
         }
-        write_json_atomic(os.path.join(self.dirpath, RUN_FILE), data)
+        path = os.path.join(self.dirpath, RUN_FILE)
+        try:
+            os.makedirs(self.dirpath, exist_ok=True)
+            write_json_atomic(path, data)
+        except OSError as exc:  # a full or read-only disk is the watcher's loss, not training's
+            rank_zero_warn(
+                f"WatcherStop: the run's status {status!r} was not written to {path}"
+                f" ({type(exc).__name__}: {exc}). Training goes on; the watcher cannot see it."
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stale = _signature(self.stop_path) if trainer.is_global_zero else None
@@ -152,7 +194,7 @@ class WatcherStop(Callback):
         self._last_step = step
         seen = self._look() if trainer.is_global_zero else False
         if trainer.strategy.reduce_boolean_decision(seen, all=False):
-            reason = str((self._seen or {}).get("reason") or "the watcher decided to stop")
+            reason = self._seen or "the watcher decided to stop"
             # Every rank is here at this step: one broadcast gives them all rank 0's reason.
             self.stop_reason = trainer.strategy.broadcast(reason, src=0)
             trainer.should_stop = True
@@ -167,7 +209,15 @@ class WatcherStop(Callback):
             self._last_look = now
             signature = _signature(self.stop_path)
             if signature is not None and signature != self._stale:
-                self._seen = read_json(self.stop_path) or {}
+                try:
+                    self._seen = read_stop(self.stop_path)
+                except ValueError as exc:
+                    # Ignored until it changes again: one warning per file written there.
+                    self._stale = signature
+                    rank_zero_warn(
+                        f"WatcherStop: ignoring {self.stop_path}: {exc}. Training goes on; only"
+                        " a stop decision written by `lightning-overtrain watch` stops it."
+                    )
         return self._seen is not None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

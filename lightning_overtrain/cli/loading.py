@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lightning_overtrain.cli.series import (
+    DCP,
     LIGHTNING,
     Checkpoint,
     CheckpointError,
@@ -109,20 +110,33 @@ def load_model(
     auto_class: Any,
     device: torch.device,
     unsafe_load: bool = False,
+    dcp_key: str | None = None,
 ) -> nn.Module:
     """Load one checkpoint's model onto ``device``, in eval mode.
 
     Args:
         checkpoint: the checkpoint.
-        module_class: the LightningModule class (needed for ``.ckpt`` files).
+        module_class: the LightningModule class (``.ckpt`` files), or the class or function
+            that builds the model (distributed checkpoints).
         auto_class: a class with ``from_pretrained`` (for directories).
         device: where the model goes.
         unsafe_load: allow arbitrary pickled objects in ``.ckpt`` files.
+        dcp_key: the key prefix of the model's tensors in a distributed checkpoint.
 
     Raises:
         SeriesError: for a ``.ckpt`` file without ``module_class``.
-        CheckpointError: if the checkpoint cannot be loaded.
+        CheckpointError: if the checkpoint cannot be loaded, or does not fit the model
+            (one line: the first missing and unexpected keys, and the fix).
     """
+    if checkpoint.kind == DCP:
+        from lightning_overtrain.cli.dcp import load_dcp_model
+
+        if module_class is None:
+            raise SeriesError(
+                "distributed checkpoints need the class that builds the model: pass"
+                " --module-class, e.g. --module-class my_project.model:MyLM."
+            )
+        return load_dcp_model(checkpoint, module_class, dcp_key=dcp_key).to(device).eval()
     try:
         if checkpoint.kind == LIGHTNING:
             if module_class is None:
@@ -143,8 +157,33 @@ def load_model(
             f" trust this file ({str(exc).splitlines()[0]})"
         ) from exc
     except Exception as exc:  # any loader fault is this checkpoint's failure, not the run's
-        raise CheckpointError(f"cannot load it: {type(exc).__name__}: {exc}") from exc
+        factory = module_class if checkpoint.kind == LIGHTNING else auto_class
+        line = state_dict_mismatch(str(exc), getattr(factory, "__name__", str(factory)))
+        raise CheckpointError(line or f"cannot load it: {type(exc).__name__}: {exc}") from exc
     return model.to(device).eval()
+
+
+_KEYS = {
+    "missing keys": re.compile(r"Missing key\(s\) in state_dict: (.*?)\.\s*(?:\n|$|Unexpected)"),
+    "unexpected keys": re.compile(r"Unexpected key\(s\) in state_dict: (.*?)\.\s*(?:\n|$)"),
+    "other shapes": re.compile(r"size mismatch for ([^:]+):"),
+}
+
+
+def state_dict_mismatch(message: str, model_name: str) -> str | None:
+    """torch's multi-line ``Error(s) in loading state_dict`` as one line with the fix."""
+    if "Error(s) in loading state_dict" not in message:
+        return None
+    parts = []
+    for what, pattern in _KEYS.items():
+        found = [k.strip().strip('"') for m in pattern.findall(message) for k in m.split(", ")]
+        if found:
+            more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+            parts.append(f"{what} {', '.join(found[:3])}{more}")
+    return (
+        f"it does not fit {model_name} ({'; '.join(parts) or 'its keys differ'}): pass the"
+        " --module-class the run trained (the class and hyperparameters that wrote it)"
+    )
 
 
 def order_series(

@@ -16,11 +16,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lightning_overtrain.cli.exit_codes import EXIT_USAGE
+
 # No torch, Lightning or engine import at the top: `--help` answers in well under a second
 # (tests/test_package.py checks that it imports no torch).
 
 DEFAULT_AUTO_CLASS = "transformers:AutoModelForCausalLM"
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
 
 # ---------------------------------------------------------------------- parser
@@ -52,10 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints",
         nargs="+",
         metavar="CHECKPOINT",
-        help="Lightning .ckpt files, save_pretrained directories, or directories holding them",
+        help="Lightning .ckpt files or distributed checkpoint directories, save_pretrained"
+        " directories, torchtitan step-N/ or OLMo-core stepN/ directories, or directories"
+        " holding them",
     )
     probe.add_argument("--out", required=True, metavar="RUN_DIR", help="where results go")
     add_series_options(probe)
+    probe.add_argument(
+        "--mix-runs",
+        action="store_true",
+        help="probe checkpoints of several runs as one series (by default only the run with"
+        " the most checkpoints is probed and the others are listed as skipped)",
+    )
     add_watch_parser(sub, fmt)
 
     report = sub.add_parser(
@@ -84,6 +93,14 @@ def add_series_options(probe: argparse.ArgumentParser) -> None:
         " the current directory first, as `python -m` would) or path/to/file.py:Class",
     )
     group.add_argument(
+        "--dcp-key",
+        metavar="PREFIX",
+        help="the key prefix of the model's tensors in a distributed checkpoint, e.g."
+        " `state_dict` (Lightning ModelParallelStrategy), `model` (Lightning FSDPStrategy,"
+        " OLMo-core), '' (torchtitan) (default: from the layout, else the one prefix that"
+        " holds every key of the model)",
+    )
+    group.add_argument(
         "--auto-class",
         default=DEFAULT_AUTO_CLASS,
         metavar="CLASS",
@@ -98,6 +115,13 @@ def add_series_options(probe: argparse.ArgumentParser) -> None:
         "--device",
         default=None,
         help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)",
+    )
+    group.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="torch CPU threads (default: 1 on a CPU, or OMP_NUM_THREADS when set; torch's"
+        " own default on a GPU): small probes on shared cores run fastest with one",
     )
     group.add_argument(
         "--precision",

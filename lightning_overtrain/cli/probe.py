@@ -21,11 +21,17 @@ from typing import Any
 import torch
 
 from lightning_overtrain import keys
-from lightning_overtrain.cli.main import EXIT_FAILURES, EXIT_OK
+from lightning_overtrain.cli.exit_codes import EXIT_FAILURES, EXIT_OK
 from lightning_overtrain.cli.report import render_report
 from lightning_overtrain.cli.resume import resume_history, write_settings
 from lightning_overtrain.cli.series import Checkpoint, CheckpointError, SeriesError
-from lightning_overtrain.cli.setup import ProbeSetup, build_setup, collect_series
+from lightning_overtrain.cli.setup import (
+    ProbeSetup,
+    build_setup,
+    collect_series,
+    device_of,
+    set_threads,
+)
 from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.contract import Probe, ProbeContext, declared_signals
 from lightning_overtrain.engine.losses import check_loss
@@ -37,6 +43,9 @@ from lightning_overtrain.inflection.policy import InflectionPolicy
 def probe_command(args: argparse.Namespace) -> int:
     """``lightning-overtrain probe``: see ``lightning-overtrain probe --help``."""
     ordered, failures = collect_series(args)
+    threads = set_threads(args, device_of(args))
+    if threads:
+        print(threads)
     setup = build_setup(args, ordered)
     history = resume_history(args.out, setup.settings)
     # Tokens = 0 has no place on a log axis: such a checkpoint only gives the init std.
@@ -67,11 +76,15 @@ def probe_command(args: argparse.Namespace) -> int:
             record = measure_checkpoint(setup, ctx, ckpt, bar)
         except CheckpointError as exc:
             probe_failures += 1
-            failures.append((ckpt.path, str(exc)))
+            failures.append((ckpt.path, gone_reason(ckpt) or str(exc)))
+            if bar.disable:
+                print(f"cannot probe {ckpt.path}: {failures[-1][1]}", flush=True)
             continue
         finally:
             bar.update(1)
         probed += 1
+        if bar.disable:  # no progress bar (output is not a terminal): a line per checkpoint
+            print(checkpoint_line(ckpt, record), flush=True)
         record[keys.PROBE_FAILURES] = probe_failures
         history = sorted([*history, record], key=lambda r: r[keys.TOKENS])
         write_history(history, args.out)  # after every checkpoint: an interrupted run resumes
@@ -103,6 +116,25 @@ def probe_command(args: argparse.Namespace) -> int:
             print(f"  {path}: {reason}", file=sys.stderr)
         return EXIT_FAILURES
     return EXIT_OK
+
+
+def checkpoint_line(ckpt: Checkpoint, record: Record) -> str:
+    """``probed PATH: 1,024 tokens (step 2), reference_loss 3.1416, 2.5 s``."""
+    loss = record.get(keys.REFERENCE_LOSS, float("nan"))
+    return (
+        f"probed {ckpt.path}: {ckpt.tokens:,} tokens (step {ckpt.step}), reference_loss"
+        f" {loss:.4f}, {record.get(keys.PROBE_SECONDS, float('nan')):.1f} s"
+    )
+
+
+def gone_reason(ckpt: Checkpoint) -> str | None:
+    """The failure to report for a checkpoint that vanished while it was read, else None."""
+    if os.path.exists(ckpt.path):
+        return None
+    return (
+        "deleted while it was being read (a retention policy such as keep_latest_k or"
+        " save_top_k?): it is missing from the curves"
+    )
 
 
 def open_checkpoint(setup: ProbeSetup, ckpt: Checkpoint) -> ProbeContext:

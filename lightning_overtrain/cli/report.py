@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lightning_overtrain import keys
-from lightning_overtrain.cli.main import EXIT_OK
+from lightning_overtrain.cli.exit_codes import EXIT_OK
 from lightning_overtrain.cli.series import (
     SeriesError,
 )
-from lightning_overtrain.history import PLOTS_DIR, SETTINGS_FILE, Record, columns, read_history
+from lightning_overtrain.history import (
+    PLOTS_DIR,
+    SETTINGS_FILE,
+    Record,
+    columns,
+    read_history_checked,
+)
 from lightning_overtrain.inflection.detector import DetectorConfig, InflectionState
 from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
 from lightning_overtrain.inflection.verdicts import (
@@ -23,6 +29,7 @@ from lightning_overtrain.inflection.verdicts import (
     tokens_text,
 )
 from lightning_overtrain.keys import Signal
+from lightning_overtrain.safe_io import confined_signals, inside, read_json_object, write_atomic
 
 _JUDGED = ("inflection/", "best/")  # keys the policy adds; recomputed by `judge`
 _SUMMARY_FILE = "summary.md"
@@ -40,17 +47,25 @@ def report_command(run_dir: str) -> int:
         signals = _run_signals(settings)
         policy = _run_policy(settings)
         policy.declare(signals or [])
-        render_report(read_history(path), directory, policy, signals)
+        try:
+            history, problem = read_history_checked(path)
+        except (OSError, ValueError) as exc:
+            raise SeriesError(f"{path} cannot be read: {exc}.") from exc
+        if problem is not None:
+            print(problem)
+        render_report(history, directory, policy, signals)
     return EXIT_OK
 
 
 def _run_settings(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, SETTINGS_FILE)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return {}
-    with open(path) as f:
-        settings = json.load(f)
-    return settings if isinstance(settings, dict) else {}
+    try:
+        return read_json_object(path)
+    except (OSError, ValueError) as exc:  # truncated, corrupt, a FIFO: report without it
+        print(f"{path}: not read ({exc}); reporting with the default settings.")
+        return {}
 
 
 def _run_policy(settings: dict[str, Any]) -> InflectionPolicy:
@@ -58,7 +73,7 @@ def _run_policy(settings: dict[str, Any]) -> InflectionPolicy:
     config = settings.get("policy")
     if isinstance(config, dict):
         try:
-            return InflectionPolicy(**config)
+            return InflectionPolicy.from_config(config)
         except (TypeError, ValueError) as exc:
             print(f"the run's policy settings do not load ({exc}); using the defaults")
     return InflectionPolicy()
@@ -71,10 +86,14 @@ def _run_signals(settings: dict[str, Any]) -> list[Signal] | None:
     if not isinstance(saved, list):
         return None
     try:
-        return [Signal.from_dict(s) for s in saved]
+        signals = [Signal.from_dict(s) for s in saved]
     except (TypeError, ValueError) as exc:
         print(f"the run's declared signals do not load ({exc}); inferring them from the keys")
         return None
+    signals, renamed = confined_signals(signals)
+    for line in renamed:
+        print(line)
+    return signals
 
 
 def _find_histories(run_dir: str) -> list[str]:
@@ -127,10 +146,12 @@ def render_report(
     lines += [f"- {describe_inflection(k, s, config)}" for k, s in states.items()]
     text = "\n".join(lines)
     print(text)
-    with open(os.path.join(directory, _SUMMARY_FILE), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(directory, _INFLECTION_FILE), "w") as f:
-        json.dump({k: _json_ready(s.to_dict()) for k, s in states.items()}, f, indent=2)
+    verdicts = {k: _json_ready(s.to_dict()) for k, s in states.items()}
+    # Replaced, never written through: a link planted at these names is not followed.
+    write_atomic(os.path.join(directory, _SUMMARY_FILE), lambda f: f.write(text + "\n"))
+    write_atomic(
+        os.path.join(directory, _INFLECTION_FILE), lambda f: json.dump(verdicts, f, indent=2)
+    )
     for path in _render_plots(history, directory, signals):
         print(f"plot: {path}")
     return history
@@ -157,6 +178,8 @@ def judge(
         decisions: if given, every decision the replay fires is appended to it (the
             watcher acts on the ones it has not acted on before).
     """
+    if not policy.declared:  # a history saved without declarations: infer the built-in ones
+        policy.declare(keys.infer_signals(columns(history)))
     judged = []
     for old in history:
         record = {k: v for k, v in old.items() if not k.startswith(_JUDGED)}
@@ -217,12 +240,11 @@ def summary_table(history: Sequence[Record], signals: Sequence[Signal] | None = 
     Args:
         history: the records.
         signals: the probes' declarations (their ``summary`` signals are the columns);
-            None infers the built-in ones from the keys. Per-layer and diagnostic keys
-            stay in ``history.csv``.
+            None (an older history, written before signals were declared) infers the
+            built-in ones from the keys. Per-layer and diagnostic keys stay in ``history.csv``.
     """
     present = set(columns(history))
-    declared = keys.merge_signals(signals or (), present)
-    metrics = [s for s in declared if s.summary and s.key in present]
+    metrics = [s for s in declared_or_inferred(signals, present) if s.summary and s.key in present]
     header = ["tokens", "step", *(s.key for s in metrics)]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in history:
@@ -237,6 +259,16 @@ def summary_table(history: Sequence[Record], signals: Sequence[Signal] | None = 
     return "\n".join(rows)
 
 
+def declared_or_inferred(
+    signals: Sequence[Signal] | None, record_keys: Iterable[str]
+) -> list[Signal]:
+    """The run's declared signals as they are; only a history without them (``None``:
+    written before signals were declared) has its built-in ones inferred from the keys."""
+    if signals is not None:
+        return list(signals)
+    return keys.infer_signals(record_keys)
+
+
 def _render_plots(
     history: Sequence[Record], directory: str, signals: Sequence[Signal] | None
 ) -> list[str]:
@@ -244,6 +276,9 @@ def _render_plots(
 
     try:  # where a live run's PlotReporter writes them: one place per figure
         plots = os.path.join(directory, PLOTS_DIR)
+        if not inside(directory, plots):
+            print(f"{plots}: leads outside {directory}; no plots written.")
+            return []
         return list(write_figures(history, plots, signals=signals).values())
     except ImportError:
         return []  # matplotlib (the `plots` extra) is optional

@@ -21,8 +21,6 @@ import sys
 import time
 from typing import Any
 
-import torch
-
 from lightning_overtrain import keys
 from lightning_overtrain.callbacks.remote import (
     RUN_FILE,
@@ -30,9 +28,9 @@ from lightning_overtrain.callbacks.remote import (
     read_json,
     write_json_atomic,
 )
+from lightning_overtrain.cli.exit_codes import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK
 from lightning_overtrain.cli.follow import Follower, Signature
 from lightning_overtrain.cli.loading import SeriesInitStd, import_object, load_model, order_series
-from lightning_overtrain.cli.main import EXIT_FAILURES, EXIT_OK
 from lightning_overtrain.cli.probe import probe_checkpoint
 from lightning_overtrain.cli.report import render_report
 from lightning_overtrain.cli.resume import resume_history, write_settings
@@ -44,22 +42,25 @@ from lightning_overtrain.cli.series import (
     find_checkpoints,
     read_metadata,
 )
-from lightning_overtrain.cli.setup import build_setup, module_class_from, tokens_rule
+from lightning_overtrain.cli.setup import (
+    build_setup,
+    device_of,
+    module_class_from,
+    set_threads,
+    tokens_rule,
+)
 from lightning_overtrain.cli.watch_wandb import WandbLog
+from lightning_overtrain.engine.contract import declared_signals
 from lightning_overtrain.history import Record, write_history
 from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
 
 STATE_FILE = "watch.json"
-EXIT_INTERRUPTED = 130  # as a shell reports Ctrl-C
 
 
 def watch_command(args: argparse.Namespace) -> int:
     """``lightning-overtrain watch DIR``: see ``lightning-overtrain watch --help``."""
-    if not os.path.isdir(args.dir):
-        raise SeriesError(
-            f"DIR {args.dir!r}: no such directory. Check the path, or create it (mkdir -p) and"
-            " start the watcher again: it waits for the run's checkpoints."
-        )
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise SeriesError(f"DIR {args.dir!r} is not a directory: pass the run's checkpoint dir.")
     if args.idle_timeout is not None and args.idle_timeout < 0:
         raise SeriesError(f"--idle-timeout must be >= 0 seconds, got {args.idle_timeout}.")
     watcher = Watcher(args)
@@ -98,12 +99,14 @@ class Watcher:
         self.args = args
         policy_from_args(args)  # bad thresholds fail before anything is loaded
         self.rule = tokens_rule(args)
+        self.device = device_of(args)
+        self.threads = set_threads(args, self.device)
         # Built as `probe` builds it, from what is there now (a saved tokenizer, say); the
         # loader and the init std are set again from the first checkpoints that come.
-        present, _ = find_checkpoints([args.dir])
+        present, _ = find_checkpoints([args.dir], confined=True)
         self.setup = build_setup(args, present)
         self.setup.load = self._load
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.signals = declared_signals(self.setup.probes)
         self.settings = self.setup.settings
         self.settings.update(
             source="lightning-overtrain watch",
@@ -129,11 +132,18 @@ class Watcher:
         self.state["failures"] = self.failures
         self.backwards: list[str] = []
         self.deleted: list[str] = []
+        self.reported: set[str] = set()  # skipped entries already said
+        self.incomplete: list[tuple[str, str]] = []
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
         args, follower = self.args, Follower(self.args.dir)
         done = self._done_tokens()
+        if self.threads:
+            print(self.threads, flush=True)
+        waiting = not os.path.isdir(args.dir)
+        if waiting:
+            print(f"waiting for {args.dir} to be created (by the run)", flush=True)
         print(
             f"watching {args.dir} every {args.poll:g} s on {self.device}: {len(done)} checkpoint(s)"
             f" already probed, reference set of {sum(self.setup.weights):,} tokens",
@@ -142,6 +152,14 @@ class Watcher:
         last_activity = time.monotonic()
         while True:
             poll = follower.poll()
+            if waiting and os.path.isdir(args.dir):
+                waiting = False
+                print(f"{args.dir} exists now: following it", flush=True)
+            for path, reason in poll.skipped:
+                if path not in self.reported:
+                    self.reported.add(path)
+                    print(f"skipping {path}: {reason}", file=sys.stderr, flush=True)
+            self.incomplete = poll.incomplete
             for path in poll.vanished:
                 if path not in self.handled:
                     self.deleted.append(path)
@@ -215,6 +233,10 @@ class Watcher:
         try:
             record = probe_checkpoint(self.setup, ckpt, _NoBar(), check=not self.checked)
         except CheckpointError as exc:
+            if not os.path.exists(ckpt.path):  # a retention policy removed it meanwhile
+                self.deleted.append(ckpt.path)
+                print(f"{ckpt.path} was deleted while it was being read: skipped", flush=True)
+                return
             self._failed(ckpt.path, str(exc))
             return
         except SeriesError:
@@ -255,7 +277,12 @@ class Watcher:
         if self.auto_class is None and ckpt.kind == TRANSFORMERS:
             self.auto_class = import_object(self.args.auto_class, "--auto-class")
         return load_model(
-            ckpt, self.module_class, self.auto_class, self.device, self.args.unsafe_load
+            ckpt,
+            self.module_class,
+            self.auto_class,
+            self.device,
+            self.args.unsafe_load,
+            self.args.dcp_key,
         )
 
     def _failed(self, path: str, reason: str) -> None:
@@ -271,9 +298,10 @@ class Watcher:
     def _judge(self, history: list[Record]) -> tuple[list[Record], list[Decision]]:
         """The history judged by a fresh policy (as ``report`` does), and decisions new here."""
         policy = policy_from_args(self.args)
+        policy.declare(self.signals)
         fired: list[Decision] = []
         with contextlib.redirect_stdout(io.StringIO()):  # the full report is printed at the end
-            judged = render_report(history, self.args.out, policy, decisions=fired)
+            judged = render_report(history, self.args.out, policy, self.signals, fired)
         new = []
         for decision in fired:
             key = f"{decision.trigger}:{decision.signal}"
@@ -311,7 +339,8 @@ class Watcher:
     def _finish(self) -> int:
         if self.history:
             policy = policy_from_args(self.args)
-            render_report(self.history, self.args.out, policy)
+            policy.declare(self.signals)
+            render_report(self.history, self.args.out, policy, self.signals)
             best = policy.best
             path = best and self.state["paths"].get(str(int(best["tokens"])))
             if best and path:
@@ -319,6 +348,7 @@ class Watcher:
         if self.wandb is not None:
             self.wandb.finish()
         problems = [f"  {p}: {r}" for p, r in self.failures.items()] + self.backwards
+        problems += [f"  {p}: {r} when the watcher stopped" for p, r in self.incomplete]
         if self.deleted:
             print(f"{len(self.deleted)} checkpoint(s) deleted before they could be probed")
         if problems:

@@ -10,6 +10,7 @@ from typing import Any
 from lightning_overtrain import keys
 from lightning_overtrain.history import Record
 from lightning_overtrain.inflection.policy import Decision
+from lightning_overtrain.reporting.loggers import WANDB_QUIET
 
 PREFIX = "overtrain"
 
@@ -35,6 +36,7 @@ class WandbLog:
                 dir=args.out,
                 job_type="overtrain-watch",
                 config={PREFIX: settings},
+                settings=WANDB_QUIET,
             )
             self.run.define_metric(f"{PREFIX}/{keys.TOKENS}")
             self.run.define_metric(f"{PREFIX}/*", step_metric=f"{PREFIX}/{keys.TOKENS}")

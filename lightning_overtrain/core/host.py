@@ -20,11 +20,14 @@ from lightning_overtrain.engine.collectives import Collectives
 
 
 class SaveBest(Protocol):
-    """Writes the kept snapshot ``(path, backup, cooled, state_key, state)``; on every rank."""
+    """Writes the kept snapshot ``(path, backup, cooled, state_key, state)``; on every rank.
+
+    Returns None once ``path`` holds it, else the error (the same on every rank).
+    """
 
     def __call__(
         self, path: str, backup: ModelBackup, cooled: bool, state_key: str, state: dict[str, Any]
-    ) -> None: ...
+    ) -> Exception | None: ...
 
 
 @dataclass

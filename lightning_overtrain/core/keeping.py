@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 from contextlib import nullcontext
 from typing import Any
 
@@ -29,7 +32,7 @@ def save_weights(
     cooled: bool,
     state_key: str,
     state: dict[str, Any],
-) -> None:
+) -> Exception | None:
     """Write the snapshot just measured to ``path`` as ``{"state_dict", "callbacks"}``.
 
     The layout of a Lightning checkpoint without the optimizer, so
@@ -38,8 +41,11 @@ def save_weights(
     state under ``state_key``. Rank 0 writes; every rank calls it and agrees on
     failure, so a full disk on rank 0 is skipped on every rank alike.
 
-    Raises:
-        OSError (or what ``torch.save`` raised): on every rank when rank 0 could not write.
+    Written under a temporary name in the target's directory and renamed into place
+    once complete, so a failed write never destroys the previous best snapshot.
+
+    Returns:
+        None once ``path`` holds the new snapshot; else the error, on every rank alike.
     """
     with presented(module, backup) if cooled else nullcontext():
         weights = {k: v.detach().cpu() for k, v in module.state_dict().items()}
@@ -49,9 +55,17 @@ def save_weights(
     }
     error: Exception | None = None
     if collectives.is_global_zero:
+        tmp = os.path.join(
+            os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp"
+        )
         try:
-            torch.save(checkpoint, path)
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
         except Exception as exc:  # e.g. a full disk on rank 0, which alone writes
             error = exc
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     if collectives.any_rank(error is not None):
-        raise error or RuntimeError(f"another rank could not write the best snapshot {path}")
+        return error or OSError(f"another rank could not write the best snapshot {path}")
+    return None

@@ -30,14 +30,16 @@ from lightning_overtrain.engine.collectives import Collectives
 from lightning_overtrain.engine.contract import Probe, declared_signals
 from lightning_overtrain.engine.data import ReferenceData, TokenBudget
 from lightning_overtrain.engine.init_std import InitStd
-from lightning_overtrain.engine.losses import LossFn, check_loss, transformers_loss
+from lightning_overtrain.engine.losses import LossFn, check_losses, transformers_loss
 from lightning_overtrain.engine.tokens import TokensFn, count_tokens
 from lightning_overtrain.history import Record
 from lightning_overtrain.inflection.policy import InflectionPolicy
 from lightning_overtrain.keys import Signal
 from lightning_overtrain.probes.cooldown import CooldownBranch
 from lightning_overtrain.reporting.base import Reporter, RunView
+from lightning_overtrain.reporting.guard import call_reporters
 from lightning_overtrain.reporting.progress import SnapshotProgress
+from lightning_overtrain.reporting.rundir import choose_dirpath
 
 
 class MonitorCore(SnapshotSteps):
@@ -87,21 +89,21 @@ class MonitorCore(SnapshotSteps):
         backup_device: str | None = None,
     ) -> None:
         checked = check_arguments(
-            reference_data,
-            probes,
-            reference_batches,
-            reference_tokens,
-            loss_fn,
-            tokens_fn,
-            token_offset,
-            init_std,
-            on_probe_error,
-            prefix,
-            reporters,
-            cooldown_steps,
-            cooldown_data,
-            policy,
-            backup_device,
+            reference_data=reference_data,
+            probes=probes,
+            reference_batches=reference_batches,
+            reference_tokens=reference_tokens,
+            loss_fn=loss_fn,
+            tokens_fn=tokens_fn,
+            token_offset=token_offset,
+            init_std=init_std,
+            on_probe_error=on_probe_error,
+            prefix=prefix,
+            reporters=reporters,
+            cooldown_steps=cooldown_steps,
+            cooldown_data=cooldown_data,
+            policy=policy,
+            backup_device=backup_device,
         )
         self.cadence = Cadence(every_n_steps, every_n_tokens, points_per_decade, start_tokens)
         self.probes: list[Probe] = checked.probes
@@ -131,6 +133,7 @@ class MonitorCore(SnapshotSteps):
         self.history: list[Record] = []
         self.clock = TokenClock(self.tokens_fn, self.token_offset)
         self.probe_failures = 0
+        self.output_failures = 0  # writes of the monitor's files that failed (warned)
         self.init_stds: dict[str, float] | None = None
         self.init_std_source: str | None = None
         self.policy = policy if policy is not None else InflectionPolicy()
@@ -173,6 +176,10 @@ class MonitorCore(SnapshotSteps):
         """Where history files go unless the user chose (every rank must pass the same)."""
         if self._dirpath is None:
             self._dirpath = os.fspath(dirpath)
+
+    def set_dirpath(self, dirpath: str | os.PathLike[str]) -> None:
+        """Where this run's files go, as the front end decided (every rank the same)."""
+        self._dirpath = os.fspath(dirpath)
 
     def use_reporters(self, defaults: Sequence[Reporter]) -> None:
         """The user's reporters if they named any, else the front end's ``defaults``."""
@@ -223,7 +230,13 @@ class MonitorCore(SnapshotSteps):
 
     # ------------------------------------------------------------------ life
     def start(
-        self, host: Host, *, step: int = 0, resumed_from: str | None = None, quiet: bool = False
+        self,
+        host: Host,
+        *,
+        step: int = 0,
+        resumed_from: str | None = None,
+        quiet: bool = False,
+        choose_directory: bool = True,
     ) -> None:
         """Take the reference shard, back up the model, check every input; before training.
 
@@ -232,11 +245,17 @@ class MonitorCore(SnapshotSteps):
             step: the optimizer step training starts from.
             resumed_from: the checkpoint the run resumed from (None: a fresh run).
             quiet: skip the reporters' set-up (a front end calls it later itself).
+            choose_directory: never write into a directory holding another run's history
+                (take the next free ``<dirpath>_<n>``); False where the front end chose
+                already (the Lightning callback decides on rank zero and broadcasts).
 
         Raises:
             ValueError: when the reference data, the loss or a probe does not work with the model.
         """
         self.host, self.collectives = host, host.collectives
+        if choose_directory and self._dirpath is not None:
+            # After the checkpoint's state is back: a resumed run keeps its directory.
+            self._dirpath = choose_dirpath(self._dirpath, self.history, resumed_from is not None)
         self.clock.bind(host.collectives)
         module = host.module
         shard = ReferenceShard(
@@ -258,8 +277,16 @@ class MonitorCore(SnapshotSteps):
                 self.collectives,
                 resumed_from,
             )
-        if self.batches:  # a rank without reference batches has nothing to check
-            check_loss(module, self.backup, self.batches[0], self.loss_fn, "reference_data")
+        # Every batch once (a bad token id in batch 5 is named now, not at every snapshot).
+        check_losses(
+            module,
+            self.backup,
+            self.batches,
+            self.loss_fn,
+            "reference_data",
+            self.collectives.rank,
+            self.collectives.world_size,
+        )
         ctx = self.context()
         if self.cooldown_steps:
             self.cooldown = make_cooldown(
@@ -284,9 +311,10 @@ class MonitorCore(SnapshotSteps):
         """The reporters' set-up, on rank zero, and the monitor's opening line."""
         assert self.host is not None
         if self.collectives.is_global_zero:
-            view = self.view()
-            for reporter in self.reporters:
-                reporter.setup(self.host.handle, view)
+            view, handle = self.view(), self.host.handle
+            self.output_failures = call_reporters(
+                self.reporters, "setup", lambda r: r.setup(handle, view), self.output_failures
+            )
         info(
             self.collectives,
             f"OvertrainingMonitor: {len(self.probes)} probe(s),"
@@ -354,9 +382,10 @@ class MonitorCore(SnapshotSteps):
         """Training ended: the exact count, and the reporters' closing (every rank calls it)."""
         self.clock.sync(self._device())
         if self.collectives.is_global_zero and self.host is not None:
-            view = self.view()
-            for reporter in self.reporters:
-                reporter.teardown(self.host.handle, view)
+            view, handle = self.view(), self.host.handle
+            self.output_failures = call_reporters(
+                self.reporters, "teardown", lambda r: r.teardown(handle, view), self.output_failures
+            )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -377,6 +406,7 @@ class MonitorCore(SnapshotSteps):
             "history": [dict(r) for r in self.history],
             **self.clock.state_dict(self._device()),
             "probe_failures": self.probe_failures,
+            "output_failures": self.output_failures,
             "cadence": self.cadence.state_dict(),
             "init_stds": dict(self.init_stds) if self.init_stds is not None else None,
             "init_std_source": self.init_std_source,
@@ -388,6 +418,7 @@ class MonitorCore(SnapshotSteps):
         self.history = [dict(r) for r in state_dict.get("history", [])]
         self.clock.load_state_dict(state_dict)
         self.probe_failures = int(state_dict.get("probe_failures", 0))
+        self.output_failures = int(state_dict.get("output_failures", 0))
         self.cadence.load_state_dict(state_dict.get("cadence", {}))
         stds = state_dict.get("init_stds")
         self.init_stds = dict(stds) if stds is not None else None

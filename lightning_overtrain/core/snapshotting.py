@@ -13,6 +13,8 @@ from functools import partial
 from typing import Any
 
 from lightning_overtrain import keys
+from lightning_overtrain.callbacks.cadence import Cadence
+from lightning_overtrain.callbacks.keeping import best_not_written
 from lightning_overtrain.core.acting import act
 from lightning_overtrain.core.host import Host
 from lightning_overtrain.core.keeping import BEST_COOLED_FILE, BEST_FILE, save_weights
@@ -21,12 +23,14 @@ from lightning_overtrain.core.token_clock import TokenClock
 from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.collectives import Collectives
 from lightning_overtrain.engine.contract import Probe, ProbeContext
+from lightning_overtrain.engine.divergence import TrainingDiverged, diverged_message
 from lightning_overtrain.engine.losses import LossFn
 from lightning_overtrain.engine.snapshot import measure_snapshot
 from lightning_overtrain.history import Record
 from lightning_overtrain.inflection.policy import Decision, InflectionPolicy
 from lightning_overtrain.probes.cooldown import CooldownBranch
 from lightning_overtrain.reporting.base import Reporter
+from lightning_overtrain.reporting.guard import OUTPUT_FAILURES, call_reporters
 from lightning_overtrain.reporting.progress import SnapshotProgress, counted
 
 _JUDGING = "judging the snapshot (detector and policy)"
@@ -41,6 +45,7 @@ class SnapshotSteps:
     collectives: Collectives
     clock: TokenClock
     probes: list[Probe]
+    cadence: Cadence
     policy: InflectionPolicy
     history: list[Record]
     reporters: list[Reporter]
@@ -53,6 +58,7 @@ class SnapshotSteps:
     loss_fn: LossFn
     on_probe_error: str
     probe_failures: int
+    output_failures: int
     stop_reason: str | None
     stop_requested: bool
     state_key: str
@@ -71,7 +77,16 @@ class SnapshotSteps:
         self.clock.sync(self._device())
         record: Record = {keys.TOKENS: self.tokens, keys.STEP: step}
 
+        diverged: list[Decision] = []
+
         def failed(what: str, exc: Exception) -> None:
+            if isinstance(exc, TrainingDiverged):  # not a probe's fault: say what happened
+                message = diverged_message(exc.loss, self.tokens, step)
+                action = self.policy.action_for(keys.REFERENCE_LOSS)
+                diverged.append(
+                    Decision(keys.REFERENCE_LOSS, "diverged", action, self.tokens, message)
+                )
+                return
             self._probe_failed(what, exc, record)
 
         before = self.current_state()
@@ -101,15 +116,22 @@ class SnapshotSteps:
                 failed(_JUDGING, exc)
                 record[keys.PROBE_FAILURES] = self.probe_failures
                 decisions = []
+        except BaseException:  # e.g. Ctrl-C in a probe: a checkpoint saved now retakes it
+            self.cadence.load_state_dict({**before["cadence"], "retake": True})
+            self.policy.load_state_dict(before["policy"])
+            raise
         finally:
             self._state_before_snapshot = None
         record[keys.PROBE_SECONDS] = time.perf_counter() - began
+        record[OUTPUT_FAILURES] = self.output_failures
         self.history.append(record)
         if self.collectives.is_global_zero:
-            view = self.view()
-            for reporter in self.reporters:
-                reporter.report(self.host.handle, view, record)
-        self._act(decisions)
+            view, handle = self.view(), self.host.handle
+            self.output_failures = call_reporters(
+                self.reporters, "report", lambda r: r.report(handle, view, record),
+                self.output_failures,
+            )  # fmt: skip
+        self._act([*diverged, *decisions])
         return record
 
     def _judge(self, record: Record) -> list[Decision]:
@@ -135,19 +157,24 @@ class SnapshotSteps:
         state = {**self.current_state(), "config": self.config()}
         state["history"] = [*state["history"], dict(record)]
         if self.host.save_best is not None:
-            self.host.save_best(path, self.backup, cooled, self.state_key, state)
-            return
-        os.makedirs(self.dirpath, exist_ok=True)
-        save_weights(
-            self.host.module, self.collectives, path, self.backup, cooled, self.state_key, state
-        )
+            error = self.host.save_best(path, self.backup, cooled, self.state_key, state)
+        else:
+            error = save_weights(
+                self.host.module, self.collectives, path, self.backup, cooled, self.state_key, state
+            )
+        if error is not None:  # only the file is missing: the judgement stands
+            self.output_failures = best_not_written(
+                self.policy.best, path, error, self.output_failures
+            )
 
     def _act(self, decisions: list[Decision]) -> None:
         def alert(title: str, text: str, level: str) -> None:
             assert self.host is not None
-            view = self.view()
-            for reporter in self.reporters:
-                reporter.alert(self.host.handle, view, title, text, level)
+            view, handle = self.view(), self.host.handle
+            self.output_failures = call_reporters(
+                self.reporters, "alert", lambda r: r.alert(handle, view, title, text, level),
+                self.output_failures,
+            )  # fmt: skip
 
         reason = act(self.collectives, decisions, alert)
         if reason is not None:

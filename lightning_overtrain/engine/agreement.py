@@ -13,7 +13,9 @@ ranks failed, and whether any was cut off (then the ranks' partial results may
 differ, and none is kept).
 
 Cost: one 3-element all-reduce before each of the probe's collectives and one
-at its end; nothing at all in one process.
+at its end; nothing at all in one process. Only when some rank failed, every rank
+also gathers each rank's error text (one ``all_gather_object``), so rank 0, which
+alone logs, can say what went wrong on the rank that failed.
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from lightning_overtrain.engine.contract import ProbeFailure
+
+#: The longest error text each rank sends (a traceback's first line is enough).
+ERROR_MAX_CHARS = 500
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]
 
@@ -52,6 +58,8 @@ class Agreement:
         self.world_size = world_size
         self.device = device
         self._broken: str | None = None  # why this rank stopped communicating
+        #: per rank, ``(error text, cut off)`` once a failure was agreed (see :meth:`finish`).
+        self.errors: list[tuple[str, bool] | None] = []
 
     @property
     def cut(self) -> bool:
@@ -83,11 +91,12 @@ class Agreement:
             raise ProbeFailure(f"not summed across ranks: {self._broken}")
         return self.inner(tensor)
 
-    def finish(self, failed: bool) -> tuple[int, int]:
+    def finish(self, failed: bool, error: BaseException | None = None) -> tuple[int, int]:
         """Make state collectives until every rank has finished the probe.
 
         Args:
             failed: whether the probe raised on this rank.
+            error: its error, whose text the other ranks get (see :meth:`other_errors`).
 
         Returns:
             ``(failed ranks, ranks cut off by another's failure)``, the same on every rank.
@@ -96,4 +105,40 @@ class Agreement:
         while True:
             failed_ranks, done_ranks, cut_ranks = self._state(failed, done=True)
             if done_ranks == self.world_size:
+                if failed_ranks:  # every rank knows it: all of them make this gather
+                    self.errors = gather_errors(error if failed else None, self.cut)
                 return failed_ranks, cut_ranks
+
+    def other_errors(self) -> str:
+        """The other ranks' own errors, e.g. ``" (rank 1: RuntimeError: out of memory)"``.
+
+        Empty when none failed by itself or the texts could not be gathered.
+        """
+        return describe_other_errors(self.errors)
+
+
+def describe_other_errors(errors: list[tuple[str, bool] | None]) -> str:
+    """The other ranks' own errors in ``errors`` (from :func:`gather_errors`), as
+    ``" (rank 1: RuntimeError: ...)"``; empty when there are none."""
+    here = dist.get_rank() if dist.is_available() and dist.is_initialized() else -1
+    texts = [
+        f"rank {rank}: {entry[0]}"
+        for rank, entry in enumerate(errors)
+        if entry is not None and not entry[1] and rank != here
+    ]
+    return f" ({'; '.join(texts)})" if texts else ""
+
+
+def gather_errors(error: BaseException | None, cut: bool) -> list[tuple[str, bool] | None]:
+    """Every rank's error text and whether it was cut off (None: no error); a collective.
+
+    Returns an empty list outside an initialized process group (nothing to gather).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    text = None
+    if error is not None:
+        text = (f"{type(error).__name__}: {error}"[:ERROR_MAX_CHARS], cut)
+    gathered: list[tuple[str, bool] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, text)
+    return gathered

@@ -112,6 +112,13 @@ class ProbeContext:
                 f" on {failed_ranks} of {self.world_size} rank(s)" if self.world_size > 1 else ""
             )
             detail = f": {type(error).__name__}: {error}" if error is not None else ""
+            if self.world_size > 1:  # every rank saw the flag: all of them gather the texts
+                from lightning_overtrain.engine.agreement import (
+                    describe_other_errors,
+                    gather_errors,
+                )
+
+                detail += describe_other_errors(gather_errors(error, False))
             raise ProbeFailure(f"the computation failed{where}{detail}") from error
         return packed[:-1].reshape(shape)
 

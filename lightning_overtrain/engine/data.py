@@ -10,12 +10,24 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_overtrain.engine.rng import isolated_rng, seeded_rng
 from lightning_overtrain.engine.tokens import TokensFn, checked_token_count
 
 ReferenceData = Iterable[Any] | Callable[[], Iterable[Any]]
+
+#: The most batches read from data that has no length when no count is given: an
+#: endless or streaming loader is refused past it instead of filling memory forever.
+MAX_UNSIZED_BATCHES = 4096
+
+#: How to bound each argument's data, for the message when it has no end.
+_SIZE_HINTS = {
+    "reference_data": "Pass reference_tokens=8192 (the reference set's size in tokens) or"
+    " reference_batches=N to take only the first batches.",
+    "eval_data": "Pass eval_batches=N to take only the first N batches.",
+}
 
 
 def check_batches_argument(data: Any, argument: str, what: str) -> None:
@@ -71,11 +83,55 @@ def take_batches(
         ValueError: if ``data`` yields no batches.
     """
     iterable = data() if callable(data) else data
+    # Data with no length and no count may never end (a streaming IterableDataset).
+    bound = limit is None and not _has_length(iterable) and not isinstance(data, TokenBudget)
     with isolated_rng() if seed is None else seeded_rng(seed):
-        batches = list(islice(iter(iterable), limit))
+        batches = list(islice(iter(iterable), MAX_UNSIZED_BATCHES + 1 if bound else limit))
     if not batches:
         raise ValueError(f"`{argument}` yielded no batches. {hint}")
+    if bound and len(batches) > MAX_UNSIZED_BATCHES:
+        raise ValueError(
+            f"`{argument}` has no length and yielded more than {MAX_UNSIZED_BATCHES:,} batches"
+            " (an endless or streaming loader?), so it is not read to its end."
+            f" {_SIZE_HINTS.get(argument, 'Pass a DataLoader with a length, or a list.')}"
+        )
+    for index, batch in enumerate(batches):
+        check_not_text(batch, argument, index)
     return batches
+
+
+def _has_length(data: Any) -> bool:
+    try:
+        len(data)
+    except TypeError:
+        return False
+    return True
+
+
+def check_not_text(batch: Any, argument: str, index: int) -> None:
+    """Refuse a batch of untokenized text with a message that says so.
+
+    Raises:
+        ValueError: naming the argument, the batch and the fix (tokenize first).
+    """
+    tensors: list[torch.Tensor] = []
+    apply_to_collection(batch, torch.Tensor, tensors.append)
+    if tensors:  # token ids are there; text beside them (metadata) is the loss_fn's business
+        return
+    values = list(batch.values()) if isinstance(batch, Mapping) else [batch]
+    text = [
+        v
+        for v in values
+        if isinstance(v, (str, bytes))
+        or (isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v))
+    ]
+    if text:
+        sample = repr(text[0])[:60]
+        raise ValueError(
+            f"`{argument}` batch {index} holds text ({sample}), not token ids: the monitor"
+            " evaluates the model on tokenized batches. Tokenize it first, e.g. a collate_fn"
+            " returning tokenizer(texts, return_tensors='pt', padding=True)."
+        )
 
 
 class TokenBudget:
@@ -104,12 +160,19 @@ class TokenBudget:
         self.tokens_fn = tokens_fn
 
     def __call__(self) -> Iterator[Any]:
-        total = 0
+        total, count = 0, 0
         for batch in self.data() if callable(self.data) else self.data:
+            check_not_text(batch, "reference_data", count)  # before tokens_fn fails on it
             yield batch
             total += checked_token_count(self.tokens_fn, batch)
+            count += 1
             if total >= self.tokens:
                 return
+        rank_zero_warn(
+            f"`reference_tokens={self.tokens}` asks for more tokens than `reference_data`"
+            f" holds ({total:,} tokens in {count} batch(es)): the reference set is all of it."
+            f" Pass reference_tokens={total} or less, or more held-out data."
+        )
 
     def __repr__(self) -> str:
         return f"TokenBudget({type(self.data).__name__}, tokens={self.tokens})"

@@ -113,8 +113,47 @@ def loss_sums(
     return torch.stack([total, torch.tensor(float(weight), dtype=torch.float64, device=device)])
 
 
+def check_losses(
+    module: nn.Module,
+    backup: ModelBackup,
+    batches: Sequence[Any],
+    loss_fn: LossFn,
+    argument: str,
+    rank: int = 0,
+    world_size: int = 1,
+) -> None:
+    """:func:`check_loss` on every batch of this rank's share, once, before training.
+
+    A bad token id in the reference set's 5th batch then fails here, naming batch 4,
+    instead of failing every snapshot later. Under several ranks each checks its
+    round-robin share (global index ``rank + i * world_size``) and the ranks agree
+    (one gather of each rank's error), so all of them raise the same error.
+
+    Raises:
+        ValueError: naming the loss, the argument, the batch's index and the error.
+    """
+    error: str | None = None
+    for i, batch in enumerate(batches):
+        try:
+            check_loss(module, backup, batch, loss_fn, argument, rank + i * world_size)
+        except ValueError as exc:
+            error = str(exc)
+            break
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        errors: list[str | None] = [None] * world_size
+        torch.distributed.all_gather_object(errors, error)  # every rank reaches it
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise ValueError(error)
+
+
 def check_loss(
-    module: nn.Module, backup: ModelBackup, batch: Any, loss_fn: LossFn, argument: str
+    module: nn.Module,
+    backup: ModelBackup,
+    batch: Any,
+    loss_fn: LossFn,
+    argument: str,
+    index: int = 0,
 ) -> None:
     """Raise a clear error, before training, if ``loss_fn`` cannot use a batch of ``argument``.
 
@@ -129,10 +168,11 @@ def check_loss(
         try:
             loss = loss_fn(module, batch)
         except Exception as exc:
-            raise ValueError(_loss_failed(loss_fn, batch, argument, exc)) from exc
+            raise ValueError(_loss_failed(loss_fn, batch, argument, exc, index)) from exc
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ValueError(
-            f"`loss_fn` ({_name(loss_fn)}) must return a scalar tensor for a `{argument}` batch,"
+            f"`loss_fn` ({_name(loss_fn)}) must return a scalar tensor for `{argument}` batch"
+            f" {index},"
             f" got {type(loss).__name__}"
             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}."
             " Return the mean next-token loss of the batch."
@@ -143,10 +183,11 @@ def _name(fn: Any) -> str:
     return getattr(fn, "__name__", None) or repr(fn)  # a functools.partial has no name
 
 
-def _loss_failed(loss_fn: LossFn, batch: Any, argument: str, exc: Exception) -> str:
+def _loss_failed(loss_fn: LossFn, batch: Any, argument: str, exc: Exception, index: int = 0) -> str:
     # The error's own text, without its final period, so the sentence ends with one.
     error = f"{type(exc).__name__}: {str(exc).rstrip().rstrip('.')}"
-    where = f"on the first batch of `{argument}` ({describe_batch(batch)})"
+    which = "the first batch" if index == 0 else f"batch {index} (counting from 0)"
+    where = f"on {which} of `{argument}` ({describe_batch(batch)})"
     if loss_fn is transformers_loss:
         advice = (
             ""

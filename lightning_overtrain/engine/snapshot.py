@@ -19,6 +19,7 @@ from lightning_overtrain import keys
 from lightning_overtrain.engine.agreement import Agreement
 from lightning_overtrain.engine.backup import borrowed
 from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
+from lightning_overtrain.engine.divergence import TrainingDiverged
 from lightning_overtrain.history import Record
 
 OnFailure = Callable[[str, Exception], None]
@@ -104,12 +105,12 @@ def run_probe(probe: Probe, ctx: ProbeContext) -> dict[str, float]:
     finally:
         ctx.reduce_sum = agreement.inner
         _hand_back(ctx)
-    failed, cut = agreement.finish(error is not None)
+    failed, cut = agreement.finish(error is not None, error)
     if error is not None and failed == ctx.world_size and not cut:
         raise error  # the probe's own failure, alike on every rank: its partial results too
     if failed:
         message = _failure_message(error, agreement.cut, failed, cut, ctx.world_size)
-        raise ProbeFailure(message) from error
+        raise ProbeFailure(message + agreement.other_errors()) from error
     return result
 
 
@@ -139,5 +140,5 @@ def _reference_loss(ctx: ProbeContext) -> float:
     sums = ctx.reduce_or_fail(ctx.local_loss_sums, (2,))
     loss = float(sums[0] / sums[1])
     if not math.isfinite(loss):
-        raise ProbeFailure(f"the reference loss is {loss}")
+        raise TrainingDiverged(loss)
     return loss

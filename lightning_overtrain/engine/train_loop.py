@@ -41,6 +41,7 @@ def train_steps(
     label: str = "training",
     sharded: bool = False,
     scaler: Any = None,
+    after_step: Callable[[int], bool] | None = None,
 ) -> list[float]:
     """Take ``steps`` optimizer steps on ``data`` (cycled), data-parallel across ranks.
 
@@ -75,6 +76,10 @@ def train_steps(
         scaler: a ``torch.amp.GradScaler`` (16-bit mixed precision): the loss is scaled
             before backward, the gradients unscaled before clipping, and a step with
             inf/NaN gradients is skipped, as Lightning does for training.
+        after_step: called with the number of steps taken after each optimizer step
+            that succeeded on every rank; returning True stops early. It is called at
+            the same points on every rank, so it may make collectives through the
+            probe context (e.g. evaluate the weights in between steps).
 
     Returns:
         The global batch's mean loss at each step.
@@ -123,6 +128,8 @@ def train_steps(
             raise ProbeFailure(
                 f"{label} failed at step {at} of {steps}{where}: {detail}"
             ) from error
+        if step and after_step is not None and after_step(step):
+            break
         if step == steps:
             break
         losses.append(packed[0])

@@ -7,19 +7,13 @@ stays crossed) and goes through ``state_dict`` / ``load_state_dict``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import numpy as np
-
-from lightning_overtrain.inflection.crossing import (
-    DEFAULT_MIN_POINTS,
-    DEFAULT_NOISE_SIGMAS,
-    DEFAULT_PATIENCE,
-    detect_crossing,
-)
+from lightning_overtrain.inflection.config import DetectorConfig, check_number
+from lightning_overtrain.inflection.crossing import detect_crossing
 from lightning_overtrain.inflection.forecast import (
-    DEFAULT_FORECAST_LEVEL,
     Forecast,
     fit_forecast,
     fit_forecast_decomposed,
@@ -51,6 +45,7 @@ class InflectionState:
     n_points: int
     latest_tokens: float | None = None
     latest_value: float | None = None
+    paired: bool = False
 
     @property
     def falling(self) -> bool:
@@ -64,27 +59,6 @@ class InflectionState:
         return {k: math.nan if v is None else float(v) for k, v in asdict(self).items()}
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    fix = f"Pass {name}={minimum} or more."
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an int >= {minimum}, got {value!r}. {fix}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}. {fix}")
-    return int(value)
-
-
-def _check_number(name: str, value: Any, requirement: str, fix: str, ok: Any) -> float:
-    if isinstance(value, (str, bytes, bool)):
-        raise TypeError(f"`{name}` must be a number, got {value!r}. {fix}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be a number, got {value!r}. {fix}") from None
-    if not (math.isfinite(number) and ok(number)):
-        raise ValueError(f"`{name}` must be {requirement}, got {number!r}. {fix}")
-    return number
-
-
 _TERM_KEYS = ("bases", "base_stderrs", "sensitivities", "sensitivity_stderrs")
 
 
@@ -92,7 +66,7 @@ def _check_stderr(name: str, stderr: Any, none: str) -> float | None:
     if stderr is None:
         return None
     fix = f"Pass the standard error, or None to {none}."
-    return _check_number(name, stderr, "None or a finite number >= 0", fix, lambda v: v >= 0)
+    return check_number(name, stderr, "None or a finite number >= 0", fix, lambda v: v >= 0)
 
 
 def _check_terms(base: Any, base_stderr: Any, sensitivity: Any, sensitivity_stderr: Any):
@@ -112,11 +86,25 @@ def _check_terms(base: Any, base_stderr: Any, sensitivity: Any, sensitivity_stde
         )
     fix = "Skip a snapshot whose probe failed instead."
     return (
-        _check_number("base", base, "a finite number", fix, lambda v: True),
+        check_number("base", base, "a finite number", fix, lambda v: True),
         _check_stderr("base_stderr", base_stderr, "fit the base unweighted"),
-        _check_number("sensitivity", sensitivity, "a finite number", fix, lambda v: True),
+        check_number("sensitivity", sensitivity, "a finite number", fix, lambda v: True),
         _check_stderr("sensitivity_stderr", sensitivity_stderr, "fit it unweighted"),
     )
+
+
+def _check_samples(samples: Any) -> tuple[float, ...] | None:
+    if samples is None:
+        return None
+    fix = "Pass one finite value per sample (2 or more), in the same order every time, or None."
+    if isinstance(samples, (str, bytes)) or not hasattr(samples, "__len__"):
+        raise TypeError(f"`samples` must be a sequence of numbers, got {samples!r}. {fix}")
+    values = tuple(
+        check_number("samples", v, "a finite number", fix, lambda v: True) for v in samples
+    )
+    if len(values) < 2:
+        raise ValueError(f"`samples` must hold 2 values or more, got {len(values)}. {fix}")
+    return values
 
 
 def _not_in_the_past(forecast: Forecast, latest: float) -> Forecast | None:
@@ -125,73 +113,6 @@ def _not_in_the_past(forecast: Forecast, latest: float) -> Forecast | None:
     if forecast.tokens < latest or forecast.high < latest:
         return None
     return Forecast(forecast.tokens, max(forecast.low, latest), forecast.high)
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """The detector's settings, in one place: the detector, the policy and the CLI read them.
-
-    Args:
-        patience: Snapshots in a row that must sit above the bottom to declare a crossing.
-        min_rise: Smallest rise above the bottom that counts, in the signal's units.
-        noise_sigmas: How many standard errors (of latest minus bottom) the rise must exceed.
-        min_points: Snapshots needed before crossing is declared or ``T*`` forecast (the
-            forecast needs 6 at least, and without stderrs the noise estimate needs 5).
-        forecast: Fit and forecast ``T*`` at every update (about 5-10 ms at 40 points).
-        forecast_level: Probability mass of the forecast interval.
-
-    Raises:
-        ValueError: On an out-of-range setting, naming it and the fix.
-        TypeError: On a setting of the wrong type.
-
-    Example::
-
-        config = DetectorConfig(patience=3, noise_sigmas=2.0)
-        InflectionDetector(config=config)
-        InflectionPolicy(detector=config)
-    """
-
-    patience: int = DEFAULT_PATIENCE
-    min_rise: float = 0.0
-    noise_sigmas: float = DEFAULT_NOISE_SIGMAS
-    min_points: int = DEFAULT_MIN_POINTS
-    forecast: bool = True
-    forecast_level: float = DEFAULT_FORECAST_LEVEL
-
-    def __post_init__(self) -> None:
-        checked = {
-            "patience": _check_int("patience", self.patience, 1),
-            "min_rise": _check_number(
-                "min_rise",
-                self.min_rise,
-                "a finite number >= 0",
-                "Pass min_rise=0.0 to rely on the noise alone.",
-                lambda v: v >= 0,
-            ),
-            "noise_sigmas": _check_number(
-                "noise_sigmas",
-                self.noise_sigmas,
-                "a finite number >= 0",
-                f"Pass e.g. noise_sigmas={DEFAULT_NOISE_SIGMAS} (the default).",
-                lambda v: v >= 0,
-            ),
-            "min_points": _check_int("min_points", self.min_points, 3),
-            "forecast_level": _check_number(
-                "forecast_level",
-                self.forecast_level,
-                "strictly between 0 and 1",
-                "Pass e.g. forecast_level=0.8 for an 80% interval.",
-                lambda v: 0 < v < 1,
-            ),
-        }
-        if not isinstance(self.forecast, bool):
-            raise TypeError(f"`forecast` must be a bool, got {self.forecast!r}.")
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values, for ``monitor.json``."""
-        return asdict(self)
 
 
 class InflectionDetector:
@@ -205,17 +126,14 @@ class InflectionDetector:
     is far better determined.
 
     Args:
-        patience, min_rise, noise_sigmas, min_points, forecast, forecast_level: the
-            settings, as in :class:`DetectorConfig`.
-        config: all of them as one :class:`DetectorConfig` (then leave the others alone).
+        config: the settings (:class:`DetectorConfig`); None: the defaults.
 
     Raises:
-        ValueError: On an out-of-range argument, naming it and the fix.
-        TypeError: On an argument of the wrong type.
+        TypeError: On a ``config`` that is not a :class:`DetectorConfig`.
 
     Example::
 
-        det = InflectionDetector(patience=2)
+        det = InflectionDetector(DetectorConfig(patience=2))
         for tokens, loss, stderr in snapshots:
             state = det.update(tokens, loss, stderr)
             if state.crossed:
@@ -223,25 +141,18 @@ class InflectionDetector:
         # With the terms: the perturbed loss is reference loss + delta.
         det.update(tokens, ref + delta, delta_se, base=ref, sensitivity=delta,
                    sensitivity_stderr=delta_se)
+        # With the value of each noise direction (the same directions every time).
+        det.update(tokens, loss, stderr, samples=[2.31, 2.35, 2.29, 2.33])
     """
 
-    def __init__(
-        self,
-        patience: int = DEFAULT_PATIENCE,
-        min_rise: float = 0.0,
-        noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
-        min_points: int = DEFAULT_MIN_POINTS,
-        forecast: bool = True,
-        forecast_level: float = DEFAULT_FORECAST_LEVEL,
-        *,
-        config: DetectorConfig | None = None,
-    ) -> None:
+    def __init__(self, config: DetectorConfig | None = None) -> None:
         if config is None:
-            config = DetectorConfig(
-                patience, min_rise, noise_sigmas, min_points, forecast, forecast_level
-            )
+            config = DetectorConfig()
         elif not isinstance(config, DetectorConfig):
-            raise TypeError(f"`config` must be a DetectorConfig or None, got {config!r}.")
+            raise TypeError(
+                f"`config` must be a DetectorConfig or None, got {config!r}. Pass e.g."
+                " InflectionDetector(DetectorConfig(patience=3))."
+            )
         self.config = config
         self.reset()
 
@@ -249,6 +160,7 @@ class InflectionDetector:
         """Forget every snapshot and the latch."""
         self._points: list[tuple[float, float, float | None]] = []
         self._terms: list[tuple[float, float | None, float, float | None] | None] = []
+        self._samples: list[tuple[float, ...] | None] = []
         self._crossed_at: float | None = None
         self._state = self._compute()
 
@@ -272,12 +184,14 @@ class InflectionDetector:
         base_stderr: float | None = None,
         sensitivity: float | None = None,
         sensitivity_stderr: float | None = None,
+        samples: Sequence[float] | None = None,
     ) -> InflectionState:
         """Add one snapshot and return the new state.
 
-        Crossing is always decided on ``value``. Once any snapshot has carried ``base`` and
-        ``sensitivity``, the forecast fits them (:func:`fit_forecast_decomposed`) on the
-        snapshots that carry them.
+        Crossing is always decided on ``value``; with ``samples`` here and at the bottom,
+        the rise is judged on the per-sample differences (see :func:`detect_crossing`). Once
+        any snapshot has carried ``base`` and ``sensitivity``, the forecast fits them
+        (:func:`fit_forecast_decomposed`) on the snapshots that carry them.
 
         Args:
             tokens: Tokens seen by the run at this snapshot; strictly more than the last.
@@ -288,13 +202,16 @@ class InflectionDetector:
             sensitivity: The signal's rising term (for a perturbed loss: ``delta``); given
                 together with ``base``.
             sensitivity_stderr: Its standard error; None fits the sensitivity unweighted.
+            samples: The value of each sample (e.g. each noise direction) at ``tokens``, in
+                a fixed order, the same samples at every snapshot; ``value`` is their mean.
+                None: no paired test against this snapshot.
 
         Raises:
             ValueError: On non-increasing or non-positive ``tokens``, a non-finite ``value``,
-                ``base`` or ``sensitivity``, a negative or non-finite stderr, or only one of
-                ``base`` and ``sensitivity``.
+                ``base`` or ``sensitivity``, a negative or non-finite stderr, only one of
+                ``base`` and ``sensitivity``, or fewer than 2 or non-finite ``samples``.
         """
-        tokens = _check_number(
+        tokens = check_number(
             "tokens",
             tokens,
             "a finite number > 0",
@@ -306,7 +223,7 @@ class InflectionDetector:
                 f"`tokens` must strictly increase, got {tokens!r} after {self._points[-1][0]!r}."
                 " Pass the run's cumulative token count at each snapshot."
             )
-        value = _check_number(
+        value = check_number(
             "value",
             value,
             "a finite number",
@@ -315,8 +232,10 @@ class InflectionDetector:
         )
         stderr = _check_stderr("stderr", stderr, "estimate it from the curve")
         terms = _check_terms(base, base_stderr, sensitivity, sensitivity_stderr)
+        checked_samples = _check_samples(samples)
         self._points.append((tokens, value, stderr))
         self._terms.append(terms)
+        self._samples.append(checked_samples)
         self._state = self._compute()
         return self._state
 
@@ -328,6 +247,7 @@ class InflectionDetector:
             tokens,
             values,
             stderrs,
+            samples=self._samples,
             patience=self.config.patience,
             min_rise=self.config.min_rise,
             noise_sigmas=self.config.noise_sigmas,
@@ -360,6 +280,7 @@ class InflectionDetector:
             n_points=len(self._points),
             latest_tokens=tokens[-1] if tokens else None,
             latest_value=values[-1] if values else None,
+            paired=found.paired,
         )
         if forecast is not None and state.falling:
             forecast = _not_in_the_past(forecast, tokens[-1])
@@ -372,20 +293,23 @@ class InflectionDetector:
         return state
 
     def state_dict(self) -> dict[str, Any]:
-        """The snapshots (with their terms, None where absent) and the latch, as plain values."""
+        """The snapshots (with their terms and samples, None where absent) and the latch, as
+        plain values."""
         terms = [t or (None, None, None, None) for t in self._terms]
         return {
             "tokens": [p[0] for p in self._points],
             "values": [p[1] for p in self._points],
             "stderrs": [p[2] for p in self._points],
             **{key: [t[i] for t in terms] for i, key in enumerate(_TERM_KEYS)},
+            "samples": [None if x is None else list(x) for x in self._samples],
             "crossed_at_tokens": self._crossed_at,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; later updates then behave exactly as before saving.
 
-        A state dict from before the terms existed loads as snapshots without them.
+        A state dict from before the terms or the samples existed loads as snapshots
+        without them.
         """
         tokens = state_dict.get("tokens", [])
         values = state_dict.get("values", [])
@@ -395,5 +319,7 @@ class InflectionDetector:
         self._terms = [
             None if b is None else (float(b), bs, float(d), ds) for b, bs, d, ds in zip(*columns)
         ]
+        samples = state_dict.get("samples", [None] * len(tokens))
+        self._samples = [None if x is None else tuple(float(v) for v in x) for x in samples]
         self._crossed_at = state_dict.get("crossed_at_tokens")
         self._state = self._compute()

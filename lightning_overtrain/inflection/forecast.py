@@ -26,9 +26,6 @@ _REFINE_STEPS = 20  # Levenberg-Marquardt steps; converges in ~5-15 on U-shaped 
 _FIT_PARAMS = 5  # a, b, c, alpha, beta
 _HERMITE_NODES = np.array([-math.sqrt(3.0), 0.0, math.sqrt(3.0)])  # 3-point rule for N(0, 1)
 _HERMITE_WEIGHTS = np.array([1 / 6, 2 / 3, 1 / 6])
-_MEDIAN_OF_3_SD = 0.670  # std of the median of three iid N(0, 1) draws
-
-
 _TERM_EXPONENTS = np.geomspace(0.02, 3.0, 48)  # each separately fitted term's exponent
 _ZOOM_ROUNDS = 4  # each round narrows the grid ~8.5x around the best exponent
 _ZOOM_POINTS = 16
@@ -53,8 +50,7 @@ class Forecast:
 
 
 def _least_squares(y: np.ndarray, w: np.ndarray, *terms: np.ndarray):
-    # Weighted least squares of y on [1, *terms].
-    return _weighted_fit(y, w, [np.ones_like(y), *terms])
+    return _weighted_fit(y, w, [np.ones_like(y), *terms])  # y on [1, *terms]
 
 
 def _weighted_fit(y: np.ndarray, w: np.ndarray, cols: list[np.ndarray]):
@@ -160,8 +156,11 @@ def _refine(x, y, w, start):
 
 
 def _weighted_quantiles(values: np.ndarray, weights: np.ndarray, probs: Sequence[float]):
+    total = float(np.sum(weights))
+    if not total > 0:  # no weight at all (no falling base fits): read as "never turns up"
+        return np.full(len(probs), np.inf)
     order = np.argsort(values, kind="stable")
-    cdf = np.cumsum(weights[order]) / np.sum(weights)
+    cdf = np.cumsum(weights[order]) / total
     picks = np.minimum(np.searchsorted(cdf, probs), len(cdf) - 1)
     return values[order][picks]
 
@@ -185,12 +184,9 @@ def fit_forecast(
     stderrs say (or set by it when no stderrs are given); each cell's ``T*`` is spread
     by the uncertainty of ``b, c``. ``T*`` is the weighted median, the interval the
     central ``level`` quantiles (a credible interval, 80% by default; ``high = inf``
-    when "never" keeps more than ``(1 - level) / 2`` of the weight). Deterministic: no
-    random draws. About 5-10 ms at 40 points.
-
-    The two power laws are an assumption: a curve that flattens abruptly (a plateau)
-    is read as a shallow U and can get a confident, wrong forecast. Decide on
-    :func:`detect_crossing`; the forecast is an early hint.
+    when "never" keeps more than ``(1 - level) / 2`` of the weight). Deterministic;
+    about 5-10 ms at 40 points. A curve that flattens abruptly (a plateau) reads as a
+    shallow U and can get a confident, wrong forecast: decide on the crossing test.
 
     Args:
         tokens: Strictly increasing token counts.

@@ -19,13 +19,20 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_overtrain import keys
-from lightning_overtrain.inflection.detector import (
-    DetectorConfig,
-    InflectionDetector,
-    InflectionState,
+from lightning_overtrain.inflection.config import DetectorConfig
+from lightning_overtrain.inflection.detector import InflectionDetector, InflectionState
+from lightning_overtrain.inflection.signals import (
+    decomposed_terms,
+    finite,
+    samples_of,
+    stderr_of,
 )
-from lightning_overtrain.inflection.signals import decomposed_terms, finite, stderr_of
-from lightning_overtrain.inflection.verdicts import bottom_text, forecast_text, latest_text
+from lightning_overtrain.inflection.verdicts import (
+    crossed_text,
+    forecast_text,
+    kept_text,
+    latest_text,
+)
 from lightning_overtrain.keys import Signal
 
 Action = Literal["warn", "stop"]
@@ -80,9 +87,6 @@ class InflectionPolicy:
         action: what a trigger does by default: ``"warn"`` (log, console, alert
             hooks; the default) or ``"stop"`` (``trainer.should_stop``, agreed by all ranks).
         actions: per-signal (or per-threshold-key) overrides, ``{glob: action}``.
-        patience: snapshots a curve must stay above its bottom before it counts as crossed.
-        min_rise: the least rise above the bottom that counts, in the signal's units.
-        noise_sigmas: how many standard errors of noise a rise must exceed.
         forecast_margin: also trigger when the forecast ``T*`` lies within this
             fraction of the current tokens ahead (``T* <= T * (1 + margin)``); None: off.
         thresholds: ``{key or glob: limit}``: trigger when a record's value exceeds the
@@ -91,9 +95,9 @@ class InflectionPolicy:
             ``"auto"``: the U-shaped signal of highest ``rank`` (the post-fine-tune
             reference loss at the largest lr, else the perturbed loss at the largest
             gamma, else a probe's own); None keeps no best snapshot.
-        detector: every detector setting as one
-            :class:`~lightning_overtrain.inflection.detector.DetectorConfig` (or its
-            dict); then leave ``patience``, ``min_rise`` and ``noise_sigmas`` unset.
+        detector: the detector settings (``patience``, ``noise_sigmas``, ...), as one
+            :class:`~lightning_overtrain.inflection.config.DetectorConfig` (or its dict);
+            None: the defaults.
 
     Raises:
         ValueError: on a bad argument (named, with the value and the fix).
@@ -104,6 +108,7 @@ class InflectionPolicy:
             action="warn",
             actions={"noise/gamma=1/perturbed_loss": "stop"},
             thresholds={"noise/gamma=1/relative_delta": 0.05},
+            detector=DetectorConfig(patience=2),
         )
         monitor = OvertrainingMonitor(reference_data=..., points_per_decade=4,
                                       start_tokens=10**7, policy=policy)
@@ -114,9 +119,6 @@ class InflectionPolicy:
         signals: Sequence[str] | None = None,
         action: Action = "warn",
         actions: Mapping[str, Action] | None = None,
-        patience: int | None = None,
-        min_rise: float | None = None,
-        noise_sigmas: float | None = None,
         forecast_margin: float | None = None,
         thresholds: Mapping[str, float] | None = None,
         best_signal: str | None = "auto",
@@ -153,9 +155,7 @@ class InflectionPolicy:
             raise ValueError(
                 f"`best_signal` must be a record key, 'auto' or None, got {best_signal!r}."
             )
-        self.detector_config = _detector_config(
-            detector, patience=patience, min_rise=min_rise, noise_sigmas=noise_sigmas
-        )
+        self.detector_config = _detector_config(detector)
         self.signals = None if signals is None else tuple(signals)
         self.action: Action = action
         self.actions = actions
@@ -171,17 +171,22 @@ class InflectionPolicy:
         self.fired: set[str] = set()
         self.best: dict[str, Any] | None = None
 
-    @property
-    def patience(self) -> int:
-        return self.detector_config.patience
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> InflectionPolicy:
+        """The policy of :meth:`config` (a run's ``monitor.json``), older layouts included.
 
-    @property
-    def min_rise(self) -> float:
-        return self.detector_config.min_rise
+        A config written before the detector settings moved into ``detector`` (with
+        ``patience``, ``min_rise`` and ``noise_sigmas`` at the top) loads with them there.
 
-    @property
-    def noise_sigmas(self) -> float:
-        return self.detector_config.noise_sigmas
+        Raises:
+            ValueError: on a bad setting, as the constructor.
+        """
+        config = dict(config)
+        moved = {k: config.pop(k) for k in _FLAT_DETECTOR_SETTINGS if k in config}
+        moved = {k: v for k, v in moved.items() if v is not None}
+        if moved:
+            config["detector"] = {**dict(config.get("detector") or {}), **moved}
+        return cls(**config)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -196,7 +201,9 @@ class InflectionPolicy:
 
     def declare(self, signals: Sequence[Signal]) -> None:
         """Take the probes' declarations: what to watch by default, each signal's terms,
-        and the candidates for the best snapshot. The monitor calls it before training."""
+        its stderr and samples, and the candidates for the best snapshot. The monitor
+        calls it before training; a key nobody declared is judged only when ``signals``
+        names it, as a plain curve."""
         self.declared = {s.key: s for s in signals}
 
     def action_for(self, key: str) -> Action:
@@ -220,16 +227,21 @@ class InflectionPolicy:
             ValueError: from the detector, e.g. on tokens that do not increase.
         """
         tokens = float(record[keys.TOKENS])
-        declared = {s.key: s for s in keys.merge_signals(self.declared.values(), record)}
+        declared = self.declared
         additions: dict[str, float] = {}
         decisions: list[Decision] = []
         verdicts: dict[str, InflectionState] = {}
+        moved = self._move_best(record, declared, best_path)  # the decisions name the kept one
         for key, value in record.items():
             if not self._watches(key, declared) or not finite(value):
                 continue
             signal = declared.get(key) or Signal(key)
             state = self._detector(key).update(
-                tokens, value, stderr_of(record, signal.stderr), **decomposed_terms(record, signal)
+                tokens,
+                value,
+                stderr_of(record, signal.stderr),
+                **decomposed_terms(record, signal),
+                samples=samples_of(record, signal),
             )
             verdicts[key] = state
             fields = state.to_dict()
@@ -237,7 +249,6 @@ class InflectionPolicy:
                 additions[keys.inflection_key(key, field)] = fields[field]
             decisions += self._inflection_decisions(key, state, tokens)
         decisions += self._threshold_decisions(record, tokens)
-        moved = self._move_best(record, declared, best_path)
         if self.best is not None:
             additions[keys.BEST_TOKENS] = self.best["tokens"]
             additions[keys.BEST_VALUE] = self.best["value"]
@@ -272,9 +283,7 @@ class InflectionPolicy:
                     "crossed",
                     action,
                     tokens,
-                    f"{signal} has turned upward: {bottom_text(state)}; it has stayed above it"
-                    f" for {state.consecutive_above} snapshots ({latest_text(state)}, more"
-                    f" than the {state.rise_threshold:.3g} that noise explains).",
+                    crossed_text(signal, state) + " " + kept_text(self.best),
                 ),
             )
         forecast = state.forecast_tokens
@@ -363,19 +372,17 @@ class InflectionPolicy:
         self.best = dict(best) if best is not None else None
 
 
-def _detector_config(
-    detector: DetectorConfig | Mapping[str, Any] | None, **settings: Any
-) -> DetectorConfig:
-    given = {k: v for k, v in settings.items() if v is not None}
+_FLAT_DETECTOR_SETTINGS = ("patience", "min_rise", "noise_sigmas")
+
+
+def _detector_config(detector: DetectorConfig | Mapping[str, Any] | None) -> DetectorConfig:
     if detector is None:
-        return DetectorConfig(**given)
-    if given:
-        raise ValueError(
-            f"`detector` and {sorted(given)} both set the detector. Pass the settings in"
-            " `detector=DetectorConfig(...)` only."
-        )
+        return DetectorConfig()
     if isinstance(detector, DetectorConfig):
         return detector
     if isinstance(detector, Mapping):
         return DetectorConfig(**detector)
-    raise ValueError(f"`detector` must be a DetectorConfig, a dict or None, got {detector!r}.")
+    raise ValueError(
+        f"`detector` must be a DetectorConfig, a dict or None, got {detector!r}. Pass e.g."
+        " detector=DetectorConfig(patience=3)."
+    )

@@ -1,4 +1,4 @@
-"""A declared signal's numbers in a record: its two terms and its standard error.
+"""A declared signal's numbers in a record: its two terms, standard error and samples.
 
 The policy feeds these to each signal's detector; the declarations themselves
 (:class:`~lightning_overtrain.keys.Signal`) live with the key grammar.
@@ -32,6 +32,15 @@ def decomposed_terms(record: Mapping[str, float], signal: Signal) -> dict[str, f
         "sensitivity": float(sensitivity),
         "sensitivity_stderr": stderr_of(record, signal.sensitivity + keys.STDERR_SUFFIX),
     }
+
+
+def samples_of(record: Mapping[str, Any], signal: Signal) -> list[float] | None:
+    """The per-sample values of ``signal`` in the record (see :func:`keys.samples_key`),
+    when there are two or more, all finite; else None (the detector's unpaired rule)."""
+    values = record.get(keys.samples_key(signal.key))
+    if not isinstance(values, (list, tuple)) or len(values) < 2 or not all(map(finite, values)):
+        return None
+    return [float(v) for v in values]
 
 
 def stderr_of(record: Mapping[str, float], key: str) -> float | None:

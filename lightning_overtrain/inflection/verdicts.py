@@ -9,6 +9,7 @@ quoting its number.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from lightning_overtrain.inflection.detector import InflectionState
@@ -44,11 +45,47 @@ def bottom_text(state: InflectionState) -> str:
 
 
 def latest_text(state: InflectionState) -> str:
-    """The latest snapshot's value and its rise above the smoothed bottom."""
+    """The latest snapshot's value and its rise above the bottom (the bottom snapshot's
+    value where the rise was judged paired, else the smoothed bottom)."""
     rise = f"{state.rise:+.4f}" if _finite(state.rise) else "?"
+    bottom = "the bottom snapshot (paired)" if state.paired else "the smoothed bottom"
     return (
         f"latest {value_text(state.latest_value)} at {tokens_text(state.latest_tokens)} tokens,"
-        f" {rise} from the smoothed bottom"
+        f" {rise} from {bottom}"
+    )
+
+
+def crossed_text(signal: str, state: InflectionState) -> str:
+    """The crossing in one sentence: the bottom (where, the value measured there), how long
+    the curve has stayed above it, and the latest rise against what noise explains."""
+    rise = f"{state.rise:+.4f}" if _finite(state.rise) else "?"
+    threshold = f"{state.rise_threshold:.3g}" if _finite(state.rise_threshold) else "?"
+    # Paired: the rise is from the bottom snapshot; else from the smoothed bottom.
+    smoothed = "" if state.paired else f"; smoothed {value_text(state.bottom_value)}"
+    return (
+        f"{signal} has turned upward: bottom at {tokens_text(state.bottom_tokens)} tokens"
+        f" (measured {value_text(state.bottom_measured)} there{smoothed}); above it for"
+        f" {state.consecutive_above} snapshots, latest {value_text(state.latest_value)} at"
+        f" {tokens_text(state.latest_tokens)} tokens ({rise}, more than the {threshold} that"
+        f" {'paired noise' if state.paired else 'noise'} explains)."
+    )
+
+
+def kept_text(best: dict[str, Any] | None) -> str:
+    """The kept snapshot in words: which weights ``best.ckpt`` holds, and why.
+
+    Example: ``"Kept: the snapshot at 1.78M tokens (step 435), the bottom of
+    finetune/lr=0.001/reference_loss_after so far, in best.ckpt."``
+    """
+    if not best:
+        return "No snapshot is kept (no best signal)."
+    step = best.get("step")
+    where = f" (step {step})" if _finite(step) else ""
+    path = best.get("path")
+    into = f", in {os.path.basename(path)}" if path else ""  # the monitor's dirpath
+    return (
+        f"Kept: the snapshot at {tokens_text(best.get('tokens'))} tokens{where}, the bottom of"
+        f" {best.get('signal')} so far{into}."
     )
 
 

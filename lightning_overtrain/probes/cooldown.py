@@ -1,11 +1,15 @@
-"""The cooldown branch: "what if pretraining stopped here?" (DESIGN.md section 2.3).
+"""The cooldown branch: "what if pretraining stopped here?".
 
 In the paper's controlled runs every token budget is its own run, annealed to
-zero lr; an intermediate checkpoint of one run is not. Before a snapshot is
-probed, the branch continues pretraining for ``steps`` optimizer steps on
-batches the user gives, with a copy of the training optimizer (its state and
-current lr), the lr decaying linearly to 0; the probes then measure the cooled
-weights, and on exit everything is put back.
+zero lr; an intermediate checkpoint of one run is not, and lr decay itself
+sharpens a model and worsens forgetting after fine-tuning (Rofin et al., arXiv
+2604.13627), so probing a checkpoint taken mid-schedule measures a model no
+finished run would be.
+
+Before a snapshot is probed, the branch continues pretraining for ``steps``
+optimizer steps on batches the user gives, with a copy of the training optimizer
+(its state and current lr), the lr decaying linearly to 0; the probes then
+measure the cooled weights, and on exit everything is put back.
 
 Invisible to training: the training optimizer is never stepped, loaded or
 written (the branch steps a new instance of the same class, built on the same

@@ -1,4 +1,4 @@
-"""The fine-tune probe (Springer et al. 2025, section 3.4), and data-parallel training steps.
+"""The fine-tune probe (Springer et al. 2025, section 3.4).
 
 At each snapshot the probe fine-tunes the borrowed model for a fixed budget (the
 same batches in the same order, the same steps, lr and optimizer settings every
@@ -8,27 +8,34 @@ time) on a downstream dataset unlike the pretraining text, then measures:
   (the paper: at a fixed lr it rises with the tokens ``T``);
 * the post-fine-tune reference loss ``L(theta_ft)`` (U-shaped in ``T``);
 * **adaptation**: the held-out downstream loss before and after, and optionally
-  a user metric.
+  a user metric;
+* optionally, the forgetting at a **matched** downstream loss, and the steps the
+  fine-tune took to reach it (:mod:`lightning_overtrain.probes.matched`).
 
-:func:`train_steps` is the training loop shared with the cooldown branch: under
-DDP every global batch is split across ranks by rows and the gradients are
-summed token-weighted, so 2 processes follow 1 process on the same batches.
+The held-out split and its metric live in :mod:`lightning_overtrain.probes.downstream`;
+the training loop, shared with the cooldown branch, in
+:func:`lightning_overtrain.engine.train_loop.train_steps`: under DDP every global
+batch is split across ranks by rows and the gradients are summed token-weighted,
+so 2 processes follow 1 process on the same batches.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from torch import nn
 
 from lightning_overtrain import keys
-from lightning_overtrain.checks import check_positive_numbers
-from lightning_overtrain.engine.backup import borrowed
+from lightning_overtrain.checks import (
+    check_callable,
+    check_int,
+    check_name,
+    check_optional_int,
+    check_positive_numbers,
+)
 from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
 from lightning_overtrain.engine.data import (
     ShardedBatches,
@@ -37,93 +44,29 @@ from lightning_overtrain.engine.data import (
     split_for_rank,
     take_batches,
 )
-from lightning_overtrain.engine.losses import LossFn, check_loss, loss_sums
+from lightning_overtrain.engine.losses import LossFn, check_loss
 from lightning_overtrain.engine.rng import seeded_rng
 from lightning_overtrain.engine.sharding import any_sharded
 from lightning_overtrain.engine.tokens import TokensFn, checked_token_count, count_tokens
 from lightning_overtrain.engine.train_loop import grad_scaler, train_steps
 from lightning_overtrain.keys import Signal
+from lightning_overtrain.probes.downstream import (
+    HeldOut,
+    MetricInputs,
+    is_torchmetric,
+    next_token_inputs,
+)
+from lightning_overtrain.probes.matched import FineTuneWatch, matched_signals
+from lightning_overtrain.probes.optimizers import OptimizerFactory, adamw, sgd
+from lightning_overtrain.probes.tuned import tuned_lr
 
-OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
-MetricInputs = Callable[[nn.Module, Any], tuple[Any, ...]]
+__all__ = ["FineTuneProbe", "adamw", "next_token_inputs", "sgd", "tuned_lr"]
+
 Data = Iterable[Any] | Callable[[], Iterable[Any]]
-
-
-def adamw(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """The default fine-tune optimizer: ``torch.optim.AdamW(params, lr=lr)``.
-
-    Its state is two parameter-sized tensors (the moments), allocated at the
-    first step and freed after each lr.
-    """
-    return torch.optim.AdamW(params, lr=lr)
-
-
-def sgd(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """A lighter fine-tune optimizer: plain ``torch.optim.SGD`` with no state at all.
-
-    Pass ``optimizer=sgd`` where memory is tight: the probe's extra memory drops
-    from about 4 x parameters (backup, gradients, AdamW's two moments) to about
-    2 x (backup and gradients). The numbers differ from AdamW's, so keep the
-    choice fixed for the run.
-    """
-    return torch.optim.SGD(params, lr=lr)
-
-
-def next_token_inputs(module: nn.Module, batch: Mapping[str, Any]) -> tuple[Any, Any]:
-    """``(logits[:, :-1], labels[:, 1:])``: what a torchmetrics metric of next tokens takes.
-
-    Fits e.g. ``torchmetrics.text.Perplexity(ignore_index=-100)``. Labels default to
-    ``input_ids``, masked to -100 where ``attention_mask`` is 0.
-    """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = module(**inputs).logits
-    labels = batch.get("labels")
-    if labels is None:
-        labels = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor):
-            labels = labels.masked_fill(mask == 0, -100)
-    return logits[:, :-1], labels[:, 1:]
-
-
-def _is_torchmetric(metric: Any) -> bool:
-    return all(callable(getattr(metric, a, None)) for a in ("update", "compute", "reset"))
 
 
 def _structure(batch: Any) -> Any:
     return sorted(map(str, batch)) if isinstance(batch, Mapping) else type(batch).__name__
-
-
-def tuned_lr(results: Mapping[float, Mapping[str, float]]) -> dict[str, float]:
-    """The fine-tune with the lr tuned for the downstream task (the paper's Figure 5 view).
-
-    Of the learning rates measured at one snapshot, the one with the lowest held-out
-    downstream loss after fine-tuning wins (the smaller lr on a tie); reported are that
-    loss, the lr itself and the pretraining reference loss at that lr.
-
-    Args:
-        results: ``{lr: {"downstream_loss": ..., "reference_loss": ...}}`` after fine-tuning.
-
-    Returns:
-        ``{"downstream_loss_after", "lr", "reference_loss_after"}``.
-
-    Raises:
-        ValueError: if ``results`` is empty.
-
-    Example::
-
-        >>> tuned_lr({1e-4: {"downstream_loss": 2.0, "reference_loss": 1.5},
-        ...           1e-3: {"downstream_loss": 1.8, "reference_loss": 1.9}})["lr"]
-        0.001
-    """
-    if not results:
-        raise ValueError("`results` is empty: no learning rate was measured.")
-    lr = min(results, key=lambda r: (results[r]["downstream_loss"], r))
-    return {
-        "downstream_loss_after": results[lr]["downstream_loss"],
-        "lr": lr,
-        "reference_loss_after": results[lr]["reference_loss"],
-    }
 
 
 class FineTuneProbe(Probe):
@@ -142,7 +85,12 @@ class FineTuneProbe(Probe):
       ``/adaptation``: ``downstream_loss_before - downstream_loss_after``;
     * the lr tuned per snapshot (:func:`tuned_lr`, over the lrs that ran):
       ``finetune/tuned/downstream_loss_after`` (the best), ``finetune/tuned/lr``
-      (the winner) and ``finetune/tuned/reference_loss_after`` (at that lr).
+      (the winner) and ``finetune/tuned/reference_loss_after`` (at that lr);
+    * with ``matched_loss``, per lr, the forgetting where the held-out downstream loss
+      first reaches it (:mod:`~lightning_overtrain.probes.matched`):
+      ``finetune/lr=<lr>/matched_forgetting``, ``/matched_steps`` (optimizer steps it
+      took; 0 when the snapshot is already there) and ``/matched_reached`` (1, or 0
+      with no forgetting or steps logged when ``matched_max_steps`` ran out).
 
     Memory beyond training's, in parameter sizes (this rank's shard under FSDP2):
     the monitor's backup (1, or 0 on the accelerator with ``backup_device="cpu"``),
@@ -177,6 +125,12 @@ class FineTuneProbe(Probe):
         seed: seeds dropout (and any global-RNG draw) during each fine-tune, the
             same at every snapshot; the training RNG is left untouched.
         name: the metric prefix, so two fine-tune probes (e.g. two datasets) coexist.
+        matched_loss: the held-out downstream loss at which forgetting is also compared
+            (the same at every snapshot, so it is a task-specific number: e.g. the
+            ``downstream_loss_after`` an early snapshot reaches in ``steps``); None
+            (default): no matched view. Each lr's fine-tune then runs on past ``steps``
+            while needed, with one pass over the held-out split after every step.
+        matched_max_steps: the step cap of the matched view; default ``4 * steps``.
 
     Raises:
         ValueError: on bad arguments; before training, on empty downstream data,
@@ -209,6 +163,8 @@ class FineTuneProbe(Probe):
         tokens_fn: TokensFn | None = None,
         seed: int = 0,
         name: str = "finetune",
+        matched_loss: float | None = None,
+        matched_max_steps: int | None = None,
     ) -> None:
         check_batches_argument(
             train_data, "train_data", "downstream batches, e.g. train_data=prose_loader"
@@ -216,11 +172,8 @@ class FineTuneProbe(Probe):
         check_batches_argument(
             eval_data, "eval_data", "held-out downstream batches, e.g. eval_data=prose_eval_loader"
         )
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(
-                f"`steps` must be an int >= 1, got {steps!r}. Pass the fine-tune budget in"
-                " optimizer steps, e.g. steps=100."
-            )
+        fix = "Pass the fine-tune budget in optimizer steps, e.g. steps=100."
+        check_int("steps", steps, 1, fix, integral_floats=False)
         lrs = check_positive_numbers(
             "lrs", lrs, "one or more learning rates > 0", "Pass e.g. lrs=(1e-4, 1e-3)."
         )
@@ -236,23 +189,26 @@ class FineTuneProbe(Probe):
             ("loss_fn", loss_fn),
             ("tokens_fn", tokens_fn),
         ):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"`{argument}` must be callable or None, got {fn!r}.")
-        if metric is not None and not (_is_torchmetric(metric) or callable(metric)):
+            check_callable(argument, fn)
+        if metric is not None and not (is_torchmetric(metric) or callable(metric)):
             raise ValueError(
                 f"`metric` must be a torchmetrics Metric or a callable (module, batch) -> float,"
                 f" got {type(metric).__name__}."
             )
-        if eval_batches is not None and (
-            isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or eval_batches < 1
-        ):
-            raise ValueError(f"`eval_batches` must be an int >= 1 or None, got {eval_batches!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`seed` must be an int >= 0, got {seed!r}. Pass e.g. seed=0.")
-        if not isinstance(name, str) or not name or "/" in name or any(c.isspace() for c in name):
-            raise ValueError(
-                f"`name` must be a non-empty string without '/' or spaces, got {name!r}."
-            )
+        check_optional_int("eval_batches", eval_batches, 1, "", integral_floats=False)
+        check_int("seed", seed, 0, "Pass e.g. seed=0.", integral_floats=False)
+        check_name("name", name, "Pass e.g. name='finetune'.")
+        if matched_loss is not None:
+            (matched_loss,) = check_positive_numbers(
+                "matched_loss", matched_loss, "a downstream loss > 0 or None",
+                "Pass the held-out downstream loss to compare at, e.g. matched_loss=2.5.",
+            )  # fmt: skip
+        self.matched_max_steps = (
+            4 * steps
+            if matched_max_steps is None
+            else check_int("matched_max_steps", matched_max_steps, 1, "Pass e.g. 400.")
+        )
+        self.matched_loss = matched_loss
         self.train_data = train_data
         self.eval_data = eval_data
         self.steps = steps
@@ -267,8 +223,7 @@ class FineTuneProbe(Probe):
         self.name = name
         # Taken in validate(), once per fit: the same data at every snapshot.
         self._train: ShardedBatches | None = None
-        self._eval: list[Any] = []
-        self._eval_weights: list[int] = []
+        self._held_out = HeldOut(metric=self.metric, metric_inputs=self.metric_inputs)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -279,17 +234,24 @@ class FineTuneProbe(Probe):
             "train_batches": len(self._train) if self._train is not None else None,
             "eval_batches": self.eval_batches,
             "seed": self.seed,
+            "matched_loss": self.matched_loss,
+            "matched_max_steps": self.matched_max_steps if self.matched_loss is not None else None,
         }
 
     def signals(self) -> list[Signal]:
         """Per lr, under this probe's ``name``: forgetting, and the reference loss after
-        (U-shaped, ``reference_loss + forgetting``) and downstream loss after (U-shaped)."""
-        return keys.finetune_signals(self.lrs, self.name)
+        (U-shaped, ``reference_loss + forgetting``) and downstream loss after (U-shaped);
+        with ``matched_loss``, the matched forgetting and its steps (not U-shaped: see
+        :func:`~lightning_overtrain.probes.matched.matched_signals`)."""
+        declared = keys.finetune_signals(self.lrs, self.name)
+        if self.matched_loss is None:
+            return declared
+        return declared + matched_signals(self.lrs, self.name, declared[0].title)
 
     def validate(self, ctx: ProbeContext) -> None:
         rank, size, loss_fn = ctx.rank, ctx.world_size, self._loss_fn(ctx)
         # Seeded: a shuffling DataLoader gives the same batches on every rank and every fit.
-        train = take_batches(self.train_data, self.steps, "train_data", seed=self.seed)
+        train = take_batches(self.train_data, self._total_steps, "train_data", seed=self.seed)
         held_out = take_batches(self.eval_data, self.eval_batches, "eval_data", seed=self.seed)
         if _structure(train[0]) != _structure(held_out[0]):
             raise ValueError(
@@ -307,36 +269,43 @@ class FineTuneProbe(Probe):
                 "`eval_data` holds 0 tokens according to `tokens_fn`. Check its batches'"
                 " `input_ids`/`attention_mask`, or pass `tokens_fn`."
             )
-        local, self._eval_weights = split_for_rank(held_out, weights, rank, size, even)
-        self._eval = [move_data_to_device(b, ctx.device) for b in local]
+        local, local_weights = split_for_rank(held_out, weights, rank, size, even)
+        self._held_out = HeldOut(
+            [move_data_to_device(b, ctx.device) for b in local],
+            local_weights,
+            self.metric,
+            self.metric_inputs,
+        )
         first_train = move_data_to_device(train[0], ctx.device)
         first_eval = move_data_to_device(held_out[0], ctx.device)
         check_loss(ctx.module, ctx.backup, first_train, loss_fn, "train_data")
         check_loss(ctx.module, ctx.backup, first_eval, loss_fn, "eval_data")
         self._check_optimizer(ctx)
         if self.metric is not None:
-            self._check_metric(ctx, first_eval)
+            self._held_out.check_metric(ctx, first_eval)
 
     def run(self, ctx: ProbeContext) -> dict[str, float]:
         if self._train is None:
             raise RuntimeError("FineTuneProbe.run before validate(): call probe.validate(ctx).")
         key = partial(keys.finetune_key, probe=self.name)
-        before = self._evaluate(ctx, reference=False)
+        before = self._held_out.evaluate(ctx, self._loss_fn(ctx), reference=False)
         record = {key(None, f"{q}_before"): v for q, v in before.items()}
         failures, results = [], {}
         for lr in self.lrs:
             try:
-                self._fine_tune(ctx, lr)
-                after = self._evaluate(ctx, reference=True)
+                watch = self._fine_tune(ctx, lr, before["downstream_loss"])
             except ProbeFailure as exc:
                 failures.append(f"lr={lr:g}: {exc}")
                 continue
+            assert watch.fixed is not None  # measured at the budget's last step
+            after = dict(watch.fixed)
             results[lr] = dict(after)
             ref_after = after.pop("reference_loss")
             record[key(lr, "forgetting")] = ref_after - ctx.reference_loss
             record[key(lr, "reference_loss_after")] = ref_after
             record.update({key(lr, f"{q}_after"): v for q, v in after.items()})
             record[key(lr, "adaptation")] = before["downstream_loss"] - after["downstream_loss"]
+            record.update(watch.record(lr, self.name))
         if results:
             tuned = tuned_lr(results)
             record.update({keys.finetune_tuned_key(q, self.name): v for q, v in tuned.items()})
@@ -345,13 +314,24 @@ class FineTuneProbe(Probe):
         return record
 
     # ------------------------------------------------------------------ steps
+    @property
+    def _total_steps(self) -> int:
+        """Batches to take: the budget's, or the matched view's cap when it is larger."""
+        return self.steps if self.matched_loss is None else max(self.steps, self.matched_max_steps)
+
     def _loss_fn(self, ctx: ProbeContext) -> LossFn:
         return self.loss_fn or ctx.loss_fn
 
-    def _fine_tune(self, ctx: ProbeContext, lr: float) -> None:
+    def _fine_tune(self, ctx: ProbeContext, lr: float, before: float) -> FineTuneWatch:
+        """Fine-tune at ``lr`` from the live weights; measured along the way by the watch."""
         assert self._train is not None
         ctx.backup.restore()  # every lr fine-tunes the live weights (the engine restores after)
         params = [p for p in ctx.backup.params if p.requires_grad]
+        loss_fn = self._loss_fn(ctx)
+        watch = FineTuneWatch(
+            ctx, self._held_out, loss_fn, self.steps, self.matched_loss,
+            self.matched_max_steps, before,
+        )  # fmt: skip
         try:
             optimizer = self.optimizer(params, lr)
             ctx.module.train()
@@ -360,67 +340,22 @@ class FineTuneProbe(Probe):
                     ctx.module,
                     optimizer,
                     self._train,
-                    self.steps,
-                    self._loss_fn(ctx),
+                    watch.total_steps,
+                    loss_fn,
                     forward_context=ctx.forward_context,
                     reduce_sum=ctx.reduce_sum,
                     world_size=ctx.world_size,
                     label=f"the fine-tune at lr={lr:g}",
                     sharded=any_sharded(params),
                     scaler=grad_scaler(ctx),
+                    after_step=watch,
                 )
         finally:
-            # Free the fine-tune's gradients before measuring (its optimizer goes on return).
+            # Free the fine-tune's gradients (its optimizer goes on return).
             for param in params:
                 param.grad = None
             ctx.module.eval()
-
-    def _evaluate(self, ctx: ProbeContext, reference: bool) -> dict[str, float]:
-        """Losses (and the metric) of the current weights."""
-        callable_metric = self.metric is not None and not _is_torchmetric(self.metric)
-        size = 2 * (reference + 1 + callable_metric)
-
-        def local() -> torch.Tensor:
-            loss_fn = self._loss_fn(ctx)
-            parts = [ctx.local_loss_sums()] if reference else []
-            parts.append(
-                loss_sums(ctx.module, self._eval, self._eval_weights, loss_fn, ctx.forward_context)
-            )
-            if callable_metric:
-                parts.append(self._metric_sums(ctx))
-            elif self.metric is not None:
-                self.metric.reset()
-                for batch, weight in zip(self._eval, self._eval_weights):
-                    with ctx.forward_context():
-                        inputs = self.metric_inputs(ctx.module, batch)
-                    if weight:  # a weight-0 batch only keeps a sharded model's passes even
-                        self.metric.update(*inputs)
-            return torch.cat(parts)
-
-        sums = ctx.reduce_or_fail(local, (size,)).tolist()
-        values = [sums[i] / sums[i + 1] for i in range(0, size, 2)]
-        names = ["reference_loss"] * reference + ["downstream_loss"] + ["metric"] * callable_metric
-        out = dict(zip(names, values))
-        if self.metric is not None and not callable_metric:
-            try:  # every rank got here: the metric's own cross-rank sync cannot hang
-                out["metric"] = float(self.metric.compute())
-            except Exception as exc:
-                raise ProbeFailure(
-                    f"`metric.compute()` failed: {type(exc).__name__}: {exc}"
-                ) from exc
-        bad = {k: v for k, v in out.items() if not math.isfinite(v)}
-        if bad:
-            raise ProbeFailure(f"non-finite {bad}")
-        return out
-
-    def _metric_sums(self, ctx: ProbeContext) -> torch.Tensor:
-        total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-        for batch, weight in zip(self._eval, self._eval_weights):
-            with ctx.forward_context():
-                value = self.metric(ctx.module, batch)
-            total[0] += torch.as_tensor(value, dtype=torch.float64).to(ctx.device) * weight
-            total[1] += weight
-        return total
+        return watch
 
     # ------------------------------------------------------------------ set-up checks
     def _check_optimizer(self, ctx: ProbeContext) -> None:
@@ -438,27 +373,3 @@ class FineTuneProbe(Probe):
                 f"`optimizer(params, lr)` must return a torch.optim.Optimizer, got"
                 f" {type(optimizer).__name__}."
             )
-
-    def _check_metric(self, ctx: ProbeContext, batch: Any) -> None:
-        metric = self.metric
-        try:
-            with borrowed(ctx.module, ctx.backup), torch.no_grad(), ctx.forward_context():
-                if _is_torchmetric(metric):
-                    metric.to(ctx.device)
-                    metric.reset()
-                    metric.update(*self.metric_inputs(ctx.module, batch))
-                    # compute() syncs across ranks: only a single process may call it here.
-                    value = metric.compute() if ctx.world_size == 1 else 0.0
-                    metric.reset()
-                else:
-                    value = metric(ctx.module, batch)
-            value = float(value)
-        except Exception as exc:
-            raise ValueError(
-                f"`metric` failed on the first `eval_data` batch: {type(exc).__name__}: {exc}."
-                " A torchmetrics Metric is updated with `metric_inputs(module, batch)` (default"
-                " next-token logits and labels); a callable is called as metric(module, batch)"
-                " and must return a number."
-            ) from exc
-        if not math.isfinite(value):
-            raise ValueError(f"`metric` returned {value} on the first `eval_data` batch.")

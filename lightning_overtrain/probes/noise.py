@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lightning_overtrain import keys
-from lightning_overtrain.checks import check_positive_numbers
+from lightning_overtrain.checks import check_int, check_positive_numbers
 from lightning_overtrain.engine.contract import Probe, ProbeContext, ProbeFailure
 from lightning_overtrain.engine.noise import CHUNK, normal_at, normal_range, tensor_key
 from lightning_overtrain.engine.sharding import global_positions, local_tensor
@@ -128,8 +128,9 @@ class NoiseProbe(Probe):
 
     For each gamma it logs ``noise/gamma=<g>/perturbed_loss``, ``/delta``
     (``delta_gamma(T) = E[L(theta_T + eps)] - L(theta_T)``), ``/relative_delta`` and
-    their ``_stderr``. Cost per snapshot: ``2 * pairs * len(gammas)`` passes over
-    the reference set.
+    their ``_stderr``, and ``/perturbed_loss_samples``: the antithetic mean of each noise
+    direction, in direction order (a list; loggers and CSV columns leave it out). Cost
+    per snapshot: ``2 * pairs * len(gammas)`` passes over the reference set.
 
     With ``per_layer``, it also perturbs one group of parameters at a time (the
     embeddings, each transformer block, the head) and logs the same quantities per
@@ -173,13 +174,9 @@ class NoiseProbe(Probe):
         layer_gammas: Sequence[float] | None = None,
     ) -> None:
         gammas = _checked_gammas(gammas, "gammas")
-        if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
-            raise ValueError(
-                f"`pairs` must be an int >= 1, got {pairs!r}. Use pairs=4 (the default) or more;"
-                " 2 or more give a standard error."
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`seed` must be an int >= 0, got {seed!r}. Pass e.g. seed=0.")
+        fix = "Use pairs=4 (the default) or more; 2 or more give a standard error."
+        check_int("pairs", pairs, 1, fix, integral_floats=False)
+        check_int("seed", seed, 0, "Pass e.g. seed=0.", integral_floats=False)
         if not (isinstance(per_layer, (bool, Mapping)) or callable(per_layer)):
             raise ValueError(
                 f"`per_layer` must be a bool, a mapping {{group: [name prefixes]}} or a callable"
@@ -260,12 +257,21 @@ class NoiseProbe(Probe):
 
         sums = ctx.reduce_or_fail(local, (n_gammas, pairs, 2, 2))
         losses = (sums[..., 0] / sums[..., 1]).cpu().numpy()
-        if not np.isfinite(losses).all():
-            raise ProbeFailure(f"non-finite perturbed loss at gammas {self.gammas}")
-        record: dict[str, float] = {}
+        record: dict[str, Any] = {}
         for gi, gamma in enumerate(self.gammas):
+            if not np.isfinite(losses[gi]).all():
+                continue  # only this gamma's numbers are lost (see below)
             summary = summarize_noise(ctx.reference_loss, losses[gi, :, 0], losses[gi, :, 1])
             record.update({keys.noise_key(gamma, q): v for q, v in summary.items()})
+            # Each direction's antithetic mean, in direction order: the same directions at
+            # every snapshot, so the detector judges a rise on paired differences.
+            pair_means = (losses[gi, :, 0].astype(np.float64) + losses[gi, :, 1]) / 2
+            record[keys.samples_key(keys.noise_key(gamma, "perturbed_loss"))] = [
+                float(v) for v in pair_means
+            ]
+        blown = [g for gi, g in enumerate(self.gammas) if not np.isfinite(losses[gi]).all()]
+        if blown:
+            raise ProbeFailure(f"non-finite perturbed loss at gamma(s) {blown}", partial=record)
         if self.layer_groups:
             ctx.backup.restore()  # each group is perturbed with the others at the saved weights
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities import rank_zero_info
@@ -125,6 +126,58 @@ def format_snapshot(record: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def verdict_lines(history: Sequence[Mapping[str, Any]], best_path: str | None) -> list[str]:
+    """The run's end in words: a verdict per watched signal, and the kept snapshot.
+
+    Each signal the policy watched is "CROSSED at <tokens> (bottom at <tokens>)", "not
+    crossed yet" with the forecast turn where there is one, or "no turn". The last line
+    says which snapshot ``best_path`` holds: its tokens, step and the curve it is the
+    bottom of.
+    """
+    if not history:
+        return []
+    last = history[-1]
+    lines = []
+    for key in last:
+        if not (key.startswith(_INFLECTION) and key.endswith(_CROSSED)):
+            continue
+        signal = key[len(_INFLECTION) : -len(_CROSSED)]
+        field = f"{_INFLECTION}{signal}/"
+        bottom = last.get(field + "bottom_tokens")
+        at = f"bottom at {format_tokens(bottom)} tokens" if _finite(bottom) else "no bottom yet"
+        first = next((r for r in history if _finite(r.get(key)) and r.get(key)), None)
+        if first is not None:
+            verdict = f"CROSSED at {format_tokens(first['tokens'])} tokens ({at})"
+        else:
+            forecast = last.get(field + "forecast_tokens")
+            verdict = f"not crossed yet ({at}"
+            if _finite(forecast) and far_tokens(forecast, last.get("tokens")):
+                verdict += f"; any forecast turn lies beyond {FAR_FACTOR:g}x the observed tokens)"
+            elif _finite(forecast):
+                verdict += f"; forecast to turn at ~{format_tokens(forecast)} tokens)"
+            else:
+                verdict += "; no forecast turn)"
+        lines.append(f"OvertrainingMonitor verdict: {signal}: {verdict}.")
+    best_tokens = last.get("best/tokens")
+    if best_path and _finite(best_tokens):
+        kept = next((r for r in history if r.get("tokens") == best_tokens), {})
+        signal = next(
+            (
+                k
+                for k, v in kept.items()
+                if f"{_INFLECTION}{k}{_CROSSED}" in last and v == last.get("best/value")
+            ),
+            "its best signal",
+        )
+        step = f" (step {kept['step']})" if "step" in kept else ""
+        lines.append(
+            f"OvertrainingMonitor kept {best_path}: the snapshot at"
+            f" {format_tokens(best_tokens)} tokens{step}, the bottom of {signal}; fine-tune"
+            " from it."
+        )
+    return lines
+
+
 def files_under(directory: str) -> list[str]:
     """Every file under ``directory``, relative to it, sorted (empty if it does not exist)."""
     found = []
@@ -134,7 +187,8 @@ def files_under(directory: str) -> list[str]:
 
 
 class ConsoleReporter(Reporter):
-    """Logs one line per snapshot (:func:`format_snapshot`) and, at the end, the files written.
+    """Logs one line per snapshot (:func:`format_snapshot`) and, at the end, a verdict per
+    watched signal, the kept snapshot (:func:`verdict_lines`) and the files written.
 
     The monitor adds it by itself, last, so its closing line sees the other reporters'
     files (``history.jsonl``, the plots, ``best.ckpt``). It reads only the run's
@@ -153,6 +207,8 @@ class ConsoleReporter(Reporter):
         rank_zero_info(format_snapshot(record))
 
     def teardown(self, trainer: pl.Trainer, monitor: Any) -> None:
+        for line in verdict_lines(monitor.history, monitor.best_path):
+            rank_zero_info(line)
         files = files_under(monitor.dirpath)
         listed = ", ".join(files) if files else "none yet"
         rank_zero_info(

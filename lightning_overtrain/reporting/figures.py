@@ -2,21 +2,24 @@
 
 Pure functions from history records (see :mod:`lightning_overtrain.keys`) to
 matplotlib figures, laid out by the probes' :class:`~lightning_overtrain.keys.Signal`
-declarations (each names its figure, panel, label and unit; without declarations
-they are inferred from the keys). They draw whatever the records hold and skip the
-rest. The built-in probes give:
+declarations (each names its figure, panel, label and unit). Only a history saved
+without declarations (an older run) has them inferred from its keys, in one place,
+:func:`figure_signals`. They draw whatever the records hold and skip the rest. The
+built-in probes give:
 
 - ``noise``: the reference loss and the perturbed loss per gamma (the U-shaped
   curves), and ``delta`` per gamma (the sensitivity, rising with tokens);
 - ``finetune`` (or the fine-tune probe's ``name``): forgetting, and the pretraining
-  and downstream losses after fine-tuning, per learning rate;
+  and downstream losses after fine-tuning, per learning rate, with the tuned lr as a
+  pale stroke under the lr it picks (both stay visible), and the lr it picked;
 - ``layers``: per-layer sensitivity as a tokens x layer heatmap, one per gamma.
 
-Where the records carry ``inflection/<signal>/...`` keys, the signal's curve gets
-its bottom ringed (only a real one, see :func:`real_bottom`) and the forecast ``T*``
-drawn with its interval; the tokens axis fits the data, so a forecast past it is cut
-at the edge and written there. How it all looks (colours with 3:1 contrast on white,
-tick labels, layout) is in :mod:`~lightning_overtrain.reporting.figure_style`. Figures are
+Where the records carry ``inflection/<signal>/...`` keys, the signal's curve gets the
+detector's marks, in the console's words (see
+:mod:`~lightning_overtrain.reporting.figure_marks`). A panel's y-axis spans at least
+its noise band, and says "flat within" it when the curves move less. How it all looks
+(colours with 3:1 contrast on white, a grid of two panels per row, tick labels, the
+legend) is in :mod:`~lightning_overtrain.reporting.figure_style`. Figures are
 plain :class:`~matplotlib.figure.Figure` objects on the Agg canvas: no pyplot, no
 display, no global state, so rendering is safe in any training process. matplotlib
 is imported only when a figure is drawn, so it stays an optional dependency.
@@ -34,6 +37,16 @@ from typing import TYPE_CHECKING, Any
 from lightning_overtrain import keys
 from lightning_overtrain.keys import Signal
 from lightning_overtrain.reporting import figure_style as style
+from lightning_overtrain.reporting.figure_marks import (
+    Inflection,
+    draw_marks,
+    finite,
+    inflection,
+    real_bottom,
+)
+from lightning_overtrain.safe_io import write_atomic
+
+__all__ = ["Inflection", "finite", "inflection", "real_bottom", "render_figures", "series"]
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -42,20 +55,16 @@ if TYPE_CHECKING:
 Records = Sequence[Mapping[str, Any]]
 
 
-def finite(value: Any) -> float | None:
-    """``value`` as a float, or None when it is missing, not a number, NaN or infinite."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def series(records: Records, key: str) -> tuple[list[float], list[float], list[float | None]]:
+def series(
+    records: Records, key: str, stderr: str | None = None
+) -> tuple[list[float], list[float], list[float | None]]:
     """``(tokens, values, stderrs)`` of ``key`` over the snapshots that measured it.
 
     Snapshots at 0 tokens are left out (the axis is log tokens), as are missing and
-    non-finite values; ``stderrs`` holds ``<key>_stderr`` where the records have it.
+    non-finite values; ``stderrs`` holds the ``stderr`` key's values (default
+    ``<key>_stderr``, a :class:`~lightning_overtrain.keys.Signal`'s default) where present.
     """
+    stderr = stderr or key + keys.STDERR_SUFFIX
     tokens, values, errors = [], [], []
     for record in records:
         t, y = finite(record.get(keys.TOKENS)), finite(record.get(key))
@@ -63,117 +72,49 @@ def series(records: Records, key: str) -> tuple[list[float], list[float], list[f
             continue
         tokens.append(t)
         values.append(y)
-        errors.append(finite(record.get(f"{key}_stderr")))
+        errors.append(finite(record.get(stderr)))
     return tokens, values, errors
 
 
-@dataclass(frozen=True)
-class Inflection:
-    """The detector's latest view of one signal (None where it has not said).
+@dataclass
+class _Curve:
+    """One curve of a panel, as drawn: its points, its noise, and the detector's marks."""
 
-    ``forecast_high`` is None when the interval is unbounded above.
-    """
-
-    crossed: bool
-    bottom_tokens: float | None
-    forecast_tokens: float | None
-    forecast_low: float | None
-    forecast_high: float | None
-
-
-def inflection(records: Records, signal: str) -> Inflection | None:
-    """The latest ``inflection/<signal>/...`` values in ``records``, or None if there are none.
-
-    A missing or infinite ``forecast_high`` ("it may never turn up") reads as None: the
-    interval then runs to the right edge of the plot.
-    """
-    for record in reversed(records):
-        fields = {f: record.get(keys.inflection_key(signal, f)) for f in keys.INFLECTION_FIELDS}
-        if all(v is None for v in fields.values()):
-            continue
-        return Inflection(
-            crossed=bool(finite(fields["crossed"])),
-            bottom_tokens=_positive(fields["bottom_tokens"]),
-            forecast_tokens=_positive(fields["forecast_tokens"]),
-            forecast_low=_positive(fields["forecast_low"]),
-            forecast_high=_positive(fields["forecast_high"]),
-        )
-    return None
+    label: str
+    color: Any
+    tokens: list[float]
+    values: list[float]
+    errors: list[float | None]
+    mark: Inflection | None
+    selection: bool = False
 
 
-def _positive(value: Any) -> float | None:
-    value = finite(value)
-    return value if value is not None and value > 0 else None
+def _draw_curve(ax: Axes, curve: _Curve, linestyle: str = "-") -> set[str]:
+    state = {"crossed": " (crossed: TURNED UP)", "rising": " (rising above its bottom)"}
+    shown = curve.label + (state.get(curve.mark.state, "") if curve.mark is not None else "")
+    if curve.selection:
+        ax.plot(curve.tokens, curve.values, label=shown, **style.selection_style(curve.color))
+        return {"selection"}
+    line = {"marker": "o", "markersize": 3.5, "linestyle": linestyle, "gid": style.DATA_GID}
+    ax.plot(curve.tokens, curve.values, color=curve.color, label=shown, zorder=3, **line)
+    if not any(e is not None for e in curve.errors):
+        return set()
+    low = [y - (e or 0.0) for y, e in zip(curve.values, curve.errors)]
+    high = [y + (e or 0.0) for y, e in zip(curve.values, curve.errors)]
+    ax.fill_between(curve.tokens, low, high, color=curve.color, alpha=0.15, linewidth=0)
+    return {"band"}
 
 
-def real_bottom(tokens: Sequence[float], mark: Inflection | None) -> int | None:
-    """The index in ``tokens`` of the detector's bottom, if it is a real one; else None.
-
-    A real bottom is a measured snapshot with snapshots on both sides: the detector's
-    minimum of a curve still falling (its last point) or only rising (its first) is an
-    end of the curve, not a bottom, and gets no ring.
-
-    Example::
-
-        real_bottom([1e5, 1e6, 1e7], inflection(records, "noise/gamma=1/perturbed_loss"))
-    """
-    if mark is None or mark.bottom_tokens is None or not tokens:
-        return None
-    bottom = mark.bottom_tokens
-    i = min(range(len(tokens)), key=lambda j: abs(math.log(tokens[j] / bottom)))
-    on_a_snapshot = abs(math.log(tokens[i] / bottom)) < 0.01
-    return i if on_a_snapshot and 0 < i < len(tokens) - 1 else None
-
-
-def _draw_curve(ax: Axes, records: Records, key: str, label: str, color: Any, linestyle: str):
-    tokens, values, errors = series(records, key)
-    if not tokens:
-        return None
-    mark = inflection(records, key)
-    shown = f"{label} (crossed)" if mark is not None and mark.crossed else label
-    line = {"marker": "o", "markersize": 3, "linestyle": linestyle, "gid": style.DATA_GID}
-    ax.plot(tokens, values, color=color, label=shown, **line)
-    if any(e is not None for e in errors):
-        low = [y - (e or 0.0) for y, e in zip(values, errors)]
-        high = [y + (e or 0.0) for y, e in zip(values, errors)]
-        ax.fill_between(tokens, low, high, color=color, alpha=0.15, linewidth=0)
-    return tokens, values, mark
-
-
-def _draw_marks(ax: Axes, drawn: tuple, label: str, color: Any) -> set[str]:
-    # The bottom ring, T* and its interval, on an axis already fitted to the data: a mark
-    # past the axis is cut at its edge and written there, never allowed to stretch it.
-    tokens, values, mark = drawn
-    kinds: set[str] = set()
-    if mark is None:
-        return kinds
-    if (i := real_bottom(tokens, mark)) is not None:
-        style.ring(ax, tokens[i], values[i], color, filled=mark.crossed)
-        kinds.add("bottom")
-    if mark.forecast_tokens is None:
-        return kinds
-    kinds.add("forecast")
-    left, right = ax.get_xlim()
-    t, low, high = mark.forecast_tokens, mark.forecast_low, mark.forecast_high
-    latest = max(tokens)
-
-    def bound(value: float | None) -> str:
-        return style.bound_text(value, latest)
-
-    if left <= t <= right:
-        ax.axvline(t, color=color, linestyle="--", linewidth=1.2)
-    if low is not None and (start := max(low, left)) < (end := min(high or math.inf, right)):
-        ax.axvspan(start, end, color=color, alpha=0.08)
-        kinds.add("interval")
-    if t > right:
-        far = bound(t).startswith(">")  # an extrapolation: its interval means nothing more
-        interval = "" if low is None or far else f" [{bound(low)}, {bound(high)}]"
-        style.mark_beyond(ax, f"{label}: T* {bound(t)}{' (extrapolated)' * far}{interval}", color)
-    elif t < left:
-        style.mark_beyond(ax, f"{label}: T* {bound(t)}", color, side="left")
-    elif high is None or high > right:
-        style.mark_beyond(ax, f"{label}: T* interval to {bound(high)}", color)
-    return kinds
+def _picks_from(curve: _Curve, others: Sequence[_Curve]) -> bool:
+    """Whether ``curve`` equals one of ``others`` at every snapshot (a view that picks
+    among them, as the tuned lr does): drawn as it is, it would hide the one it picks."""
+    if len(curve.tokens) < 1 or not others:
+        return False
+    at = [dict(zip(o.tokens, o.values)) for o in others]
+    return all(
+        any(t in points and math.isclose(points[t], y, rel_tol=1e-9) for points in at)
+        for t, y in zip(curve.tokens, curve.values)
+    )
 
 
 def plot_signal(
@@ -187,16 +128,15 @@ def plot_signal(
 ) -> bool:
     """Draw ``key`` against tokens with its standard-error band and its inflection marks.
 
-    A real bottom found by the detector (see :func:`real_bottom`) gets a ring, filled
-    once the inflection is crossed; the forecast ``T*`` a dashed line and its interval a
-    shaded span. The x-axis is fitted to the curves drawn so far: a forecast past it is
-    cut at the edge and written there (``γ=1: T* 20M [3M, 40M] →``).
+    The detector's bottom gets a ring and its forecast a dashed line, as
+    :mod:`~lightning_overtrain.reporting.figure_marks` draws them. The x-axis is fitted to
+    the curves drawn so far: a forecast past it is written at the edge with an arrow.
 
     Args:
         ax: the axes to draw on.
         records: the history.
         key: the signal's record key.
-        label: its legend label (``(crossed)`` is added once crossed).
+        label: its legend label (the detector's state is added once it says one).
         color: its colour (see :func:`~lightning_overtrain.reporting.figure_style.palette`).
         linestyle: its line style.
 
@@ -208,11 +148,13 @@ def plot_signal(
         fig, (ax,) = figure_style.new_figure(1, "mine")
         plot_signal(ax, records, "noise/gamma=1/perturbed_loss", label="γ=1", color="C0")
     """
-    drawn = _draw_curve(ax, records, key, label, color, linestyle)
-    if drawn is None:
+    tokens, values, errors = series(records, key)
+    if not tokens:
         return False
+    curve = _Curve(label, color, tokens, values, errors, inflection(records, key))
+    _draw_curve(ax, curve, linestyle)
     style.fit_tokens(ax)
-    _draw_marks(ax, drawn, label, color)
+    draw_marks(ax, tokens, values, curve.mark, label, color)
     return True
 
 
@@ -235,12 +177,47 @@ def _units(signals: Sequence[Signal]) -> str:
     return " / ".join(dict.fromkeys(s.unit for s in signals))
 
 
+# One curve to draw: its declaration, colour and line style.
+_Todo = tuple[Signal, Any, str]
+
+
+def _curves(records: Records, todo: Sequence[_Todo]) -> list[_Curve]:
+    out: list[_Curve] = []
+    for signal, color, _ in todo:
+        tokens, values, errors = series(records, signal.key, signal.stderr)
+        mark = inflection(records, signal.key)
+        curve = _Curve(signal.label, color, tokens, values, errors, mark)
+        curve.selection = _picks_from(curve, [c for c in out if not c.selection])
+        out.append(curve)
+    return out
+
+
+def _draw_panel(ax: Axes, records: Records, todo: Sequence[_Todo]) -> int:
+    curves = _curves(records, todo)
+    marks: set[str] = set()
+    for curve, (_, _, linestyle) in zip(curves, todo):
+        marks |= _draw_curve(ax, curve, linestyle)
+    style.fit_tokens(ax)  # to every curve first, so no mark decides the axis
+    for curve in curves:
+        marks |= draw_marks(ax, curve.tokens, curve.values, curve.mark, curve.label, curve.color)
+    drawn = [y for c in curves for y in c.values]
+    if {signal.unit for signal, _, _ in todo} == {"lr"}:  # a setting chosen per snapshot
+        style.choice_axis(ax, drawn)
+    else:
+        noise = max((e for c in curves for e in c.errors if e is not None), default=0.0)
+        style.fit_values(ax, drawn, noise)
+    return style.legend(ax, sorted(marks))
+
+
 def line_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
     """One panel per declared ``panel`` with data, each signal a curve; None without data.
 
     A panel's signals that share a ``base`` not drawn in the figure get it as a dotted
-    black curve; a signal that is another's ``base`` is drawn in black. Each panel's
-    y-label is its signals' ``unit``; its x-axis fits the data (see :func:`plot_signal`).
+    black curve; a signal that is another's ``base`` is drawn in black. A curve that
+    picks, at every snapshot, one of the panel's earlier curves (the tuned lr) is a wide
+    pale stroke under them, so both stay visible. Each panel's y-label is its signals'
+    ``unit``; its x-axis fits the data, its y-axis spans at least the noise band (see
+    :func:`~lightning_overtrain.reporting.figure_style.fit_values`).
     """
     present = [s for s in figure if series(records, s.key)[0]]
     if not present:
@@ -251,22 +228,20 @@ def line_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
     colors = _colors_by_label(present, bases)
     panels = _panels(present)
     fig, axes = style.new_figure(len(panels), present[0].title)
+    below: list[int] = []
     for ax, (title, signals) in zip(axes, panels.items()):
         shared = {s.base for s in signals}
         base = shared.pop() if len(shared) == 1 else None
-        todo = [(base, "reference", "black", ":")] if base and base not in in_figure else []
+        todo: list[_Todo] = []
+        if base and base not in in_figure:
+            todo.append((Signal(base, label="reference"), "black", ":"))
         for signal in signals:
-            color = "black" if signal.key in bases else colors[signal.label]
-            todo.append((signal.key, signal.label, color, "-"))
-        curves = [(label, c, _draw_curve(ax, records, k, label, c, ls)) for k, label, c, ls in todo]
-        style.fit_tokens(ax)  # to every curve first, so no mark decides the axis
-        marks: set[str] = set()
-        for label, color, drawn in curves:
-            if drawn is not None:
-                marks |= _draw_marks(ax, drawn, label, color)
+            todo.append((signal, "black" if signal.key in bases else colors[signal.label], "-"))
+        below.append(_draw_panel(ax, records, todo))
         ax.set_ylabel(_units(signals))
-        ax.set_title(title, fontsize=10)
-        style.legend(ax, sorted(marks))
+        ax.set_title(title, fontsize=11)
+    rows = [below[i : i + style.COLUMNS] for i in range(0, len(below), style.COLUMNS)]
+    style.make_room_below(fig, [max(row) for row in rows])
     return fig
 
 
@@ -286,7 +261,7 @@ def heatmap_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
         rows = [
             r
             for r in records
-            if (_positive(r.get(keys.TOKENS)) is not None)
+            if (finite(r.get(keys.TOKENS)) or 0) > 0
             and any(finite(r.get(k)) is not None for k in names)
         ]
         if not rows:
@@ -304,7 +279,7 @@ def heatmap_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
         ax.set_xscale("log")
         style.tokens_axis(ax)
         ax.grid(False)
-        ax.set_yticks(np.arange(len(layers)) + 0.5, layers, fontsize=7)
+        ax.set_yticks(np.arange(len(layers)) + 0.5, layers, fontsize=8)
         ax.invert_yaxis()  # the first layer on top, as in the model
         ax.set_ylabel("layer")
         ax.set_title(title, fontsize=10)
@@ -315,11 +290,17 @@ def heatmap_figure(records: Records, figure: Sequence[Signal]) -> Figure | None:
 def figure_signals(
     records: Records, signals: Sequence[Signal] | None = None
 ) -> dict[str, list[Signal]]:
-    """The drawn signals by figure name: ``signals`` (default: inferred from the records'
-    keys), then the built-in declarations of keys they leave out."""
-    names = dict.fromkeys(k for r in records for k in r)
+    """The drawn signals by figure name, as the probes declared them.
+
+    Only a history saved without declarations (``signals`` None or empty: an older run)
+    has them inferred from its keys, by :func:`~lightning_overtrain.keys.infer_signals`.
+    """
+    if signals:
+        declared = list(signals)
+    else:
+        declared = keys.infer_signals(dict.fromkeys(k for r in records for k in r))
     out: dict[str, list[Signal]] = {}
-    for signal in keys.merge_signals(signals or (), names):
+    for signal in declared:
         if signal.plot is not None and signal.figure:
             out.setdefault(signal.figure, []).append(signal)
     return out
@@ -390,8 +371,6 @@ def write_figures(
     paths = {}
     for name, png in render_pngs(records, dpi, signals).items():
         path = os.path.join(directory, f"{name}.png")
-        with open(path + ".tmp", "wb") as f:
-            f.write(png)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, lambda f, png=png: f.write(png), binary=True)  # exclusive temp file
         paths[name] = path
     return paths

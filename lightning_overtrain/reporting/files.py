@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from lightning_overtrain.history import SETTINGS_FILE, write_history
 from lightning_overtrain.reporting.base import Reporter, RunView
+from lightning_overtrain.safe_io import write_json_atomic
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -18,13 +19,15 @@ class FileReporter(Reporter):
 
     All go to ``view.dirpath``; ``alerts.jsonl`` gets one line per warning or stop.
     A resumed run writes the history it carries at once, so its new log directory
-    holds the curves from the start before its next snapshot.
+    holds the curves from the start before its next snapshot. Files are replaced
+    atomically through exclusive temporary files; ``alerts.jsonl`` is appended to
+    without following a symlink. A write that fails raises ``OSError``, which the
+    monitor turns into a warning (see :mod:`lightning_overtrain.reporting.guard`).
     """
 
     def setup(self, trainer: pl.Trainer, view: RunView) -> None:
         os.makedirs(view.dirpath, exist_ok=True)
-        with open(os.path.join(view.dirpath, SETTINGS_FILE), "w") as f:
-            json.dump(dict(view.config), f, indent=2, default=str)
+        write_json_atomic(os.path.join(view.dirpath, SETTINGS_FILE), dict(view.config))
         if view.history:
             write_history(list(view.history), view.dirpath)
 
@@ -39,5 +42,7 @@ class FileReporter(Reporter):
             "title": title,
             "text": text,
         }
-        with open(os.path.join(view.dirpath, "alerts.jsonl"), "a") as f:
-            f.write(json.dumps(line) + "\n")
+        path = os.path.join(view.dirpath, "alerts.jsonl")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "a") as f:
+            f.write(json.dumps(line, default=str) + "\n")

@@ -78,6 +78,27 @@ def _open_bar(trainer: pl.Trainer, description: str, total: int | None) -> _Bar 
     return _TqdmBar(position, description, total)
 
 
+def label_epochs_of_a_steps_run(trainer: pl.Trainer) -> None:
+    """Make a Rich progress bar say ``Epoch 0``, not ``Epoch 0/-2``, in a ``max_steps`` run.
+
+    Lightning's ``RichProgressBar`` writes ``Epoch <n>/<max_epochs - 1>`` even when
+    ``max_epochs`` is -1 (the default of a run bounded by ``max_steps``). Only that label
+    of that bar changes; any other bar, or a run with ``max_epochs``, is left as it is.
+    """
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    bar = trainer.progress_bar_callback
+    if not isinstance(bar, RichProgressBar) or (trainer.max_epochs or 0) >= 0:
+        return
+    describe = type(bar)._get_train_description
+
+    def epoch_only(current_epoch: int) -> str:
+        label = describe(bar, current_epoch)
+        return label.replace(f"/{trainer.max_epochs - 1}", "", 1) if trainer.max_epochs else label
+
+    bar._get_train_description = epoch_only  # type: ignore[method-assign]
+
+
 def counted(loss_fn: LossFn, tick: Callable[[], None]) -> LossFn:
     """``loss_fn`` that calls ``tick()`` before each evaluation; same results."""
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_overtrain import keys
-from lightning_overtrain.history import columns
+from lightning_overtrain.history import columns, scalars
 from lightning_overtrain.reporting.base import Reporter, RunView
 from lightning_overtrain.reporting.figures import finite
 from lightning_overtrain.reporting.png import matplotlib_available
@@ -225,10 +225,10 @@ class WandbReporter(Reporter):
     def _log_snapshot(self, view: RunView, record: dict[str, float]) -> None:
         assert self.run is not None and self._wandb is not None
         tokens = f"{view.prefix}/{keys.TOKENS}"
-        self._define(list(keys.prefixed(view.prefix, record)), tokens)
+        self._define(list(keys.prefixed(view.prefix, scalars(record))), tokens)
         row: dict[str, Any] = {}
         if self.table:
-            names = columns(view.history)
+            names = columns([scalars(r) for r in view.history])  # no per-sample lists
             data = [[_cell(r.get(c)) for c in names] for r in view.history]
             row[f"{view.prefix}/{TABLE_KEY}"] = self._wandb.Table(columns=names, data=data)
         if self.images:

@@ -27,7 +27,7 @@ are 10-50% of the span and are not reflected in ``stderrs``.
 
 ``noise_unit="delta"`` reads ``noise`` as a fraction of the sensitivity at each snapshot
 instead: the noise probe's spread across noise directions scales with ``delta`` itself
-(8-20% of ``delta`` per antithetic pair in ``DESIGN.md`` section 4, so 4-10% for 4 pairs).
+(about 8-20% of ``delta`` per antithetic pair on a tiny GPT, so 4-10% for 4 pairs).
 
 Each curve also comes as the two terms the monitor measures apart, ``values = base +
 sensitivity``: the reference loss ``L(theta_T)`` (``base``: the falling term, measured
