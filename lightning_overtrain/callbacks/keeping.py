@@ -18,9 +18,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_overtrain.core.keeping import BEST_COOLED_FILE, BEST_FILE  # noqa: F401
+from lightning_overtrain.core.keeping import (  # noqa: F401
+    BEST_COOLED_FILE,
+    BEST_FILE,
+    best_not_written,
+)
 from lightning_overtrain.engine.backup import ModelBackup, presented
-from lightning_overtrain.reporting.guard import output_failed
 
 
 def save_best(
@@ -101,22 +104,3 @@ def remove_path(path: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.lexists(path):
             os.unlink(path)
-
-
-def best_not_written(
-    best: dict[str, Any] | None, path: str, error: BaseException, failures: int
-) -> int:
-    """Say that the best snapshot was judged but not written; name no file for it.
-
-    The detector and the policy keep the snapshot (a full disk is not a judgement):
-    only ``best["path"]`` is cleared, so ``best_path`` never names a file that holds
-    other weights (the previous best, left whole at ``path``) or none.
-
-    Returns:
-        ``failures`` plus this one.
-    """
-    if best is not None:
-        best["path"] = None
-    failures += 1
-    output_failed(f"the best snapshot {path}", error, failures)
-    return failures

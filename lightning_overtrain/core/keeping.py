@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_overtrain.engine.backup import ModelBackup, presented
 from lightning_overtrain.engine.collectives import Collectives
+from lightning_overtrain.reporting.guard import output_failed
 
 BEST_FILE = "best.ckpt"
 #: With a cooldown the probes measure the cooled branch: the kept snapshot holds its weights.
@@ -69,3 +70,22 @@ def save_weights(
     if collectives.any_rank(error is not None):
         return error or OSError(f"another rank could not write the best snapshot {path}")
     return None
+
+
+def best_not_written(
+    best: dict[str, Any] | None, path: str, error: BaseException, failures: int
+) -> int:
+    """Say that the best snapshot was judged but not written; name no file for it.
+
+    The detector and the policy keep the snapshot (a full disk is not a judgement):
+    only ``best["path"]`` is cleared, so ``best_path`` never names a file that holds
+    other weights (the previous best, left whole at ``path``) or none.
+
+    Returns:
+        ``failures`` plus this one.
+    """
+    if best is not None:
+        best["path"] = None
+    failures += 1
+    output_failed(f"the best snapshot {path}", error, failures)
+    return failures

@@ -14,10 +14,14 @@ from typing import Any
 
 from lightning_overtrain import keys
 from lightning_overtrain.callbacks.cadence import Cadence
-from lightning_overtrain.callbacks.keeping import best_not_written
 from lightning_overtrain.core.acting import act
 from lightning_overtrain.core.host import Host
-from lightning_overtrain.core.keeping import BEST_COOLED_FILE, BEST_FILE, save_weights
+from lightning_overtrain.core.keeping import (
+    BEST_COOLED_FILE,
+    BEST_FILE,
+    best_not_written,
+    save_weights,
+)
 from lightning_overtrain.core.log import info, warn
 from lightning_overtrain.core.token_clock import TokenClock
 from lightning_overtrain.engine.backup import ModelBackup

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 
 from lightning_overtrain.reporting.base import Reporter
 
