@@ -4,10 +4,11 @@ A bottom is a fitted minimum, never the argmin of a noisy curve: a parabola in
 ``log2(tokens)`` through the lowest point and its two neighbours on each side; its
 vertex is the bottom. Its interval comes from replicate curves: for the noise probe,
 the directions resampled with replacement (the same resample at every snapshot, as
-the directions are common random numbers); for a curve with no replicates, its own
-jitter (the spread of second differences, which a smooth curve barely has) added
-back as independent noise. Each replicate is fitted the same way, and the interval
-is the 5th to 95th percentile of the replicate vertices (a 90% interval).
+the directions are common random numbers), plus for every curve its own
+snapshot-to-snapshot jitter (the spread of third differences, which a locally
+quadratic curve does not have) added back as independent noise. Each replicate is
+fitted the same way; the interval is the 5th to 95th percentile of the replicate
+vertices (a 90% interval).
 """
 
 from __future__ import annotations
@@ -45,28 +46,35 @@ def fitted_bottom(x: np.ndarray, y: np.ndarray) -> tuple[float, bool]:
 
 
 def jitter(y: np.ndarray) -> float:
-    """A curve's snapshot-to-snapshot noise, from its second differences (an upper bound)."""
+    """A curve's snapshot-to-snapshot noise, from its third differences.
+
+    A parabola (the curve near its bottom, in log tokens) has none, so what is left is
+    noise, plus any sharper bend, which only widens the intervals.
+    """
     y = y[np.isfinite(y)]
-    if len(y) < 3:
-        return math.nan
-    d2 = y[:-2] - 2 * y[1:-1] + y[2:]
-    return float(np.sqrt(np.mean(d2**2) / 6))  # var(d2) = 6 var(y) for independent noise
+    if len(y) < 4:
+        return 0.0
+    d3 = y[3:] - 3 * y[2:-1] + 3 * y[1:-2] - y[:-3]
+    return float(np.sqrt(np.mean(d3**2) / 20))  # var(d3) = 20 var(y) for independent noise
 
 
 def replicates(
     y: np.ndarray, directions: np.ndarray | None, rng: np.random.Generator
 ) -> np.ndarray:
-    """``REPLICATES`` curves as noisy as ``y``: directions resampled, or its jitter added.
+    """``REPLICATES`` curves as noisy as ``y``: directions resampled (if any), its jitter added.
 
     Args:
         y: the curve over snapshots.
         directions: ``[direction, snapshot]`` values whose mean is ``y`` (None: none).
         rng: the generator.
     """
+    base = np.broadcast_to(y, (REPLICATES, len(y)))
     if directions is not None and len(directions) > 1:
-        picks = rng.integers(0, len(directions), size=(REPLICATES, len(directions)))
-        return directions[picks].mean(axis=1)
-    return y + rng.normal(0.0, jitter(y), size=(REPLICATES, len(y)))
+        n = len(directions)
+        picks = rng.integers(0, n, size=(REPLICATES, n))
+        # The bootstrap's spread is (n - 1) / n of the sampling variance: undo that shrink.
+        base = y + math.sqrt(n / (n - 1)) * (directions[picks].mean(axis=1) - y)
+    return base + rng.normal(0.0, jitter(y), size=(REPLICATES, len(y)))
 
 
 def bottom_with_interval(
@@ -80,8 +88,9 @@ def bottom_with_interval(
         ``samples``, the replicate bottoms (for leads; dropped before publishing).
     """
     at, interior = fitted_bottom(x, y)
-    samples = np.array([fitted_bottom(x, r)[0] for r in replicates(y, directions, rng)])
-    turned = np.mean([fitted_bottom(x, r)[1] for r in replicates(y, directions, rng)[:50]])
+    fits = [fitted_bottom(x, r) for r in replicates(y, directions, rng)]
+    samples = np.array([at for at, _ in fits])
+    turned = np.mean([turned for _, turned in fits])
     low, high = np.percentile(samples, LEVEL)
     return {
         "log2_tokens": at,
