@@ -19,6 +19,7 @@ noise probe across directions); every bottom and lead an interval
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -60,7 +61,8 @@ def curves(data: dict[str, np.ndarray]) -> dict[str, dict[str, list]]:
         if key.endswith("_stderr") or key.startswith("directions/"):
             continue
         n = np.isfinite(values).sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with warnings.catch_warnings():  # a snapshot one seed reached has no spread: NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(values, axis=0)
             se = np.nanstd(values, axis=0, ddof=1) / np.sqrt(n)
         curve = {"mean": mean, "se": se, "n": n, "per_seed": values}
@@ -179,8 +181,13 @@ def best_predictor(leads: dict, pooled_leads: dict, target: str) -> list[dict[st
         rows.append(
             {
                 "signal": cheap,
-                "seeds_ahead": int(sum(v["snapshots_low"] > 0 for v in per_seed)),
-                "seeds_behind": int(sum(v["snapshots_high"] < 0 for v in per_seed)),
+                # A bound counts only on its own side: "at least +2" is ahead, "at most -1" behind.
+                "seeds_ahead": int(
+                    sum(v["snapshots_low"] > 0 and not v["upper_bound"] for v in per_seed)
+                ),
+                "seeds_behind": int(
+                    sum(v["snapshots_high"] < 0 and not v["lower_bound"] for v in per_seed)
+                ),
                 "seeds_cheap_turned": int(sum(v["cheap_turned"] for v in per_seed)),
                 "seeds_target_turned": int(sum(not v["lower_bound"] for v in per_seed)),
                 "lead_snapshots": pooled_leads[cheap][target],
@@ -287,6 +294,7 @@ def _public(bottom: dict, params: int) -> dict[str, Any]:
         "per_parameter_low": round(2.0 ** bottom["low"] / params, 1),
         "per_parameter_high": round(2.0 ** bottom["high"] / params, 1),
         "interior": bool(bottom["interior"]),
+        "edge": bottom["edge"],
         "interior_fraction": round(bottom["interior_fraction"], 2),
     }
 

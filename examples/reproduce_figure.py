@@ -101,7 +101,14 @@ def figure(summary: dict[str, Any], path: str) -> None:
         f"Catastrophic overtraining in miniature: {params / 1e3:.1f}k-parameter byte-level GPT-2,"
         f" {len(reached)} seeds reaching {min(reached):.0f} to {max(reached):.0f} tokens per"
         " parameter;"
-        " bands: ± 1 s.e. across seeds",
+        " bands: ± 1 s.e. across seeds"
+        + (
+            f"\nINCOMPLETE: {summary['planned_snapshots']} snapshots to"
+            f" {s['final_tokens'] / params:.0f} tokens per parameter were planned"
+            if summary["incomplete"]
+            else ""
+        )
+        + (f"\n{summary['machine']}" if summary.get("machine") else ""),
         fontsize=12,
     )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -151,7 +158,7 @@ def _leads(ax: Any, summary: dict) -> None:
                 )
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(cheap)), cheap, fontsize=8)
-    ax.set_xlabel("lead of the cheap bottom, in snapshots (×√2 tokens each); open: at least")
+    ax.set_xlabel("lead of the cheap bottom, in snapshots (×√2 tokens each); open: a bound")
     ax.set_title("9. Does the cheap signal foresee the fine-tune? (per seed, 90%)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)

@@ -22,7 +22,8 @@ standard errors on every curve and intervals on every bottom and lead.
 
 Usage::
 
-    python examples/reproduce_paper.py --publish     # docs/reproduction.json and .png
+    python examples/reproduce_paper.py --publish     # docs/reproduction.json and .png, the
+                                                     # histories in benchmarks/results/reproduction
     python examples/reproduce_paper.py --fast        # smoke run for CI, well under a minute
     python examples/reproduce_paper.py --publish --report-only   # numbers and figure again,
                                                      # from <out>/seed<k>/history.jsonl
@@ -54,6 +55,7 @@ import torch
 from reproduce_analysis import analyse
 from reproduce_figure import figure
 from reproduce_snapshots import CooledSnapshots, DirectionNoiseProbe
+from reproduce_tables import replace_block, tables
 from torch.utils.data import DataLoader, Subset
 
 from lightning_overtrain import FineTuneProbe, read_history
@@ -284,15 +286,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--fast", action="store_true", help="a tiny smoke run (CI)")
-    parser.add_argument("--out", default="runs/reproduce_paper", help="per-seed histories")
     parser.add_argument(
-        "--publish", action="store_true", help="write docs/reproduction.json and .png"
+        "--out",
+        help="per-seed histories (default: runs/reproduce_paper; with --publish,"
+        " benchmarks/results/reproduction)",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="write the published results: docs/reproduction.json and .png, the tables of"
+        " docs/reproduction.md, the histories",
     )
     parser.add_argument("--figure", help="the figure (default: <out>/reproduction.png)")
     parser.add_argument("--summary", help="the numbers (default: <out>/reproduction.json)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
     parser.add_argument("--jobs", type=int, help="seeds run at once (default: all of them)")
     parser.add_argument("--force", action="store_true", help="overwrite other-corpus results")
+    parser.add_argument(
+        "--machine", help="the machine and its state during the run, e.g. '2 cores, idle'"
+    )
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -302,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     s = FAST if args.fast else FULL
     if args.seeds:
         s = replace(s, seeds=tuple(args.seeds))
+    if args.out is None:
+        published = os.path.join(ROOT, "benchmarks", "results", "reproduction")
+        args.out = published if args.publish else "runs/reproduce_paper"
     docs = os.path.join(ROOT, "docs")
     figure_path = args.figure or (
         os.path.join(docs, "reproduction.png")
@@ -331,6 +346,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.makedirs(os.path.dirname(os.path.abspath(summary_path)), exist_ok=True)
     _write_json(summary_path, summary)
     figure(summary, figure_path)
+    if args.publish:
+        page = os.path.join(docs, "reproduction.md")
+        with open(page) as f:
+            text = replace_block(f.read(), tables(summary))
+        with open(page, "w") as f:
+            f.write(text)
+        print(f"tables: {page}")
     print(json.dumps(summary["headline"], indent=1))
     print(f"figure: {figure_path}\nnumbers: {summary_path}")
     return summary
@@ -360,6 +382,7 @@ def summarize(s: Settings, runs: list, corpus: dict, args: Any, seconds: float) 
             for seed, (h, run) in zip(s.seeds, runs)
         },
         "incomplete": any(len(h) < planned for h in histories),
+        "machine": args.machine,
         "seconds": None if args.report_only else round(seconds, 1),
         **analyse(histories, [run for _, run in runs], s, params),
     }

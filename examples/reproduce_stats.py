@@ -85,9 +85,12 @@ def bottom_with_interval(
     Returns:
         ``log2_tokens`` (the bottom), ``low``/``high`` (the interval), ``interior``
         (the curve itself turned), ``interior_fraction`` (of the replicates), and
-        ``samples``, the replicate bottoms (for leads; dropped before publishing).
+        ``edge`` (``"last"``: still falling at the end, the bottom is later; ``"first"``:
+        rising from the start, it is earlier; None: it turned), and ``samples``, the
+        replicate bottoms (for leads; dropped before publishing).
     """
     at, interior = fitted_bottom(x, y)
+    known = x[np.isfinite(y)]
     fits = [fitted_bottom(x, r) for r in replicates(y, directions, rng)]
     samples = np.array([at for at, _ in fits])
     turned = np.mean([turned for _, turned in fits])
@@ -97,6 +100,8 @@ def bottom_with_interval(
         "low": float(low),
         "high": float(high),
         "interior": interior,
+        # A curve that never turned: still falling at its last snapshot, or rising from its first.
+        "edge": None if interior else ("last" if at == known[-1] else "first"),
         "interior_fraction": float(turned),
         "samples": samples,
     }
@@ -112,8 +117,9 @@ def lead_with_interval(cheap: dict, expensive: dict, step: float) -> dict[str, f
 
     Returns:
         ``snapshots`` (positive: ``cheap`` bottoms first), its 90% interval, the same as a
-        factor in tokens, and ``lower_bound``: True when ``expensive`` never turned, so
-        its bottom, and the lead, are at least what is shown.
+        factor in tokens; ``lower_bound``: ``expensive`` was still falling at the end, so
+        the lead is at least what is shown; ``upper_bound``: ``cheap`` was, so it is at
+        most that (both: no lead can be said).
     """
     diff = expensive["samples"] - cheap["samples"]
     lead = expensive["log2_tokens"] - cheap["log2_tokens"]
@@ -125,7 +131,8 @@ def lead_with_interval(cheap: dict, expensive: dict, step: float) -> dict[str, f
         "token_factor": 2.0**lead,
         "token_factor_low": float(2.0**low),
         "token_factor_high": float(2.0**high),
-        "lower_bound": not expensive["interior"],
+        "lower_bound": expensive["edge"] == "last",
+        "upper_bound": cheap["edge"] == "last",
         "cheap_turned": bool(cheap["interior"]),
     }
 

@@ -203,5 +203,6 @@ def test_the_published_numbers_are_what_todays_code_makes_of_the_published_histo
         ]
     )
     published.pop("seconds"), rebuilt.pop("seconds")
-    assert json.loads(json.dumps(rebuilt)) == published
+    # As text: NaN (a curve a seed did not reach) is not equal to itself.
+    assert json.dumps(rebuilt, sort_keys=True) == json.dumps(published, sort_keys=True)
     assert CorpusFingerprint(**published["corpus"]).bytes == published["settings"]["text_bytes"]
