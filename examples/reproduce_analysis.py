@@ -33,8 +33,9 @@ from reproduce_stats import (
 
 from lightning_overtrain import keys
 from lightning_overtrain.history import Record
+from lightning_overtrain.inflection.detector import InflectionDetector
 
-SKIP = (keys.TOKENS, keys.STEP, keys.PROBE_SECONDS)
+SKIP = (keys.STEP, keys.PROBE_SECONDS)
 
 
 def table(histories: list[list[Record]], n: int) -> dict[str, np.ndarray]:
@@ -58,7 +59,7 @@ def curves(data: dict[str, np.ndarray]) -> dict[str, dict[str, list]]:
     """
     out = {}
     for key, values in data.items():
-        if key.endswith("_stderr") or key.startswith("directions/"):
+        if key == keys.TOKENS or key.endswith("_stderr") or key.startswith("directions/"):
             continue
         n = np.isfinite(values).sum(axis=0)
         with warnings.catch_warnings():  # a snapshot one seed reached has no spread: NaN
@@ -162,6 +163,7 @@ def analyse(histories: list[list[Record]], runs: list[dict], s: Any, params: int
         },
         "pooled_leads": pooled_leads,
         "best_predictor": {e: best_predictor(leads, pooled_leads, e) for e in expensive},
+        "detector": detector_verdicts(data, s),
         "delta_rises": delta_rises(data, s),
         "tuned_lr": tuned_view(data, x, s),
         "pretraining_alone": pretraining_alone(data, runs),
@@ -195,6 +197,33 @@ def best_predictor(leads: dict, pooled_leads: dict, target: str) -> list[dict[st
             }
         )
     return sorted(rows, key=lambda r: (-r["seeds_ahead"], r["lead_sd_across_seeds"]))
+
+
+def detector_verdicts(data: dict[str, np.ndarray], s: Any) -> dict[str, list[dict]]:
+    """The project's detector on each seed's curves, as a live run would have fed it."""
+    watched = {f"noise gamma={g:g}": keys.noise_key(g, "perturbed_loss") for g in s.gammas}
+    watched.update(expensive_signals(s))
+    tokens = data[keys.TOKENS]
+    out = {}
+    for name, key in watched.items():
+        stderr = data.get(key + "_stderr")
+        verdicts = []
+        for i, row in enumerate(data[key]):
+            detector = InflectionDetector()
+            state = None
+            for j, value in enumerate(row):
+                if not math.isfinite(value):
+                    break
+                se = None if stderr is None else float(stderr[i, j])
+                state = detector.update(float(tokens[i, j]), float(value), se)
+            verdicts.append(
+                {
+                    "crossed": bool(state and state.crossed),
+                    "crossed_at_tokens": state.crossed_at_tokens if state else None,
+                }
+            )
+        out[name] = verdicts
+    return out
 
 
 def delta_rises(data: dict[str, np.ndarray], s: Any) -> dict[str, dict[str, Any]]:

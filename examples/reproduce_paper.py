@@ -61,7 +61,12 @@ from torch.utils.data import DataLoader, Subset
 from lightning_overtrain import FineTuneProbe, read_history
 from lightning_overtrain.cli.text import split_text
 from lightning_overtrain.probes.sharpness import SharpnessProbe
-from lightning_overtrain.testing.corpus import corpus_differences, foreign_prose, pinned_code
+from lightning_overtrain.testing.corpus import (
+    CorpusFingerprint,
+    corpus_differences,
+    foreign_prose,
+    pinned_code,
+)
 from lightning_overtrain.testing.demo import ByteWindows, TinyCausalLM, quiet_known_warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -272,8 +277,6 @@ def refuse_other_corpus(summary_path: str, corpus: dict[str, Any], force: bool) 
         published = json.load(f).get("corpus")
     if published == corpus:
         return
-    from lightning_overtrain.testing.corpus import CorpusFingerprint
-
     why = corpus_differences(published, CorpusFingerprint(**corpus))
     message = f"The corpus differs from the one in {summary_path}:\n  " + "\n  ".join(why)
     if not force:
@@ -314,27 +317,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     s = FAST if args.fast else FULL
     if args.seeds:
         s = replace(s, seeds=tuple(args.seeds))
+    docs = os.path.join(ROOT, "docs")
     if args.out is None:
         published = os.path.join(ROOT, "benchmarks", "results", "reproduction")
         args.out = published if args.publish else "runs/reproduce_paper"
-    docs = os.path.join(ROOT, "docs")
-    figure_path = args.figure or (
-        os.path.join(docs, "reproduction.png")
-        if args.publish
-        else os.path.join(args.out, "reproduction.png")
-    )
-    summary_path = args.summary or (
-        os.path.join(docs, "reproduction.json")
-        if args.publish
-        else os.path.join(args.out, "reproduction.json")
-    )
+    where = docs if args.publish else args.out
+    figure_path = args.figure or os.path.join(where, "reproduction.png")
+    summary_path = args.summary or os.path.join(where, "reproduction.json")
     start = time.perf_counter()
     if not args.report_only:
         refuse_other_corpus(summary_path, pinned_code(s.text_bytes)[1].to_dict(), args.force)
-        jobs = args.jobs or len(s.seeds)
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            for done in pool.map(run_seed, s.seeds, [s] * len(s.seeds), [args.out] * len(s.seeds)):
-                assert done is None
+        n = len(s.seeds)
+        with ProcessPoolExecutor(args.jobs or n, mp_context=get_context("spawn")) as pool:
+            list(pool.map(run_seed, s.seeds, [s] * n, [args.out] * n))
     runs = [read_seed(seed, args.out) for seed in s.seeds]
     corpora = {json.dumps(run["corpus"], sort_keys=True) for _, run in runs}
     if len(corpora) > 1:

@@ -80,8 +80,8 @@ def downstream_table(summary: dict[str, Any]) -> list[str]:
 def bottoms_table(summary: dict[str, Any]) -> list[str]:
     rows = [
         "| signal | bottom, tokens per parameter (mean over seeds [90%]) | seeds whose curve"
-        " turned | per seed |",
-        "|---|---|---|---|",
+        " turned | the detector crossed it (seeds) | per seed |",
+        "|---|---|---|---|---|",
     ]
     for name, pooled in summary["pooled_bottoms"].items():
         per_seed = summary["bottoms"][name]
@@ -92,13 +92,22 @@ def bottoms_table(summary: dict[str, Any]) -> list[str]:
             else f"{'≥' if b['edge'] == 'last' else '≤'} {_pp(b['per_parameter'])}"
             for b in per_seed
         )
-        rows.append(f"| {name} | {_interval(pooled)} | {turned}/{len(per_seed)} | {each} |")
+        verdicts = summary["detector"].get(name)
+        crossed = f"{sum(v['crossed'] for v in verdicts)}/{len(verdicts)}" if verdicts else "-"
+        # A mean over seeds some of which never turned is itself only a bound.
+        bound = "≥ " if any(b["edge"] == "last" for b in per_seed) else ""
+        bound += "≤ " if any(b["edge"] == "first" for b in per_seed) else ""
+        rows.append(
+            f"| {name} | {bound}{_interval(pooled)} | {turned}/{len(per_seed)} | {crossed} |"
+            f" {each} |"
+        )
     rows += [
         "",
         "A bottom is the vertex of a parabola in log tokens through the lowest snapshot and"
         " two neighbours a side; `≥` marks a curve still falling at its last snapshot (the"
-        " bottom is past the run), `≤` one rising from its first. Pooled: bootstrap over"
-        " seeds and each seed's replicates.",
+        " bottom is past the run), `≤` one rising from its first; a mean over seeds of which"
+        " one is a bound is marked the same. Pooled: bootstrap over seeds and each seed's"
+        " replicates.",
     ]
     return rows
 
@@ -110,10 +119,12 @@ def leads_table(summary: dict[str, Any], target: str) -> list[str]:
         "|---|---|---|---|",
     ]
     for row in summary["best_predictor"][target]:
-        p = row["lead_snapshots"]
-        each = ", ".join(_lead(v) for v in summary["leads"][row["signal"]][target])
+        p, per_seed = row["lead_snapshots"], summary["leads"][row["signal"]][target]
+        each = ", ".join(_lead(v) for v in per_seed)
+        bound = "≥ " if any(v["lower_bound"] for v in per_seed) else ""
+        bound += "≤ " if any(v["upper_bound"] for v in per_seed) else ""
         rows.append(
-            f"| {row['signal']} | {p['mean']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}] |"
+            f"| {row['signal']} | {bound}{p['mean']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}] |"
             f" {row['seeds_ahead']} / {row['seeds_behind']} | {each} |"
         )
     return rows
