@@ -175,7 +175,7 @@ def analyse(histories: list[list[Record]], runs: list[dict], s: Any, params: int
 
 def best_predictor(leads: dict, pooled_leads: dict, target: str) -> list[dict[str, Any]]:
     """Cheap signals ranked for ``target``: first by the seeds whose lead interval is above
-    zero, then by how steady the lead is across seeds (its standard deviation)."""
+    zero, then by the mean lead (the earlier warning first), then by how steady it is."""
     rows = []
     for cheap, per_target in leads.items():
         per_seed = per_target[target]
@@ -196,7 +196,10 @@ def best_predictor(leads: dict, pooled_leads: dict, target: str) -> list[dict[st
                 "lead_sd_across_seeds": float(snaps.std(ddof=1)) if len(snaps) > 1 else math.nan,
             }
         )
-    return sorted(rows, key=lambda r: (-r["seeds_ahead"], r["lead_sd_across_seeds"]))
+    return sorted(
+        rows,
+        key=lambda r: (-r["seeds_ahead"], -r["lead_snapshots"]["mean"], r["lead_sd_across_seeds"]),
+    )
 
 
 def detector_verdicts(data: dict[str, np.ndarray], s: Any) -> dict[str, list[dict]]:

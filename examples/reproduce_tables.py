@@ -166,7 +166,7 @@ def tables(summary: dict[str, Any]) -> str:
         "#### Does the cheap signal foresee the fine-tune?",
         "Lead = the fine-tune curve's bottom minus the cheap signal's, in snapshots (each"
         " a factor √2 in tokens); positive: the cheap signal bottoms first. Rows are ranked"
-        " by the seeds where the cheap signal is ahead, then by how steady its lead is.",
+        " by the seeds where the cheap signal is ahead, then by its mean lead.",
     ]
     fixed = [f"ft pretrain loss lr={lr:g}" for lr in lrs]
     for target in ["ft tuned downstream loss", "ft tuned pretrain loss", *fixed]:
