@@ -200,6 +200,7 @@ def test_the_published_numbers_are_what_todays_code_makes_of_the_published_histo
             str(tmp_path / "r.json"),
             "--figure",
             str(tmp_path / "r.png"),
+            *(["--machine", published["machine"]] if published.get("machine") else []),
         ]
     )
     published.pop("seconds"), rebuilt.pop("seconds")
