@@ -1,347 +1,335 @@
-"""The analysis and figure of ``reproduce_paper.py``: what reproduced, as numbers and plots.
+"""The analysis of ``reproduce_paper.py``: what reproduced, with its uncertainty.
 
-Kept apart from the runs so ``reproduce_paper.py --report-only`` can rebuild both from
-the per-seed histories. Every claim of the paper gets one entry in :func:`checks`:
+Kept apart from the runs so ``reproduce_paper.py --report-only`` rebuilds it from the
+per-seed histories. Every curve carries standard errors (across seeds, and for the
+noise probe across directions); every bottom and lead an interval
+(:mod:`reproduce_stats`). The checks, one per claim of the paper:
 
 1. delta rises with tokens at fixed gamma; the perturbed loss is U-shaped, larger
    gamma earlier (section 3.3);
 2. at each fixed fine-tuning lr, the pretraining loss after fine-tuning and the
    downstream loss turn upward, larger lr earlier (section 3.4);
 3. with the lr tuned per snapshot (Figure 5): the best downstream loss, the winning
-   lr (constant, slowly or quickly falling?) and the pretraining loss at that lr;
-4. per seed, where each signal's bottom lies, the detector's crossing and forecast,
-   and whether the noise probe's bottom precedes, meets or trails the fine-tune's;
-5. the critical sharpness (Kalra et al.) beside the noise probe's delta.
+   lr, the forgetting at that lr and how fast it still rises;
+4. per seed, how far each cheap signal's bottom (noise at each gamma, the critical
+   sharpness) precedes each fine-tune curve's bottom, and which foresees best;
+5. how much of the downstream learning pretraining alone does.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Sequence
+import warnings
 from typing import Any
 
 import numpy as np
+from reproduce_snapshots import direction_key
+from reproduce_stats import (
+    bottom_with_interval,
+    lead_with_interval,
+    pooled,
+    slope_per_doubling,
+)
 
 from lightning_overtrain import keys
 from lightning_overtrain.history import Record
 from lightning_overtrain.inflection.detector import InflectionDetector
 
-SHARPNESS = ("sharpness", "sharpness_gradient")
+SKIP = (keys.STEP, keys.PROBE_SECONDS)
 
 
-def curves(histories: list[list[Record]]) -> dict[str, dict[str, list[float]]]:
-    """Per metric: the mean over seeds, its standard error across seeds, each seed's values."""
-    names = [k for k in histories[0][0] if k not in (keys.TOKENS, keys.STEP)]
+def table(histories: list[list[Record]], n: int) -> dict[str, np.ndarray]:
+    """Per key: a ``[seed, snapshot]`` array, NaN where a seed did not get that far."""
+    names = [k for k in max(histories, key=len)[0] if k not in SKIP]
     out = {}
     for key in names:
-        if key.endswith("_stderr") or key == keys.PROBE_SECONDS:
-            continue
-        values = np.array([[r.get(key, math.nan) for r in h] for h in histories], dtype=float)
-        se = values.std(axis=0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else None
-        out[key] = {
-            "mean": values.mean(axis=0).tolist(),
-            "se": se.tolist() if se is not None else [math.nan] * values.shape[1],
-            "per_seed": values.tolist(),
-        }
+        values = np.full((len(histories), n), np.nan)
+        for i, h in enumerate(histories):
+            values[i, : len(h)] = [r.get(key, math.nan) for r in h]
+        out[key] = values
     return out
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
+def curves(data: dict[str, np.ndarray]) -> dict[str, dict[str, list]]:
+    """Per metric: the mean over seeds, its standard error across seeds, each seed's values.
+
+    Noise metrics also carry ``se_directions``: the standard error of the mean that
+    the spread across noise directions alone would give (each seed's own error,
+    combined); ``n`` is how many seeds reached each snapshot.
+    """
+    out = {}
+    for key, values in data.items():
+        if key == keys.TOKENS or key.endswith("_stderr") or key.startswith("directions/"):
+            continue
+        n = np.isfinite(values).sum(axis=0)
+        with warnings.catch_warnings():  # a snapshot one seed reached has no spread: NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(values, axis=0)
+            se = np.nanstd(values, axis=0, ddof=1) / np.sqrt(n)
+        curve = {"mean": mean, "se": se, "n": n, "per_seed": values}
+        if key + "_stderr" in data:
+            stderr = data[key + "_stderr"]
+            curve["se_directions"] = np.sqrt(np.nansum(stderr**2, axis=0)) / n
+            curve["per_seed_se"] = stderr
+        out[key] = {k: np.asarray(v, dtype=float).round(6).tolist() for k, v in curve.items()}
+    return out
 
 
-def turn_up(tokens: list[int], values: list[float], stderrs: list[float] | None) -> dict:
-    """The project's detector on one curve, plus the plain bottom and the rise after it."""
-    detector = InflectionDetector()
-    for i, (t, v) in enumerate(zip(tokens, values)):
-        se = stderrs[i] if stderrs is not None and math.isfinite(stderrs[i]) else None
-        state = detector.update(t, v, se)
-    bottom = int(np.nanargmin(values))
-    return {
-        "crossed": state.crossed,
-        "crossed_at_tokens": state.crossed_at_tokens,
-        "detector_bottom_tokens": state.bottom_tokens,
-        "forecast_tokens": state.forecast_tokens,
-        "bottom_tokens": tokens[bottom],
-        "bottom_snapshot": bottom,
-        "interior_bottom": bottom < len(values) - 1,
-        "rise_after_bottom": values[-1] - values[bottom],
-    }
-
-
-def signal_keys(s: Any) -> dict[str, str]:
-    """The curves whose bottoms matter, by a short name: noise, fixed-lr and tuned fine-tune."""
-    out = {f"noise gamma={g:g}": keys.noise_key(g, "perturbed_loss") for g in s.gammas}
+def expensive_signals(s: Any) -> dict[str, str]:
+    """The fine-tune curves whose bottoms the cheap signals should foresee."""
+    out = {}
     for lr in s.finetune_lrs:
         out[f"ft pretrain loss lr={lr:g}"] = keys.finetune_key(lr, "reference_loss_after")
         out[f"ft downstream loss lr={lr:g}"] = keys.finetune_key(lr, "downstream_loss_after")
-    out["ft tuned downstream loss"] = keys.finetune_tuned_key("downstream_loss_after")
     out["ft tuned pretrain loss"] = keys.finetune_tuned_key("reference_loss_after")
+    out["ft tuned downstream loss"] = keys.finetune_tuned_key("downstream_loss_after")
     return out
 
 
-def compare(noise: dict, finetune: dict) -> dict[str, Any]:
-    """Does the noise curve's bottom precede, meet or trail the fine-tune curve's?"""
-    if not finetune["interior_bottom"]:
-        verdict = "fine-tune still falling, " + (
-            "noise turned" if noise["interior_bottom"] else "neither turned"
-        )
-        return {"verdict": verdict, "snapshots": None}
-    lead = finetune["bottom_snapshot"] - noise["bottom_snapshot"]
-    verdict = "precedes" if lead > 0 else "meets" if lead == 0 else "trails"
-    return {"verdict": verdict, "snapshots": lead}
+def cheap_curves(data: dict[str, np.ndarray], s: Any) -> dict[str, tuple[np.ndarray, Any]]:
+    """Per cheap signal: its ``[seed, snapshot]`` curve and per-seed direction values (or None).
 
-
-def lr_trend(tokens: list[int], lrs: list[float]) -> dict[str, Any]:
-    """The winning lr against tokens: its log-log slope over each half of the snapshots.
-
-    A word for each half: constant (the same lr won throughout), slowly falling (slope
-    above -0.5: the lr falls less than a factor 10 per 100x tokens), quickly falling.
+    The critical sharpness rises without a bottom, so it enters as the perturbed loss it
+    implies: ``reference_loss + delta_1(T0) * lambda(T) / lambda(T0)``, the sensitivity
+    term growing like the sharpness instead of like delta (scaled to the largest
+    gamma's delta at the first snapshot).
     """
-
-    def slope(t: list[int], y: list[float]) -> float:
-        return float(np.polyfit(np.log(t), np.log(y), 1)[0]) if len(set(y)) > 1 else 0.0
-
-    def word(k: float) -> str:
-        if k == 0:
-            return "constant"
-        return "rising" if k > 0 else "slowly falling" if k > -0.5 else "quickly falling"
-
-    half = len(tokens) // 2
-    early, late = slope(tokens[: half + 1], lrs[: half + 1]), slope(tokens[half:], lrs[half:])
-    return {
-        "winning_lrs": lrs,
-        "loglog_slope_first_half": early,
-        "loglog_slope_second_half": late,
-        "trend": f"{word(early)}, then {word(late)}",
-    }
-
-
-def checks(tokens: list[int], c: dict, s: Any) -> dict[str, Any]:
-    """What reproduced, as numbers: one entry per claim of the paper."""
-    n_seeds = len(s.seeds)
-    result: dict[str, Any] = {"delta_rises": {}, "perturbed_loss_turns_up": {}, "forgetting": {}}
-    for gamma in s.gammas:
-        per_seed = np.array(c[keys.noise_key(gamma, "delta")]["per_seed"])
-        rising = np.diff(per_seed, axis=1) > 0
-        result["delta_rises"][f"{gamma:g}"] = {
-            "rising_neighbour_pairs": f"{int(rising.sum())}/{rising.size}",
-            "spearman_per_seed": [round(spearman(tokens, d), 3) for d in per_seed],
-            "last_over_first": float(np.mean(per_seed[:, -1] / per_seed[:, 0])),
-        }
-    for lr in s.finetune_lrs:
-        per_seed = np.array(c[keys.finetune_key(lr, "forgetting")]["per_seed"])
-        result["forgetting"][f"{lr:g}"] = {
-            "spearman_per_seed": [round(spearman(tokens, f), 3) for f in per_seed],
-            "first": float(per_seed[:, 0].mean()),
-            "min": float(per_seed.mean(axis=0).min()),
-            "max": float(per_seed.mean(axis=0).max()),
-            "last": float(per_seed[:, -1].mean()),
-        }
-    # Every signal: the mean curve, and each seed on its own.
-    signals = {}
-    for name, key in signal_keys(s).items():
-        curve = c[key]
-        seeds = [turn_up(tokens, v, None) for v in curve["per_seed"]]
-        mean = turn_up(tokens, curve["mean"], curve["se"] if n_seeds > 1 else None)
-        rises = np.array([x["rise_after_bottom"] for x in seeds])
-        signals[name] = {
-            "key": key,
-            "mean": mean,
-            "per_seed": seeds,
-            "seeds_with_interior_bottom": sum(x["interior_bottom"] for x in seeds),
-            "seeds_crossed": sum(x["crossed"] for x in seeds),
-            "rise_after_bottom_mean": float(rises.mean()),
-            "rise_after_bottom_se": float(rises.std(ddof=1) / math.sqrt(n_seeds))
-            if n_seeds > 1
-            else None,
-        }
-    result["signals"] = signals
-    result["perturbed_loss_turns_up"] = {f"{g:g}": signals[f"noise gamma={g:g}"] for g in s.gammas}
-    tuned_lrs = c[keys.finetune_tuned_key("lr")]["per_seed"]
-    result["tuned_lr"] = [lr_trend(tokens, lrs) for lrs in tuned_lrs]
-    # Does the cheap probe foresee the expensive one? Per seed, each noise curve against
-    # each fine-tune curve, in snapshots (log-spaced by the snapshot ratio).
-    lead: dict[str, dict[str, list]] = {}
-    for noise in (n for n in signals if n.startswith("noise")):
-        lead[noise] = {}
-        for ft in (n for n in signals if n.startswith("ft")):
-            lead[noise][ft] = [
-                compare(a, b) for a, b in zip(signals[noise]["per_seed"], signals[ft]["per_seed"])
-            ]
-    result["noise_vs_finetune"] = lead
-    result["sharpness"] = {}
-    for name in SHARPNESS:
+    out: dict[str, tuple[np.ndarray, Any]] = {}
+    for g in s.gammas:
+        directions = np.stack([data[direction_key(g, k)] for k in range(s.pairs)], axis=1)
+        out[f"noise gamma={g:g}"] = (data[keys.noise_key(g, "perturbed_loss")], directions)
+    delta = data[keys.noise_key(max(s.gammas), "delta")]
+    for name, label in (("sharpness", "update"), ("sharpness_gradient", "gradient")):
         key = keys.sharpness_key("critical_sharpness", name)
-        if key not in c:
-            continue
-        per_seed = np.array(c[key]["per_seed"])
-        result["sharpness"][name] = {
-            "spearman_per_seed": [round(spearman(tokens, v), 3) for v in per_seed],
-            "first": float(per_seed[:, 0].mean()),
-            "max": float(per_seed.mean(axis=0).max()),
-            "max_at_tokens": tokens[int(np.argmax(per_seed.mean(axis=0)))],
-            "last": float(per_seed[:, -1].mean()),
-            "lr_times_sharpness_last": float(per_seed[:, -1].mean() * s.lr),
-            "forward_passes_mean": float(
-                np.mean(c[keys.sharpness_key("forward_passes", name)]["per_seed"])
-            ),
+        if key in data:
+            growth = data[key] / data[key][:, :1]
+            out[f"sharpness ({label})"] = (
+                data[keys.REFERENCE_LOSS] + delta[:, :1] * growth,
+                None,
+            )
+    return out
+
+
+def analyse(histories: list[list[Record]], runs: list[dict], s: Any, params: int) -> dict:
+    """Everything ``reproduction.json`` publishes beyond the settings."""
+    rng = np.random.default_rng(0)
+    longest = max(histories, key=len)
+    tokens = np.array([r[keys.TOKENS] for r in longest], dtype=float)
+    x, step = np.log2(tokens), math.log2(s.snapshot_ratio)
+    data = table(histories, len(tokens))
+    cheap, expensive = cheap_curves(data, s), expensive_signals(s)
+    bottoms: dict[str, list[dict]] = {}
+    for name, (values, directions) in cheap.items():
+        bottoms[name] = [
+            bottom_with_interval(x, values[i], None if directions is None else directions[i], rng)
+            for i in range(len(histories))
+        ]
+    for name, key in expensive.items():
+        bottoms[name] = [bottom_with_interval(x, v, None, rng) for v in data[key]]
+    leads = {
+        c: {
+            e: [lead_with_interval(a, b, step) for a, b in zip(bottoms[c], bottoms[e])]
+            for e in expensive
         }
+        for c in cheap
+    }
+    pooled_leads = {
+        c: {
+            e: pooled(
+                [(b["samples"] - a["samples"]) / step for a, b in zip(bottoms[c], bottoms[e])],
+                [lead["snapshots"] for lead in leads[c][e]],
+                rng,
+            )
+            for e in expensive
+        }
+        for c in cheap
+    }
+    pooled_bottoms = {
+        name: _in_tokens(
+            pooled([b["samples"] for b in per_seed], [b["log2_tokens"] for b in per_seed], rng),
+            params,
+        )
+        for name, per_seed in bottoms.items()
+    }
+    result = {
+        "tokens": tokens.astype(int).tolist(),
+        "tokens_per_parameter": (tokens / params).round(2).tolist(),
+        "bottoms": {
+            name: [_public(b, params) for b in per_seed] for name, per_seed in bottoms.items()
+        },
+        "pooled_bottoms": pooled_bottoms,
+        "leads": {
+            c: {e: [_round(v) for v in per] for e, per in d.items()} for c, d in leads.items()
+        },
+        "pooled_leads": pooled_leads,
+        "best_predictor": {e: best_predictor(leads, pooled_leads, e) for e in expensive},
+        "detector": detector_verdicts(data, s),
+        "delta_rises": delta_rises(data, s),
+        "tuned_lr": tuned_view(data, x, s),
+        "pretraining_alone": pretraining_alone(data, runs),
+        "curves": curves(data),
+    }
+    result["headline"] = headline(result, s)
     return result
 
 
-# ---------------------------------------------------------------------- figure
-LR_COLORS = ("#1f78b4", "#33a02c", "#e6ab02", "#e7298a", "#6a3d9a", "#b15928")
+def best_predictor(leads: dict, pooled_leads: dict, target: str) -> list[dict[str, Any]]:
+    """Cheap signals ranked for ``target``: first by the seeds whose lead interval is above
+    zero, then by the mean lead (the earlier warning first), then by how steady it is."""
+    rows = []
+    for cheap, per_target in leads.items():
+        per_seed = per_target[target]
+        snaps = np.array([v["snapshots"] for v in per_seed])
+        rows.append(
+            {
+                "signal": cheap,
+                # A bound counts only on its own side: "at least +2" is ahead, "at most -1" behind.
+                "seeds_ahead": int(
+                    sum(v["snapshots_low"] > 0 and not v["upper_bound"] for v in per_seed)
+                ),
+                "seeds_behind": int(
+                    sum(v["snapshots_high"] < 0 and not v["lower_bound"] for v in per_seed)
+                ),
+                "seeds_cheap_turned": int(sum(v["cheap_turned"] for v in per_seed)),
+                "seeds_target_turned": int(sum(not v["lower_bound"] for v in per_seed)),
+                "lead_snapshots": pooled_leads[cheap][target],
+                "lead_sd_across_seeds": float(snaps.std(ddof=1)) if len(snaps) > 1 else math.nan,
+            }
+        )
+    return sorted(
+        rows,
+        key=lambda r: (-r["seeds_ahead"], -r["lead_snapshots"]["mean"], r["lead_sd_across_seeds"]),
+    )
 
 
-def figure(tokens: list[int], c: dict, result: dict, s: Any, params: int, path: str) -> None:
-    from matplotlib.figure import Figure
-
-    from lightning_overtrain.reporting.figures import plot_signal
-
-    records: list[dict[str, float]] = [{keys.TOKENS: t} for t in tokens]
-    for key, curve in c.items():
-        for record, mean, se in zip(records, curve["mean"], curve["se"]):
-            record[key], record[key + "_stderr"] = mean, se
-    for found in result["signals"].values():
-        prefix = f"inflection/{found['key']}/"
-        records[-1][prefix + "crossed"] = float(found["mean"]["crossed"])
-        records[-1][prefix + "bottom_tokens"] = found["mean"]["detector_bottom_tokens"] or math.nan
-
-    fig = Figure(figsize=(17, 14), layout="constrained")
-    axes = fig.subplots(3, 3)
-    colors = {g: c_ for g, c_ in zip(s.gammas, ("#1b9e77", "#d95f02", "#7570b3"))}
-    lr_colors = dict(zip(s.finetune_lrs, LR_COLORS))
-    n = len(s.seeds)
-    band = f"mean ± s.e. over {n} seeds" if n > 1 else "one seed"
-    ax = axes[0, 0]
-    for g in s.gammas:
-        plot_signal(ax, records, keys.noise_key(g, "delta"), label=f"γ={g:g}", color=colors[g])
-    ax.set_yscale("log")
-    _finish(ax, "δ = E[L(θ+ε)] − L(θ)", f"1. Noise sensitivity rises with tokens ({band})", params)
-    ax = axes[0, 1]
-    plot_signal(ax, records, keys.REFERENCE_LOSS, label="no noise", color="black")
-    for g in s.gammas:
-        key = keys.noise_key(g, "perturbed_loss")
-        plot_signal(ax, records, key, label=f"γ={g:g}", color=colors[g])
-    _finish(ax, "loss (cooled branch)", "2. Perturbed loss: U-shaped, larger γ earlier", params)
-    ax = axes[0, 2]
-    for name, color in zip(SHARPNESS, ("#a6361c", "#555555")):
-        key = keys.sharpness_key("critical_sharpness", name)
-        if key in c:
-            first = c[key]["mean"][0]
-            ax.plot(
-                tokens,
-                np.array(c[key]["mean"]) / first,
-                marker="s",
-                color=color,
-                label=f"λc, {'AdamW update' if name == 'sharpness' else 'gradient'}",
+def detector_verdicts(data: dict[str, np.ndarray], s: Any) -> dict[str, list[dict]]:
+    """The project's detector on each seed's curves, as a live run would have fed it."""
+    watched = {f"noise gamma={g:g}": keys.noise_key(g, "perturbed_loss") for g in s.gammas}
+    watched.update(expensive_signals(s))
+    tokens = data[keys.TOKENS]
+    out = {}
+    for name, key in watched.items():
+        stderr = data.get(key + "_stderr")
+        verdicts = []
+        for i, row in enumerate(data[key]):
+            detector = InflectionDetector()
+            state = None
+            for j, value in enumerate(row):
+                if not math.isfinite(value):
+                    break
+                se = None if stderr is None else float(stderr[i, j])
+                state = detector.update(float(tokens[i, j]), float(value), se)
+            verdicts.append(
+                {
+                    "crossed": bool(state and state.crossed),
+                    "crossed_at_tokens": state.crossed_at_tokens if state else None,
+                }
             )
-    for g in s.gammas[-2:]:
-        key = keys.noise_key(g, "delta")
-        ax.plot(
-            tokens,
-            np.array(c[key]["mean"]) / c[key]["mean"][0],
-            marker="o",
-            color=colors[g],
-            alpha=0.7,
-            label=f"δ, γ={g:g}",
-        )
-    ax.set_yscale("log")
-    _finish(
-        ax,
-        "value / value at the first snapshot",
-        "5. Critical sharpness (Kalra et al.) beside noise δ",
-        params,
-    )
-    for ax, quantity, title in (
-        (axes[1, 0], "reference_loss_after", "3a. Pretraining loss after fine-tuning, fixed lr"),
-        (axes[1, 1], "downstream_loss_after", "3b. Downstream (prose) loss after, fixed lr"),
-        (axes[1, 2], "forgetting", "3c. Forgetting L(θ_ft) − L(θ), fixed lr"),
-    ):
-        for lr in s.finetune_lrs:
-            plot_signal(
-                ax,
-                records,
-                keys.finetune_key(lr, quantity),
-                label=f"lr={lr:g}",
-                color=lr_colors[lr],
-            )
-        _finish(ax, quantity.replace("_", " "), f"{title} ({s.finetune_steps} AdamW steps)", params)
-    ax = axes[2, 0]
-    plot_signal(
-        ax,
-        records,
-        keys.finetune_tuned_key("downstream_loss_after"),
-        label="best downstream loss",
-        color="#e7298a",
-    )
-    plot_signal(
-        ax,
-        records,
-        keys.finetune_tuned_key("reference_loss_after"),
-        label="pretraining loss at that lr",
-        color="#1f78b4",
-    )
-    _finish(ax, "loss", "4a. lr tuned per snapshot (paper's Fig. 5)", params)
-    ax = axes[2, 1]
-    for k, lrs in enumerate(c[keys.finetune_tuned_key("lr")]["per_seed"]):
-        ax.plot(
-            tokens,
-            np.array(lrs) * 1.06 ** (k - 1),
-            marker="o",
-            alpha=0.8,
-            label=f"seed {s.seeds[k]}",
-        )
-    ax.set_yscale("log")
-    ax.minorticks_off()
-    ax.set_yticks(list(s.finetune_lrs), [f"{lr:g}" for lr in s.finetune_lrs])
-    ax.set_ylim(min(s.finetune_lrs) / 1.5, max(s.finetune_lrs) * 1.5)
-    _finish(
-        ax, "winning fine-tune lr (seeds offset slightly)", "4b. The lr that won, per seed", params
-    )
-    ax = axes[2, 2]
-    g = max(s.gammas)
-    key = keys.noise_key(g, "perturbed_loss")
-    tuned = keys.finetune_tuned_key("downstream_loss_after")
-    for k in range(n):
-        color = f"C{k}"
-        noise = np.array(c[key]["per_seed"][k])
-        down = np.array(c[tuned]["per_seed"][k])
-        ax.plot(
-            tokens,
-            noise - noise.min(),
-            marker="o",
-            color=color,
-            label=f"seed {s.seeds[k]} noise γ={g:g}",
-        )
-        ax.plot(
-            tokens,
-            down - down.min(),
-            marker="x",
-            linestyle="--",
-            color=color,
-            label=f"seed {s.seeds[k]} tuned downstream",
-        )
-    _finish(ax, "value − its minimum", "6. Each seed: noise bottom vs fine-tune bottom", params)
-    fig.suptitle(
-        f"Catastrophic overtraining in miniature: {params / 1e3:.0f}k-parameter byte-level GPT-2,"
-        f" {n} seed(s), cooldown branch of {s.cooldown_fraction:.0%} at each snapshot,"
-        f" up to {tokens[-1] / params:.0f} tokens per parameter",
-        fontsize=12,
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=80)
+        out[name] = verdicts
+    return out
 
 
-def _finish(ax: Any, ylabel: str, title: str, params: int) -> None:
-    ax.set_xscale("log")
-    ax.set_xlabel("tokens of the constant-lr run at the branch point")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7)
-    top = ax.secondary_xaxis("top", functions=(lambda t: t / params, lambda r: r * params))
-    top.set_xlabel("tokens per parameter", fontsize=8)
+def delta_rises(data: dict[str, np.ndarray], s: Any) -> dict[str, dict[str, Any]]:
+    out = {}
+    for g in s.gammas:
+        d = np.diff(data[keys.noise_key(g, "delta")], axis=1)
+        known = np.isfinite(d)
+        out[f"{g:g}"] = {
+            "rising_neighbour_pairs": int((d[known] > 0).sum()),
+            "neighbour_pairs": int(known.sum()),
+        }
+    return out
+
+
+def tuned_view(data: dict[str, np.ndarray], x: np.ndarray, s: Any) -> dict[str, Any]:
+    """The paper's Figure 5: the winning lr, and the forgetting at it, still rising or not.
+
+    ``forgetting_slope_last_two_doublings``: per seed, the least-squares change of the
+    forgetting at the winning lr per doubling of tokens over each seed's last five
+    snapshots (two doublings); with its mean and standard error across seeds.
+    """
+    forgetting = data[keys.finetune_tuned_key("reference_loss_after")] - data[keys.REFERENCE_LOSS]
+    slopes = []
+    for row in forgetting:
+        known = np.flatnonzero(np.isfinite(row))[-5:]
+        slopes.append(slope_per_doubling(x[known], row[known]))
+    slopes_arr = np.array(slopes)
+    lrs = data[keys.finetune_tuned_key("lr")]
+    return {
+        "winning_lr_per_seed": lrs.tolist(),
+        "forgetting_at_winning_lr_per_seed": forgetting.round(4).tolist(),
+        "forgetting_slope_last_two_doublings": slopes_arr.round(4).tolist(),
+        "forgetting_slope_mean": float(slopes_arr.mean()),
+        "forgetting_slope_se": float(slopes_arr.std(ddof=1) / math.sqrt(len(slopes_arr)))
+        if len(slopes_arr) > 1
+        else math.nan,
+    }
+
+
+def pretraining_alone(data: dict[str, np.ndarray], runs: list[dict]) -> dict[str, Any]:
+    """How much of the downstream learning pretraining alone does, and the fine-tune does."""
+    before = data[keys.finetune_key(None, "downstream_loss_before")]
+    tuned = data[keys.finetune_tuned_key("downstream_loss_after")]
+    init = np.array([run["downstream_loss_at_init"] for run in runs])
+    last = np.array([row[np.isfinite(row)][-1] for row in before])
+    best_tuned = np.nanmin(tuned, axis=1)
+    drop_pretraining = init - np.nanmin(before, axis=1)
+    drop_finetune = np.nanmin(before, axis=1) - best_tuned
+    return {
+        "downstream_loss_at_init": init.round(4).tolist(),
+        "before_finetune_first": before[:, 0].round(4).tolist(),
+        "before_finetune_min": np.nanmin(before, axis=1).round(4).tolist(),
+        "before_finetune_last": last.round(4).tolist(),
+        "best_after_tuned_finetune": best_tuned.round(4).tolist(),
+        "pretraining_drop_mean": float(drop_pretraining.mean()),
+        "finetune_drop_mean": float(drop_finetune.mean()),
+        "finetune_share_mean": float((drop_finetune / (drop_finetune + drop_pretraining)).mean()),
+    }
+
+
+def headline(result: dict, s: Any) -> dict[str, Any]:
+    """The few numbers to read first (printed at the end of a run)."""
+    out = {
+        "pretraining_alone_drop": round(result["pretraining_alone"]["pretraining_drop_mean"], 3),
+        "finetune_drop": round(result["pretraining_alone"]["finetune_drop_mean"], 3),
+        "tuned_forgetting_slope_per_doubling": round(
+            result["tuned_lr"]["forgetting_slope_mean"], 4
+        ),
+    }
+    for name, b in result["pooled_bottoms"].items():
+        out[f"bottom {name} (tokens/param, 90%)"] = [
+            round(b["per_parameter"], 1),
+            round(b["per_parameter_low"], 1),
+            round(b["per_parameter_high"], 1),
+        ]
+    for target in ("ft tuned downstream loss", f"ft pretrain loss lr={max(s.finetune_lrs):g}"):
+        out[f"best predictor of {target}"] = result["best_predictor"][target][0]["signal"]
+    return out
+
+
+def _in_tokens(p: dict[str, float], params: int) -> dict[str, float]:
+    """A pooled bottom (in log2 tokens) as tokens and tokens per parameter."""
+    out = dict(p)
+    for field, suffix in (("mean", ""), ("low", "_low"), ("high", "_high")):
+        out["tokens" + suffix] = 2.0 ** p[field]
+        out["per_parameter" + suffix] = 2.0 ** p[field] / params
+    return out
+
+
+def _public(bottom: dict, params: int) -> dict[str, Any]:
+    """A per-seed bottom for the results file: tokens, tokens per parameter, no replicates."""
+    return {
+        "tokens": round(2.0 ** bottom["log2_tokens"]),
+        "tokens_low": round(2.0 ** bottom["low"]),
+        "tokens_high": round(2.0 ** bottom["high"]),
+        "per_parameter": round(2.0 ** bottom["log2_tokens"] / params, 1),
+        "per_parameter_low": round(2.0 ** bottom["low"] / params, 1),
+        "per_parameter_high": round(2.0 ** bottom["high"] / params, 1),
+        "interior": bool(bottom["interior"]),
+        "edge": bottom["edge"],
+        "interior_fraction": round(bottom["interior_fraction"], 2),
+    }
+
+
+def _round(lead: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in lead.items()}
