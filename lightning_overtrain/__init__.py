@@ -40,10 +40,13 @@ _LAZY = {
     "FabricMonitor": "lightning_overtrain.frontends.fabric",
     "HFTrainerMonitor": "lightning_overtrain.frontends.hf",
     "LoopMonitor": "lightning_overtrain.frontends.loop",
+    "DetectorConfig": "lightning_overtrain.inflection.config",
+    "ScheduleProbe": "lightning_overtrain.probes.schedule",
 }
 
 # Written out, not computed, so linters and type checkers read it.
 __all__ = [
+    "DetectorConfig",
     "FabricMonitor",
     "FineTuneProbe",
     "HFTrainerMonitor",
@@ -56,6 +59,7 @@ __all__ = [
     "ProbeContext",
     "ProbeFailure",
     "Reporter",
+    "ScheduleProbe",
     "SharpnessProbe",
     "Signal",
     "WatcherStop",
@@ -71,11 +75,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
     from lightning_overtrain.frontends.hf import HFTrainerMonitor
     from lightning_overtrain.frontends.loop import LoopMonitor
     from lightning_overtrain.history import read_history
+    from lightning_overtrain.inflection.config import DetectorConfig
     from lightning_overtrain.inflection.detector import InflectionDetector
     from lightning_overtrain.inflection.policy import InflectionPolicy
     from lightning_overtrain.keys import Signal
     from lightning_overtrain.probes.finetune import FineTuneProbe
     from lightning_overtrain.probes.noise import NoiseProbe
+    from lightning_overtrain.probes.schedule import ScheduleProbe
     from lightning_overtrain.probes.sharpness import SharpnessProbe
     from lightning_overtrain.reporting.base import Reporter
 

@@ -15,6 +15,7 @@ SHARED = (
     "signals",
     "reporters",
     "probe_failures",
+    "output_failures",
     "stop_reason",
     "init_stds",
     "init_std_source",
