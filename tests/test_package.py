@@ -41,6 +41,8 @@ PUBLIC = {
     "FabricMonitor",
     "HFTrainerMonitor",
     "LoopMonitor",
+    "DetectorConfig",
+    "ScheduleProbe",
     "__version__",
 }
 
