@@ -157,13 +157,13 @@ def tables(summary: dict[str, Any]) -> str:
     """Every table of the page, from one results file."""
     lrs = summary["settings"]["finetune_lrs"]
     parts = [
-        "#### What each seed reached",
+        "### What each seed reached",
         *run_table(summary),
-        "#### How much of the downstream learning pretraining alone does",
+        "### How much of the downstream learning pretraining alone does",
         *downstream_table(summary),
-        "#### Bottoms, with intervals",
+        "### Bottoms, with intervals",
         *bottoms_table(summary),
-        "#### Does the cheap signal foresee the fine-tune?",
+        "### Does the cheap signal foresee the fine-tune?",
         "Lead = the fine-tune curve's bottom minus the cheap signal's, in snapshots (each"
         " a factor √2 in tokens); positive: the cheap signal bottoms first. Rows are ranked"
         " by the seeds where the cheap signal is ahead, then by its mean lead.",
@@ -171,7 +171,7 @@ def tables(summary: dict[str, Any]) -> str:
     fixed = [f"ft pretrain loss lr={lr:g}" for lr in lrs]
     for target in ["ft tuned downstream loss", "ft tuned pretrain loss", *fixed]:
         parts += ["", *leads_table(summary, target)]
-    parts += ["#### The lr tuned per snapshot", *tuned_table(summary)]
+    parts += ["### The lr tuned per snapshot", *tuned_table(summary)]
     return "\n".join(parts) + "\n"
 
 
