@@ -393,12 +393,3 @@ def samples_key(key: str) -> str:
     rise on the paired differences. E.g. ``noise/gamma=1/perturbed_loss_samples``.
     """
     return key + SAMPLES_SUFFIX
-
-
-def __getattr__(name: str) -> Any:
-    # Inferring declarations from key names reads old histories: it lives with them.
-    if name in ("infer_signals", "merge_signals"):
-        from lightning_overtrain import history
-
-        return getattr(history, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.patches import Rectangle
 
 from lightning_overtrain import NoiseProbe, OvertrainingMonitor, keys
-from lightning_overtrain.history import read_history, write_history
+from lightning_overtrain.history import infer_signals, read_history, write_history
 from lightning_overtrain.inflection.policy import InflectionPolicy
 from lightning_overtrain.reporting import figure_style, figures
 from lightning_overtrain.reporting.base import RunView
@@ -68,7 +68,7 @@ def history(n=8, noise=True, finetune=False, layers=False, marks=False):
 def judged(records):
     """The records with the default policy's ``inflection/...`` fields, as a live run has them."""
     policy = InflectionPolicy()
-    policy.declare(keys.infer_signals(records[0]))  # as the monitor declares its probes'
+    policy.declare(infer_signals(records[0]))  # as the monitor declares its probes'
     return [{**r, **policy.judge(r).additions} for r in records]
 
 

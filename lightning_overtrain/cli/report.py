@@ -18,6 +18,7 @@ from lightning_overtrain.history import (
     SETTINGS_FILE,
     Record,
     columns,
+    infer_signals,
     read_history_checked,
 )
 from lightning_overtrain.inflection.detector import DetectorConfig, InflectionState
@@ -179,7 +180,7 @@ def judge(
             watcher acts on the ones it has not acted on before).
     """
     if not policy.declared:  # a history saved without declarations: infer the built-in ones
-        policy.declare(keys.infer_signals(columns(history)))
+        policy.declare(infer_signals(columns(history)))
     judged = []
     for old in history:
         record = {k: v for k, v in old.items() if not k.startswith(_JUDGED)}
@@ -266,7 +267,7 @@ def declared_or_inferred(
     written before signals were declared) has its built-in ones inferred from the keys."""
     if signals is not None:
         return list(signals)
-    return keys.infer_signals(record_keys)
+    return infer_signals(record_keys)
 
 
 def _render_plots(

@@ -24,6 +24,7 @@ from lightning_overtrain.core.host import Host
 from lightning_overtrain.core.keeping import default_state_key
 from lightning_overtrain.core.log import info
 from lightning_overtrain.core.snapshotting import SnapshotSteps
+from lightning_overtrain.core.steps import TokenSteps
 from lightning_overtrain.core.token_clock import TokenClock
 from lightning_overtrain.engine.backup import ModelBackup
 from lightning_overtrain.engine.collectives import Collectives
@@ -42,7 +43,7 @@ from lightning_overtrain.reporting.progress import SnapshotProgress
 from lightning_overtrain.reporting.rundir import choose_dirpath
 
 
-class MonitorCore(SnapshotSteps):
+class MonitorCore(TokenSteps, SnapshotSteps):
     """A monitored run's state and life; arguments as ``OvertrainingMonitor``'s.
 
     Front ends call, on every rank: :meth:`start` once before training,
@@ -322,58 +323,6 @@ class MonitorCore(SnapshotSteps):
             f" reference set of {self.reference_tokens:,} tokens, init std from"
             f" {self.init_std_source}; history in {self.dirpath}",
         )
-
-    def after_batch(self, batch: Any, step: int) -> bool:
-        """A micro-batch was trained on; ``step`` is the optimizer steps taken so far.
-
-        The hot path: no host sync and no collective unless a snapshot may be due.
-
-        Returns:
-            Whether a snapshot is due now (call :meth:`snapshot` on every rank).
-        """
-        self.clock.add(batch)
-        if step == self.last_step:
-            return False  # inside a gradient-accumulation window: no optimizer step yet
-        return self.end_step(step)
-
-    def count(self, batch: Any) -> None:
-        """A micro-batch was trained on (no host sync, no collective)."""
-        self.clock.add(batch)
-
-    def count_tokens(self, tokens: int) -> None:
-        """This rank trained on ``tokens`` more tokens (no collective)."""
-        self.clock.add_count(tokens)
-
-    def end_step(self, step: int) -> bool:
-        """Optimizer step ``step`` finished: whether a snapshot is due now (every rank)."""
-        self.last_step = step
-        self.clock.end_step()
-        return self._due(step)
-
-    def set_tokens(self, tokens: int, step: int) -> bool:
-        """The framework's own count of this run's tokens (all ranks) after optimizer ``step``.
-
-        Returns:
-            Whether a snapshot is due now.
-        """
-        self.clock.set_counted(tokens)
-        self.last_step = step
-        return self._due(step, counted=True)
-
-    @property
-    def probing(self) -> bool:
-        """Whether a snapshot holds the model now (its forward passes are not training's)."""
-        return self._state_before_snapshot is not None
-
-    def _due(self, step: int, counted: bool = False) -> bool:
-        if not counted and not self.clock.may_be_due(self.cadence, step):
-            return False
-        self.clock.sync(self._device())
-        cadence = self.cadence.state_dict()  # before `due` moves past this threshold
-        if self.cadence.due(step, self.tokens):
-            self._cadence_before = cadence
-            return True
-        return False
 
     def _device(self) -> Any:
         return self.host.device if self.host is not None else "cpu"

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lightning_overtrain import keys
+from lightning_overtrain.history import infer_signals
 from lightning_overtrain.keys import Signal
 from lightning_overtrain.reporting import figure_style as style
 from lightning_overtrain.reporting.figure_marks import (
@@ -293,12 +294,12 @@ def figure_signals(
     """The drawn signals by figure name, as the probes declared them.
 
     Only a history saved without declarations (``signals`` None or empty: an older run)
-    has them inferred from its keys, by :func:`~lightning_overtrain.keys.infer_signals`.
+    has them inferred from its keys, by :func:`~lightning_overtrain.history.infer_signals`.
     """
     if signals:
         declared = list(signals)
     else:
-        declared = keys.infer_signals(dict.fromkeys(k for r in records for k in r))
+        declared = infer_signals(dict.fromkeys(k for r in records for k in r))
     out: dict[str, list[Signal]] = {}
     for signal in declared:
         if signal.plot is not None and signal.figure:
