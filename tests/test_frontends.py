@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import history_text, reference_batches, train_loader
+from conftest import history_text, make_module, reference_batches, train_loader
 from frontend_runs import run_fabric, run_hf, run_lightning, run_loop
 
 from lightning_overtrain import (
@@ -175,3 +175,36 @@ def test_the_core_and_the_other_front_ends_import_no_lightning_trainer():
             ]
             assert not [m for m in imported if m.startswith("lightning.pytorch")], name
             assert "torch.distributed" not in imported, name  # ranks come from Collectives
+
+
+def test_a_checkpoint_written_inside_a_step_cadence_snapshot_retakes_it(tmp_path, code_text):
+    batches = batches_of(code_text)
+    monitor = LoopMonitor(**settings(code_text, tmp_path, "first"))
+    saved: list[dict] = []
+    probe = monitor.core.probes[0]
+    measure = probe.run
+
+    def save_while_probing(ctx):  # a requeue handler saving in the middle of a probe
+        saved.append(monitor.state_dict())
+        return measure(ctx)
+
+    probe.run = save_while_probing
+    module = make_module()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.0)  # weights stay: same numbers
+    monitor.start(module, optimizer=optimizer)
+    for batch in batches[:2]:
+        monitor.step(batch=batch)
+    assert len(monitor.history) == 1 and len(saved) == 1  # the snapshot at step 2
+
+    resumed = LoopMonitor(**settings(code_text, tmp_path, "second"))
+    resumed.load_state_dict(saved[0])
+    resumed.start(module, optimizer=optimizer)
+    resumed.step(batch=batches[2])  # step 3: not a multiple of 2, but the snapshot was lost
+    assert [r["step"] for r in resumed.history] == [3]
+
+
+def test_loading_a_state_after_start_is_refused_with_the_order_to_use(tmp_path, code_text):
+    monitor = LoopMonitor(**settings(code_text, tmp_path, "loop"))
+    monitor.start(make_module())
+    with pytest.raises(RuntimeError, match=r"before monitor.start"):
+        monitor.load_state_dict({"history": []})

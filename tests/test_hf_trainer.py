@@ -64,3 +64,59 @@ def test_resuming_from_a_checkpoint_continues_the_same_history(tmp_path, code_te
     resumed.attach(trainer)
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert history_text(resumed.history) == history_text(whole.history)
+
+
+def test_a_state_file_that_cannot_be_written_costs_only_that_file(tmp_path, code_text, monkeypatch):
+    def full_disk(path, write, binary=False):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("lightning_overtrain.frontends.hf.write_atomic", full_disk)
+    monitor = HFTrainerMonitor(**settings(code_text, tmp_path, "hf"))
+    trainer = hf_trainer(tmp_path / "run", batches_of(code_text), make_module(), 4,
+                         save_strategy="steps", save_steps=2)  # fmt: skip
+    monitor.attach(trainer)
+    with pytest.warns(UserWarning, match="was not written .*No space left"):
+        trainer.train()
+    assert trainer.state.global_step == 4 and len(monitor.history) == 2
+    assert monitor.output_failures == 2  # one per checkpoint, none of them fatal
+
+
+def test_a_garbage_state_file_is_not_obeyed_and_starts_a_new_history(tmp_path, code_text):
+    batches = batches_of(code_text)
+    first = HFTrainerMonitor(**settings(code_text, tmp_path, "first"))
+    trainer = hf_trainer(tmp_path / "run", batches, make_module(), 4,
+                         save_strategy="steps", save_steps=4)  # fmt: skip
+    first.attach(trainer)
+    trainer.train()
+    checkpoint = tmp_path / "run" / "hf" / "checkpoint-4"
+    marker = tmp_path / "pwned"
+
+    class Payload:  # a pickle that would run code if loaded without weights_only
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"history": Payload()}, checkpoint / "overtrain_monitor.pt")
+    resumed = HFTrainerMonitor(**settings(code_text, tmp_path, "resumed"))
+    trainer = hf_trainer(tmp_path / "run", batches, make_module(), len(batches))
+    resumed.attach(trainer)
+    with pytest.warns(UserWarning, match="could not be read as the monitor's state"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert not marker.exists()
+    assert [r["step"] for r in resumed.history] == [6]  # a new history, from the resume on
+
+
+def test_the_cooldown_reads_the_trainers_own_optimizer_and_scheduler(tmp_path, code_text):
+    from lightning_overtrain import ScheduleProbe
+
+    batches = batches_of(code_text)
+    arguments = settings(code_text, tmp_path, "hf")
+    arguments["probes"] = [*arguments["probes"], ScheduleProbe()]
+    # accelerate's AcceleratedOptimizer wraps torch's optimizer: the probes get torch's
+    monitor = HFTrainerMonitor(**arguments, cooldown_steps=1, cooldown_data=batches[:1])
+    trainer = run_hf(tmp_path, batches, monitor)[1]
+    assert len(monitor.history) == 3 and monitor.probe_failures == 0
+    assert all("cooldown/raw_reference_loss" in r for r in monitor.history)
+    assert all(r["schedule/phase"] in (0, 1, 2) for r in monitor.history)
+    extras = monitor.core.context().extras
+    assert extras["lr_scheduler"] is trainer.lr_scheduler
+    assert type(extras["optimizer"]).__module__.startswith("torch.optim")

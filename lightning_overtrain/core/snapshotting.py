@@ -95,8 +95,10 @@ class SnapshotSteps:
 
         before = self.current_state()
         if self._cadence_before is not None:
-            # A checkpoint written during this snapshot resumes to take it again.
-            before["cadence"], self._cadence_before = self._cadence_before, None
+            # A checkpoint written during this snapshot resumes to take it again, under a
+            # step cadence too (the resumed run's first step is not a multiple of n).
+            before["cadence"] = {**self._cadence_before, "retake": True}
+            self._cadence_before = None
         self._state_before_snapshot = before
         try:
             ctx = self.context()

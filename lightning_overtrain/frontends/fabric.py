@@ -68,12 +68,18 @@ class FabricMonitor(LoopMonitor):
     """
 
     def on_train_start(
-        self, fabric: Any, model: nn.Module, optimizer: Any = None, late: bool = False
+        self,
+        fabric: Any,
+        model: nn.Module,
+        optimizer: Any = None,
+        late: bool = False,
+        lr_scheduler: Any = None,
     ) -> None:
         """Set up before the first optimizer step, where the initial weights are measured.
 
         Else the first :meth:`on_train_batch_end` starts it, with the init std from
-        ``init_std`` or the model's config (see :meth:`LoopMonitor.start`).
+        ``init_std`` or the model's config (see :meth:`LoopMonitor.start`). Pass the
+        ``lr_scheduler`` (read only) for the schedule probe's phase.
         """
         logger = fabric.loggers[0] if fabric.loggers else None
         log_dir = getattr(logger, "log_dir", None) if logger is not None else None
@@ -86,6 +92,7 @@ class FabricMonitor(LoopMonitor):
             extras=precision_extras(fabric.strategy.precision),
             default_dirpath=os.path.join(log_dir, self.core.prefix) if log_dir else None,
             late=late,
+            lr_scheduler=lr_scheduler,
         )
 
     def on_train_batch_end(

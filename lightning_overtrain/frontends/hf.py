@@ -26,6 +26,8 @@ from lightning_overtrain.core.log import warn
 from lightning_overtrain.core.monitor_core import MonitorCore
 from lightning_overtrain.engine.collectives import Collectives
 from lightning_overtrain.frontends.common import show_core
+from lightning_overtrain.reporting.guard import output_failed
+from lightning_overtrain.safe_io import write_atomic
 
 #: The monitor's state beside each of the Trainer's checkpoints.
 STATE_FILE = "overtrain_monitor.pt"
@@ -82,6 +84,9 @@ class HFTrainerMonitor(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model, optimizer = kwargs["model"], kwargs.get("optimizer")
+        # Accelerate wraps the optimizer; the probes (cooldown, sharpness) read torch's own.
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        scheduler = kwargs.get("lr_scheduler")
         device = next(model.parameters()).device
         collectives = Collectives.from_torch(device)
         resumed = self._load_beside_checkpoint(args, state, collectives)
@@ -96,6 +101,8 @@ class HFTrainerMonitor(TrainerCallback):
             collectives=collectives,
             # Accelerate wraps the model's own forward in the run's autocast already.
             optimizers=lambda: [optimizer] if optimizer is not None else [],
+            # Read only: the schedule probe steps a copy of it.
+            extras={"lr_scheduler": scheduler} if scheduler is not None else {},
             handle=self._handle,
             gradient_clip_val=clip,
             gradient_clip_algorithm="norm" if clip is not None else None,
@@ -125,10 +132,16 @@ class HFTrainerMonitor(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         monitor_state = self.core.state_dict()  # every rank: the count is summed
-        if self.core.collectives.is_global_zero:
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not self.core.collectives.is_global_zero:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = os.path.join(folder, STATE_FILE)
+        try:  # a full disk costs this file, never the training run
             os.makedirs(folder, exist_ok=True)
-            torch.save(monitor_state, os.path.join(folder, STATE_FILE))
+            write_atomic(path, lambda f: torch.save(monitor_state, f), binary=True)
+        except Exception as exc:
+            self.core.output_failures += 1
+            output_failed(f"the monitor's state {path}", exc, self.core.output_failures)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._handle.global_step = state.global_step
@@ -145,15 +158,30 @@ class HFTrainerMonitor(TrainerCallback):
             return None
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         path = os.path.join(folder, STATE_FILE)
-        if not os.path.isfile(path):
+        if not os.path.isfile(path):  # missing, or not a regular file (a FIFO is never opened)
             warn(
                 collectives,
                 f"HFTrainerMonitor: training resumes at step {state.global_step} but {path}"
-                " does not exist, so the monitor starts a new history. Resume from a checkpoint"
-                " under `args.output_dir` written while the monitor was attached.",
+                " is not a regular file, so the monitor starts a new history (in a new"
+                " directory). Resume from a checkpoint under `args.output_dir` written while"
+                " the monitor was attached.",
             )
-            return folder
-        self.core.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+            return None
+        try:  # data, never code: plain tensors and containers only
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(saved, dict):
+                raise TypeError(
+                    f"expected the monitor's state (a dict), got {type(saved).__name__}"
+                )
+        except Exception as exc:
+            warn(
+                collectives,
+                f"HFTrainerMonitor: {path} could not be read as the monitor's state"
+                f" ({type(exc).__name__}: {exc}); the monitor starts a new history (in a new"
+                " directory).",
+            )
+            return None
+        self.core.load_state_dict(saved)
         return folder
 
     def state_dict(self) -> dict[str, Any]:

@@ -89,6 +89,7 @@ class LoopMonitor:
         extras: dict[str, Any] | None = None,
         gradient_clip_val: float | None = None,
         default_dirpath: str | None = None,
+        lr_scheduler: Any = None,
         late: bool = False,
     ) -> None:
         """Take the reference set, measure the init std and check everything, before training.
@@ -109,6 +110,8 @@ class LoopMonitor:
             loggers: objects with ``log_metrics(metrics, step)`` (Lightning and Fabric
                 loggers have it); each snapshot's numbers go to them.
             extras: more for the probes' context (e.g. ``{"grad_scaler": factory}``).
+            lr_scheduler: the training lr scheduler, read only (the schedule probe steps
+                a copy of it to tell warm-up, stable and decay apart).
             gradient_clip_val: the cooldown branch clips gradients by norm like this.
             default_dirpath: where history files go when ``dirpath`` was not given.
             late: training has begun already (the weights are not the initial ones).
@@ -129,7 +132,10 @@ class LoopMonitor:
             collectives=collectives,
             forward_context=forward_context or nullcontext,
             optimizers=lambda: optimizers,
-            extras=dict(extras or {}),
+            extras={
+                **(extras or {}),
+                **({"lr_scheduler": lr_scheduler} if lr_scheduler is not None else {}),
+            },
             handle=self._handle,
             gradient_clip_val=gradient_clip_val,
             gradient_clip_algorithm="norm" if gradient_clip_val is not None else None,
@@ -200,7 +206,18 @@ class LoopMonitor:
         return {**self.core.state_dict(), "loop_step": self.global_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue from a checkpoint's state (before the first :meth:`step`)."""
+        """Continue from a checkpoint's state (before :meth:`start` and the first :meth:`step`).
+
+        Raises:
+            RuntimeError: after :meth:`start`, which already chose the run's directory and
+                measured the noise scale for a new run.
+        """
+        if self.started:
+            raise RuntimeError(
+                "load_state_dict() came after start(): the monitor already set up a new run"
+                " (its directory, the noise scale). Call monitor.load_state_dict(state) before"
+                " monitor.start(...) (or before the first step())."
+            )
         self.core.load_state_dict(state_dict)
         self.global_step = int(state_dict.get("loop_step", self.global_step))
         self.core.last_step = self.global_step
