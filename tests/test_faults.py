@@ -20,8 +20,8 @@ from conftest import LossRecorder, make_module, make_trainer, reference_batches,
 from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
 
 from lightning_overtrain import InflectionPolicy, NoiseProbe, OvertrainingMonitor, Probe
-from lightning_overtrain.callbacks.keeping import BEST_FILE, replace_path
 from lightning_overtrain.callbacks.remote import WatcherStop
+from lightning_overtrain.core.keeping import BEST_FILE, replace_path
 from lightning_overtrain.reporting.base import Reporter
 from lightning_overtrain.reporting.guard import OUTPUT_FAILURES
 

@@ -9,20 +9,14 @@ Lightning's ``ModelParallelStrategy`` writes.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import shutil
 from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_overtrain.core.keeping import (  # noqa: F401
-    BEST_COOLED_FILE,
-    BEST_FILE,
-    best_not_written,
-)
+from lightning_overtrain.core.keeping import remove_path, replace_path
 from lightning_overtrain.engine.backup import ModelBackup, presented
 
 
@@ -72,35 +66,3 @@ def save_best(
     if trainer.strategy.reduce_boolean_decision(error is not None, all=False):
         return error or OSError(f"another rank could not write the best snapshot {path}")
     return None
-
-
-def replace_path(new: str, path: str) -> None:
-    """Move the complete file or directory ``new`` to ``path``, replacing what is there.
-
-    A file replaces a file in one atomic rename. A directory cannot be renamed onto
-    a non-empty one, so the old one is first moved aside, then deleted: in between,
-    ``path`` briefly names nothing (never a partial checkpoint).
-
-    Raises:
-        OSError: if a rename fails; ``path`` then holds what it held before.
-    """
-    if not (os.path.isdir(new) or os.path.isdir(path)) or not os.path.lexists(path):
-        os.replace(new, path)
-        return
-    aside = f"{path}.{secrets.token_hex(4)}.old"
-    os.replace(path, aside)
-    try:
-        os.replace(new, path)
-    except OSError:
-        os.replace(aside, path)  # put the previous snapshot back
-        raise
-    remove_path(aside)
-
-
-def remove_path(path: str) -> None:
-    """Remove a file or directory if it is there; never raises."""
-    with contextlib.suppress(OSError):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.lexists(path):
-            os.unlink(path)

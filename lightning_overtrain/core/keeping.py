@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from contextlib import nullcontext
 from typing import Any
 
@@ -62,11 +63,10 @@ def save_weights(
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
+            replace_path(tmp, path)
         except Exception as exc:  # e.g. a full disk on rank 0, which alone writes
             error = exc
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            remove_path(tmp)
     if collectives.any_rank(error is not None):
         return error or OSError(f"another rank could not write the best snapshot {path}")
     return None
@@ -89,3 +89,35 @@ def best_not_written(
     failures += 1
     output_failed(f"the best snapshot {path}", error, failures)
     return failures
+
+
+def replace_path(new: str, path: str) -> None:
+    """Move the complete file or directory ``new`` to ``path``, replacing what is there.
+
+    A file replaces a file in one atomic rename. A directory cannot be renamed onto
+    a non-empty one, so the old one is first moved aside, then deleted: in between,
+    ``path`` briefly names nothing (never a partial checkpoint).
+
+    Raises:
+        OSError: if a rename fails; ``path`` then holds what it held before.
+    """
+    if not (os.path.isdir(new) or os.path.isdir(path)) or not os.path.lexists(path):
+        os.replace(new, path)
+        return
+    aside = f"{path}.{secrets.token_hex(4)}.old"
+    os.replace(path, aside)
+    try:
+        os.replace(new, path)
+    except OSError:
+        os.replace(aside, path)  # put the previous snapshot back
+        raise
+    remove_path(aside)
+
+
+def remove_path(path: str) -> None:
+    """Remove a file or directory if it is there; never raises."""
+    with contextlib.suppress(OSError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.unlink(path)
