@@ -365,6 +365,9 @@ def test_matplotlib_stays_optional(tmp_path):
         import importlib.abc, sys
 
         import lightning.pytorch  # imports matplotlib itself (through torchmetrics) when present
+        # The demo model, before the hiding: with accelerate installed (the `hf` extra),
+        # transformers looks W&B up itself; only this package must do without it.
+        from transformers import GPT2Config, GPT2LMHeadModel  # noqa: F401
 
         class Hide(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
