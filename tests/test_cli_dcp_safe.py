@@ -126,3 +126,14 @@ def test_watch_refuses_a_planted_metadata_and_runs_nothing(tmp_path, factory, re
     captured = capsys.readouterr()
     _assert_refused(captured.err, bad / "model_and_optim", marker)
     assert captured.out.count("probed ") == 1
+
+
+def test_a_planted_lightning_meta_pt_is_refused_and_runs_nothing(tmp_path, factory, ref, capsys):
+    path, _ = save_layout(tmp_path / "run", "lightning", 2, seed=2)
+    marker = tmp_path / "marker"
+    torch.save({"global_step": _Planted(f"echo ran > {marker}")}, path / "meta.pt")
+    args = probe_args(factory, ref, tmp_path / "out", str(tmp_path / "run"))
+    main([*args, "--module-class", "lightning_overtrain.testing.demo:TinyCausalLM"])
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert "--unsafe-load" in err and str(path) in err
