@@ -1,4 +1,4 @@
-"""Which Lightning strategies and precisions the monitor supports, checked before training.
+"""The strategies and precisions the monitor supports (Trainer and Fabric), checked first.
 
 Supported: one device, DDP (``ddp``, ``ddp_spawn``, ...), and FSDP2:
 ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` with
@@ -22,6 +22,11 @@ _FSDP2 = (
     "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with"
     " `torch.distributed.fsdp.fully_shard` applied in your LightningModule's `configure_model`"
 )
+#: The same for a Fabric loop, whose ModelParallelStrategy shards in its ``parallelize_fn``.
+FABRIC_FSDP2 = (
+    "ModelParallelStrategy(parallelize_fn, data_parallel_size=<devices>, tensor_parallel_size=1)"
+    " whose `parallelize_fn` applies `torch.distributed.fsdp.fully_shard`"
+)
 _REFUSED = {
     "FSDPStrategy": "FSDP1 flattens parameters, so per-tensor init stds and noise are wrong",
     "DeepSpeedStrategy": "ZeRO partitions parameters outside PyTorch's view of them",
@@ -43,8 +48,18 @@ def tensor_parallel_size(strategy: Any) -> int:
     return size if isinstance(size, int) else 1
 
 
-def check_strategy(strategy: Any) -> None:
+def check_strategy(
+    strategy: Any, monitor: str = "OvertrainingMonitor", fsdp2: str = _FSDP2
+) -> None:
     """Raise before training if the monitor cannot measure a run under ``strategy``.
+
+    The rule is the same for Lightning's and Fabric's strategies (they share class
+    names); ``monitor`` and ``fsdp2`` only word the message for the front end.
+
+    Args:
+        strategy: the Trainer's or Fabric's strategy object.
+        monitor: the front end's class name, for the message.
+        fsdp2: how to get FSDP2 in that front end, for the message.
 
     Raises:
         ValueError: naming the strategy, why, and what to use instead.
@@ -58,24 +73,27 @@ def check_strategy(strategy: Any) -> None:
     for refused, why in _REFUSED.items():
         if refused in names:
             raise ValueError(
-                f"OvertrainingMonitor does not support {label} ({why}). Use {_FSDP2}, or"
+                f"{monitor} does not support {label} ({why}). Use {fsdp2}, or"
                 " `strategy='ddp'` if the model fits on one device."
             )
     if "ModelParallelStrategy" in names and tensor_parallel_size(strategy) > 1:
         raise ValueError(
-            f"OvertrainingMonitor supports {label} with data parallelism only, got"
+            f"{monitor} supports {label} with data parallelism only, got"
             f" tensor_parallel_size={tensor_parallel_size(strategy)} (ranks of a tensor-parallel"
-            f" group see the same batches, so tokens would be counted twice). Use {_FSDP2}."
+            f" group see the same batches, so tokens would be counted twice). Use {fsdp2}."
         )
     if not names & set(_SUPPORTED):
         raise ValueError(
-            f"OvertrainingMonitor has not been tested under {label}. Use a single device,"
-            f" `strategy='ddp'`, or {_FSDP2}."
+            f"{monitor} has not been tested under {label}. Use a single device,"
+            f" `strategy='ddp'`, or {fsdp2}."
         )
 
 
-def check_precision(plugin: Any) -> None:
+def check_precision(plugin: Any, monitor: str = "OvertrainingMonitor") -> None:
     """Raise before training on a precision the probes do not follow.
+
+    ``plugin`` is the Trainer's or Fabric's precision plugin; ``monitor`` names the
+    front end in the message.
 
     Raises:
         ValueError: naming the precision and the supported ones.
@@ -83,7 +101,7 @@ def check_precision(plugin: Any) -> None:
     precision = str(getattr(plugin, "precision", "32-true"))
     if precision not in SUPPORTED_PRECISIONS:
         raise ValueError(
-            f"OvertrainingMonitor does not support precision={precision!r}. Use one of"
+            f"{monitor} does not support precision={precision!r}. Use one of"
             f" {', '.join(SUPPORTED_PRECISIONS)}."
         )
 

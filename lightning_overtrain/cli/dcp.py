@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_overtrain.cli.dcp_metadata import UnsafeMetadataError, metadata_reader
 from lightning_overtrain.cli.layouts import MODEL_PREFIXES
 from lightning_overtrain.cli.series import Checkpoint, CheckpointError, SeriesError
 
@@ -60,16 +61,20 @@ def build_model(factory: Any, hyper_parameters: Mapping[str, Any] | None, option
     return model.eval()
 
 
-def stored_keys(dcp_dir: str) -> dict[str, Any]:
+def stored_keys(dcp_dir: str, unsafe_load: bool = False) -> dict[str, Any]:
     """Every key of the checkpoint's ``.metadata`` with its storage metadata (no tensor read).
 
-    Raises:
-        CheckpointError: if ``.metadata`` cannot be read.
-    """
-    from torch.distributed.checkpoint import FileSystemReader
+    Without ``unsafe_load``, ``.metadata`` is unpickled with an allow-list
+    (:mod:`lightning_overtrain.cli.dcp_metadata`), never a plain ``pickle.load``.
 
+    Raises:
+        CheckpointError: if ``.metadata`` cannot be read, or names something a
+            checkpoint's metadata never holds (the line names the file and --unsafe-load).
+    """
     try:
-        return dict(FileSystemReader(dcp_dir).read_metadata().state_dict_metadata)
+        return dict(metadata_reader(dcp_dir, unsafe_load).read_metadata().state_dict_metadata)
+    except UnsafeMetadataError as exc:
+        raise CheckpointError(str(exc)) from exc
     except Exception as exc:
         raise CheckpointError(f"its .metadata is unreadable: {type(exc).__name__}: {exc}") from exc
 
@@ -137,7 +142,11 @@ def mismatch(
 
 
 def load_dcp_model(
-    ckpt: Checkpoint, factory: Any, option: str = "--module-class", dcp_key: str | None = None
+    ckpt: Checkpoint,
+    factory: Any,
+    option: str = "--module-class",
+    dcp_key: str | None = None,
+    unsafe_load: bool = False,
 ) -> nn.Module:
     """The model of a DCP checkpoint, built from ``factory`` and filled with its tensors.
 
@@ -146,6 +155,7 @@ def load_dcp_model(
         factory: the user's class or function.
         option: the option that named it, for messages.
         dcp_key: the key prefix of the model's tensors, when the layout does not say.
+        unsafe_load: read ``.metadata`` with torch's plain ``pickle.load``.
 
     Raises:
         SeriesError: if the class cannot be built.
@@ -159,7 +169,7 @@ def load_dcp_model(
     import torch.distributed.checkpoint as dcp
 
     dcp_dir = ckpt.dcp_dir or ckpt.path
-    stored = stored_keys(dcp_dir)
+    stored = stored_keys(dcp_dir, unsafe_load)
     model = build_model(factory, ckpt.hyper_parameters, option)
     target = model.state_dict()
     prefix = model_prefix(list(target), stored, ckpt.layout or "dcp", dcp_key)
@@ -171,7 +181,12 @@ def load_dcp_model(
         with warnings.catch_warnings():
             # no_dist=True is the intent here; torch warns that it assumes so.
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a")
-            dcp.load(request, checkpoint_id=dcp_dir, no_dist=True)
+            dcp.load(
+                request,
+                checkpoint_id=dcp_dir,
+                storage_reader=metadata_reader(dcp_dir, unsafe_load),
+                no_dist=True,
+            )
     except Exception as exc:  # a shard gone (retention), truncated, unreadable
         raise CheckpointError(f"cannot read its tensors: {_cause(exc)}") from exc
     # The tensors were loaded in place; load_state_dict runs the module's own load hooks.

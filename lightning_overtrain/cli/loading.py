@@ -120,7 +120,8 @@ def load_model(
             that builds the model (distributed checkpoints).
         auto_class: a class with ``from_pretrained`` (for directories).
         device: where the model goes.
-        unsafe_load: allow arbitrary pickled objects in ``.ckpt`` files.
+        unsafe_load: allow arbitrary pickled objects in ``.ckpt`` files and in a
+            distributed checkpoint's ``.metadata``.
         dcp_key: the key prefix of the model's tensors in a distributed checkpoint.
 
     Raises:
@@ -136,7 +137,8 @@ def load_model(
                 "distributed checkpoints need the class that builds the model: pass"
                 " --module-class, e.g. --module-class my_project.model:MyLM."
             )
-        return load_dcp_model(checkpoint, module_class, dcp_key=dcp_key).to(device).eval()
+        model = load_dcp_model(checkpoint, module_class, dcp_key=dcp_key, unsafe_load=unsafe_load)
+        return model.to(device).eval()
     try:
         if checkpoint.kind == LIGHTNING:
             if module_class is None:

@@ -109,7 +109,8 @@ def add_series_options(probe: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--unsafe-load",
         action="store_true",
-        help="allow arbitrary Python objects in .ckpt files (only for files you trust)",
+        help="allow arbitrary Python objects in .ckpt, meta.pt and DCP .metadata files"
+        " (only for files you trust)",
     )
     group.add_argument(
         "--device",

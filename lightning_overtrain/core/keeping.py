@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_overtrain.engine.backup import ModelBackup, presented
 from lightning_overtrain.engine.collectives import Collectives
+from lightning_overtrain.engine.sharding import full_tensor
 from lightning_overtrain.reporting.guard import output_failed
 
 BEST_FILE = "best.ckpt"
@@ -46,11 +47,14 @@ def save_weights(
     Written under a temporary name in the target's directory and renamed into place
     once complete, so a failed write never destroys the previous best snapshot.
 
+    Under FSDP2 (``DTensor`` parameters) the whole tensors are gathered, one at a
+    time, so the file holds the full weights, not rank 0's shards.
+
     Returns:
         None once ``path`` holds the new snapshot; else the error, on every rank alike.
     """
     with presented(module, backup) if cooled else nullcontext():
-        weights = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        weights = gathered_weights(module, collectives.is_global_zero)
     checkpoint = {
         "state_dict": weights,
         "callbacks": {state_key: {**state, "weights": "cooled" if cooled else "live"}},
@@ -70,6 +74,26 @@ def save_weights(
     if collectives.any_rank(error is not None):
         return error or OSError(f"another rank could not write the best snapshot {path}")
     return None
+
+
+def gathered_weights(module: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """``module``'s state dict as whole CPU tensors (empty where ``keep`` is false).
+
+    Every rank calls it: gathering a ``DTensor`` (FSDP2) is a collective, done one
+    tensor at a time in the state dict's order (the same on every rank), so the
+    device holds one whole tensor at a time and only the rank that keeps them
+    (``keep``, rank 0) holds the whole model in host memory.
+
+    Example::
+
+        weights = gathered_weights(model, keep=collectives.is_global_zero)
+    """
+    weights = {}
+    for name, value in module.state_dict().items():
+        whole = full_tensor(value).detach()
+        if keep:
+            weights[name] = whole.cpu()
+    return weights
 
 
 def best_not_written(

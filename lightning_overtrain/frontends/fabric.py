@@ -25,7 +25,12 @@ from typing import Any
 
 from torch import nn
 
-from lightning_overtrain.callbacks.strategies import precision_extras
+from lightning_overtrain.callbacks.strategies import (
+    FABRIC_FSDP2,
+    check_precision,
+    check_strategy,
+    precision_extras,
+)
 from lightning_overtrain.engine.collectives import Collectives, all_reduce_sum
 from lightning_overtrain.frontends.loop import LoopMonitor
 from lightning_overtrain.history import Record
@@ -80,7 +85,16 @@ class FabricMonitor(LoopMonitor):
         Else the first :meth:`on_train_batch_end` starts it, with the init std from
         ``init_std`` or the model's config (see :meth:`LoopMonitor.start`). Pass the
         ``lr_scheduler`` (read only) for the schedule probe's phase.
+
+        Raises:
+            ValueError: before anything is measured, under a strategy or precision the
+                monitor cannot measure (FSDP1, DeepSpeed, tensor parallelism, ...),
+                naming it and what to use instead.
         """
+        # The Lightning callback's rule: FSDP1's flattened parameters would read as
+        # sigma 0 and delta 0, silently wrong numbers rather than an error.
+        check_strategy(fabric.strategy, monitor=type(self).__name__, fsdp2=FABRIC_FSDP2)
+        check_precision(fabric.strategy.precision, monitor=type(self).__name__)
         logger = fabric.loggers[0] if fabric.loggers else None
         log_dir = getattr(logger, "log_dir", None) if logger is not None else None
         self.start(
