@@ -116,7 +116,7 @@ def u_shares(batch: list[dict], bound: bool) -> dict:
         exact = [_within(_fit(c, m, "base_clean"), c["true_tokens"]) for c, m in zip(batch, ms)]
         out["within_60_base_exact"] = float(np.mean(exact))
         snr = [(c["values"][m - 1] - c["base_clean"][m - 1]) / c["sd"] for c, m in zip(batch, ms)]
-        out["delta_snr_60"] = float(np.median(snr))
+        out["delta_snr_60"] = round(float(np.median(snr)), 2)
     return out
 
 
