@@ -1,4 +1,4 @@
-"""Validate the inflection detector and its forecast on curves of this script's own making.
+"""Validate the inflection detector's crossing test on curves of this script's own making.
 
 The generator is separate from the tests' (:mod:`lightning_overtrain.testing.synthetic`):
 what the defaults were tuned on never grades them. Every curve has 28 snapshots, 4 per
@@ -35,10 +35,8 @@ bottom. The
 snapshots all sit more than ``min_delta`` above the lowest one before them, with
 ``(patience, min_delta)`` tuned on the tuning seeds to the same false-alarm budget (1%).
 
-Forecast: on CRN U curves, :func:`fit_forecast_decomposed` on the reference loss (the
-base, measured to 0.1% of the depth) and ``delta`` (the mean of the samples minus the
-base), from the snapshots up to 60% of the way in log tokens from the first to the true
-bottom: the share within a factor 1.5 of the true ``T*``.
+The forecast is validated by ``benchmarks/forecast_validation.py`` on these curves and
+others (its results: ``benchmarks/results/forecast_validation.md``).
 
 Seeds: the defaults (``noise_sigmas`` over a grid, ``--tune``) and the baseline were
 tuned on generator seeds 900-902; the report uses seeds 0-4 and gives the range over
@@ -59,7 +57,6 @@ import numpy as np
 
 from lightning_overtrain.inflection.config import DetectorConfig
 from lightning_overtrain.inflection.crossing import detect_crossing
-from lightning_overtrain.inflection.forecast import fit_forecast_decomposed
 
 N_POINTS = 28
 TOKENS = 1e6 * 10 ** (np.arange(N_POINTS) / 4)
@@ -133,6 +130,7 @@ def make_curve(family: str, noise: float, model: str, rng: np.random.Generator) 
         "true_tokens": true_t,
         "reference": reference,
         "sd": sd,
+        "base_clean": base,
     }
 
 
@@ -188,19 +186,6 @@ def score(found: list[int | None], batch: list[dict], family: str) -> dict:
     }
 
 
-def forecast_share(batch: list[dict], fraction: float = 0.6) -> float:
-    hits = 0
-    for c in batch:
-        x = np.log(TOKENS)
-        m = int(np.sum(x <= x[0] + fraction * (math.log(c["true_tokens"]) - x[0])))
-        delta = c["values"][:m] - c["reference"][:m]
-        found = fit_forecast_decomposed(
-            TOKENS[:m], c["reference"][:m], None, delta, c["stderrs"][:m]
-        )
-        hits += found is not None and 1 / FACTOR <= found.tokens / c["true_tokens"] <= FACTOR
-    return hits / len(batch)
-
-
 def tune_baseline(n: int) -> tuple[int, float]:
     """The (patience, min_delta) with the most hits among those within the false-alarm budget."""
     best = None
@@ -231,7 +216,7 @@ def tune_baseline(n: int) -> tuple[int, float]:
     return best[1], best[2]
 
 
-def run(n: int, forecast_n: int) -> dict:
+def run(n: int) -> dict:
     start = time.process_time()
     config = DetectorConfig()
     patience, delta = tune_baseline(max(n // 4, 20))
@@ -253,16 +238,12 @@ def run(n: int, forecast_n: int) -> dict:
                     base = [baseline_crossing(c, patience, delta) for c in batch]
                     for key, v in score(base, batch, family).items():
                         per_seed.setdefault("baseline_" + key, []).append(v)
-                    if family == "u_shape" and model == "crn":
-                        share = forecast_share(batch[:forecast_n])
-                        per_seed.setdefault("forecast_60", []).append(share)
                 rows.append({"model": model, "noise": noise, "family": family, **per_seed})
     return {
         "rows": rows,
         "config": config.to_dict(),
         "baseline": {"patience": patience, "min_delta_stderrs": delta},
         "curves_per_cell_and_seed": n,
-        "forecast_curves_per_seed": forecast_n,
         "report_seeds": list(REPORT_SEEDS),
         "tuning_seeds": list(TUNING_SEEDS),
         "cpu_seconds": round(time.process_time() - start, 1),
@@ -292,9 +273,8 @@ def markdown(result: dict) -> str:
         "",
         "| noise model | noise (of depth) | family | false alarms | hits | early | median delay"
         " | without samples: false alarms | without samples: hits | without samples: delay"
-        " | baseline: false alarms | baseline: hits | baseline: delay | forecast at 60% within"
-        " 1.5x |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | baseline: false alarms | baseline: hits | baseline: delay |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         cells = [
@@ -311,9 +291,9 @@ def markdown(result: dict) -> str:
             _range(r.get("baseline_false_alarm", [])),
             _range(r.get("baseline_hits", [])),
             _range(r.get("baseline_median_delay", []), pct=False),
-            _range(r.get("forecast_60", [])),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "The forecast is validated in `forecast_validation.md` (same curves and more)."]
     return "\n".join(lines) + "\n"
 
 
@@ -344,14 +324,13 @@ def tune(n: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--curves", type=int, default=100, help="curves per cell and seed")
-    parser.add_argument("--forecast-curves", type=int, default=40, help="per seed")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     parser.add_argument("--tune", action="store_true", help="grid on the tuning seeds")
     args = parser.parse_args()
     if args.tune:
         tune(args.curves)
         return
-    result = run(args.curves, args.forecast_curves)
+    result = run(args.curves)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "detector_validation.json"), "w") as f:
         json.dump(result, f, indent=1)

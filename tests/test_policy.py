@@ -97,6 +97,20 @@ def test_a_forecast_margin_warns_before_the_curve_has_crossed():
     assert first["forecast"] < first["crossed"]
 
 
+@pytest.mark.parametrize("high", [math.inf, 3e7])
+def test_a_forecast_margin_ignores_a_forecast_whose_interval_is_unbounded(monkeypatch, high):
+    # Noise on a curve that never turns up can fit a "rising" term; its interval then
+    # stays open above ("never" still plausible), and acting on it would be a false alarm.
+    from lightning_overtrain.inflection import detector
+    from lightning_overtrain.inflection.forecast import Forecast
+
+    monkeypatch.setattr(detector, "fit_forecast", lambda *a, **k: Forecast(2e7, 1e7, high))
+    curve = make_curve("monotone", n_points=12, seed=0, noise=0.01)
+    results = run_policy(declared_policy(forecast_margin=1e6), records(curve))
+    triggers = [d.trigger for _, ds in results for d in ds]
+    assert triggers == ([] if high == math.inf else ["forecast"])
+
+
 def test_the_state_round_trips_to_the_same_decisions():
     curve = make_curve("u_shape", n_points=24, seed=3, noise=0.01)
     recs = list(records(curve))

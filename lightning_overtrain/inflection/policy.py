@@ -88,7 +88,8 @@ class InflectionPolicy:
             hooks; the default) or ``"stop"`` (``trainer.should_stop``, agreed by all ranks).
         actions: per-signal (or per-threshold-key) overrides, ``{glob: action}``.
         forecast_margin: also trigger when the forecast ``T*`` lies within this
-            fraction of the current tokens ahead (``T* <= T * (1 + margin)``); None: off.
+            fraction of the current tokens ahead (``T* <= T * (1 + margin)``) and its
+            interval is bounded ("never turns up" ruled out); None: off.
         thresholds: ``{key or glob: limit}``: trigger when a record's value exceeds the
             limit, e.g. ``{"noise/gamma=1/relative_delta": 0.05}``.
         best_signal: the curve whose bottom marks the snapshot worth fine-tuning;
@@ -292,6 +293,9 @@ class InflectionPolicy:
             and forecast is not None
             and math.isfinite(forecast)
             and forecast <= tokens * (1 + self.forecast_margin)
+            # An unbounded interval leaves "never turns up" plausible: no turn in sight.
+            and state.forecast_high is not None
+            and math.isfinite(state.forecast_high)
         ):
             out += self._fire(
                 f"forecast:{signal}",
