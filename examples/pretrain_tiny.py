@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from lightning_overtrain import FineTuneProbe, InflectionPolicy, NoiseProbe, OvertrainingMonitor
 from lightning_overtrain.cli.text import read_text_files, split_text
-from lightning_overtrain.reporting.loggers import WANDB_QUIET
+from lightning_overtrain.reporting.loggers import WANDB_SILENT
 from lightning_overtrain.testing.demo import (
     ByteWindows,
     TinyCausalLM,
@@ -134,7 +134,8 @@ def main() -> None:
             project="lightning-overtrain",
             save_dir=args.out,
             name="pretrain_tiny",
-            settings=WANDB_QUIET,  # no W&B banner or summary block: the run's files are named below
+            # No W&B banner, offline notice or summary block: the run's files are named below.
+            settings=WANDB_SILENT,
         )
         # Lightning 2.6 always passes `anonymous=None` to wandb.init, and wandb >= 0.19
         # warns on every run that the setting has no effect: leave it out (None is the default).

@@ -101,13 +101,18 @@ def test_the_watchers_wandb_run_and_the_example_are_quiet(monkeypatch, capsys):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(wandb, "init", init)
-    # wandb 0.31 has no `wandb.util.generate_id`, which the watcher calls first.
-    monkeypatch.setattr(wandb.util, "generate_id", lambda: "abc", raising=False)
     args = argparse.Namespace(wandb_project="p", wandb_entity=None, out=".")
     assert WandbLog(args, {"wandb_run_id": "abc"}, {}).run is None
     assert seen["settings"] == loggers.WANDB_QUIET
     with open(os.path.join(os.path.dirname(__file__), "..", "examples", "pretrain_tiny.py")) as f:
-        assert "settings=WANDB_QUIET" in f.read()
+        assert "settings=WANDB_SILENT" in f.read()
+
+
+def test_the_main_jobs_wandb_settings_leave_out_the_offline_notice(tmp_path):
+    pytest.importorskip("wandb")
+    assert "syncing is set to `offline`" in wandb_output(tmp_path / "loud", loggers.WANDB_QUIET)
+    silent = wandb_output(tmp_path / "silent", loggers.WANDB_SILENT)
+    assert "offline" not in silent and "Run history" not in silent
 
 
 def test_a_max_steps_run_has_no_negative_epoch_in_its_progress_bar(tmp_path, code_text):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -302,17 +303,16 @@ def test_wandb_run_is_resumed_by_id_after_a_restart(run, tmp_path, monkeypatch):
         def finish(self):
             pass
 
-    fake = types.SimpleNamespace(
-        init=lambda **kw: inits.append(kw) or Run(),
-        util=types.SimpleNamespace(generate_id=lambda: f"id{len(inits)}"),
-    )
+    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or Run())  # as wandb 0.31
     monkeypatch.setitem(sys.modules, "wandb", fake)
     directory, out = copy_ckpts(run, tmp_path / "ckpt", 4), tmp_path / "out"
     args = watch_args(run, directory, out, "--idle-timeout", "0", "--wandb-project", "p")
     assert main(args) == 0
     copy_ckpts(run, directory, 8)
     assert main(args) == 0
-    assert [i["id"] for i in inits] == ["id0", "id0"] and inits[1]["resume"] == "allow"
+    first, second = (i["id"] for i in inits)
+    assert first == second and re.fullmatch(r"[0-9a-f]{8}", first)  # the id kept in watch.json
+    assert inits[1]["resume"] == "allow"
     assert [row["overtrain/tokens"] for row in logged] == [r["tokens"] for r in run["history"][:2]]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import secrets
 import sys
 from typing import Any
 
@@ -27,7 +28,9 @@ class WandbLog:
         try:
             import wandb
 
-            state.setdefault("wandb_run_id", wandb.util.generate_id())
+            # Our own id (wandb >= 0.2x has no `wandb.util.generate_id`): 8 lowercase
+            # letters and digits, as W&B's run ids are, kept in watch.json for resuming.
+            state.setdefault("wandb_run_id", secrets.token_hex(4))
             self.run = wandb.init(
                 project=args.wandb_project,
                 entity=args.wandb_entity,

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 #: ``wandb.init(settings=...)`` without the start banner and the end-of-run summary block.
 WANDB_QUIET = {"quiet": True}
+#: ... and without W&B's offline notice, for a script that says itself where the offline
+#: run is (the main job): W&B's ``silent`` hides its own warnings too, so it is opt-in.
+WANDB_SILENT = {"quiet": True, "silent": True}
 #: Set to 1 to keep the third-party tips this module filters.
 TIPS_ENV = "LIGHTNING_OVERTRAIN_TIPS"
 # Lightning logs through whichever of its two rank_zero loggers was imported last.
