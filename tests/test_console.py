@@ -187,3 +187,6 @@ def test_the_run_ends_with_a_verdict_per_watched_signal_and_the_kept_snapshot():
     far = verdict_lines([record(1e7, 2442, 0.0, 5e8)], None)
     assert far[1].endswith("any forecast turn lies beyond 10x the observed tokens).")
     assert len(far) == 2  # nothing kept, nothing said about it
+    past = verdict_lines([record(1e7, 2442, 0.0, 3.61e6)], None)  # the main job's gamma=0.5
+    assert past[1].endswith("; the fit has it turned already, not yet above the noise).")
+    assert "3.61M" not in past[1]  # never a date in the past, as the snapshot lines

@@ -153,8 +153,10 @@ def verdict_lines(history: Sequence[Mapping[str, Any]], best_path: str | None) -
             verdict = f"not crossed yet ({at}"
             if _finite(forecast) and far_tokens(forecast, last.get("tokens")):
                 verdict += f"; any forecast turn lies beyond {FAR_FACTOR:g}x the observed tokens)"
-            elif _finite(forecast):
+            elif _finite(forecast) and forecast > last.get("tokens", 0):
                 verdict += f"; forecast to turn at ~{format_tokens(forecast)} tokens)"
+            elif _finite(forecast):  # as the snapshot lines and figures: no past date
+                verdict += "; the fit has it turned already, not yet above the noise)"
             else:
                 verdict += "; no forecast turn)"
         lines.append(f"OvertrainingMonitor verdict: {signal}: {verdict}.")
