@@ -300,3 +300,16 @@ def test_the_readme_shows_the_command_ci_runs_verbatim():
     ci = read(".ci/run").strip().splitlines()[-1]
     assert ci.startswith("python3 -m venv .venv")
     assert ci in read("README.md").splitlines()
+
+
+def test_the_architecture_page_names_every_module_of_the_package():
+    with open(os.path.join(ROOT, "docs", "architecture.md")) as f:
+        page = f.read()
+    modules = [
+        os.path.relpath(os.path.join(folder, name), ROOT)
+        for folder, _, names in os.walk(os.path.join(ROOT, "lightning_overtrain"))
+        for name in names
+        if name.endswith(".py") and name not in ("__init__.py", "__main__.py")
+    ]
+    unnamed = [m for m in modules if os.path.basename(m) not in page]
+    assert not unnamed, f"docs/architecture.md does not say what these modules do: {unnamed}"
